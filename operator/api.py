@@ -1,0 +1,361 @@
+"""The ModelDeployment API (``modelyard.dev/v1alpha1``) as pydantic models.
+
+These models are the single source of truth for the resource: :mod:`.crd`
+generates ``crds/modeldeployments.modelyard.dev.yaml`` from them (field
+descriptions, defaults, enums and the CEL rules in ``x-kubernetes-validations``),
+and the operator parses live objects with them. Everything that can be checked at
+``kubectl apply`` time is expressed here as a schema rule, with a message written
+for the person who typed the manifest; what only the operator can judge (a URI
+that 404s, a pod that cannot be scheduled) is reported in status instead.
+
+Pure data: imports no Kubernetes client.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "modelyard.dev"
+VERSION = "v1alpha1"
+KIND = "ModelDeployment"
+PLURAL = "modeldeployments"
+SINGULAR = "modeldeployment"
+SHORT_NAMES = ("md", "mds")
+API_VERSION = f"{GROUP}/{VERSION}"
+DEFAULT_RUNTIME_IMAGE = "modelyard-runtime:0.1.0"
+MAX_NAME_LENGTH = 42  # leaves room for "-v<version slug>" within a 63-character Service name
+HISTORY_LIMIT = 20
+
+_LABEL_VALUE = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+_DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+_IMPORT_PATH = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
+
+
+def _cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    out = {"rule": rule, "message": message}
+    if field_path:
+        out["fieldPath"] = field_path
+    return out
+
+
+def _rules(*rules: dict[str, str]) -> dict[str, Any]:
+    return {"x-kubernetes-validations": list(rules)}
+
+
+_OBJECT_DEFAULT: dict[str, Any] = {"default": {}}  # so nested defaults apply when omitted
+
+_QUANTITY_SCHEMA: dict[str, Any] = {
+    "x-kubernetes-int-or-string": True,
+    "anyOf": [{"type": "integer"}, {"type": "string", "maxLength": 64}],
+    "x-kubernetes-validations": [
+        _cel("isQuantity(string(self))",
+             "must be a Kubernetes quantity such as 4, 500m, 16Gi")
+    ],
+}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid",
+        use_enum_values=True, validate_default=True,
+    )
+
+
+# --------------------------------------------------------------------------- spec
+
+
+class ModelFormat(StrEnum):
+    TORCHSCRIPT = "torchscript"
+    EXPORT = "export"
+    SAFETENSORS = "safetensors"
+
+
+class Optimize(_Model):
+    """Transformations the runtime applies when it loads the model."""
+
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="Cast floating-point weights and inputs to this dtype at load.")
+    quantize: Literal["dynamic-int8"] | None = Field(
+        None, description="Dynamic int8 quantisation of linear layers (CPU only).")
+    compile: bool = Field(False, description="Run torch.compile on the model before warm-up.")
+
+
+class ModelSource(_Model):
+    """Which model to serve and where to fetch it from."""
+
+    name: str | None = Field(
+        None, max_length=63, pattern=_DNS_LABEL,
+        description="Name the model is served under (OIP model name). Defaults to metadata.name.")
+    version: str = Field(
+        ..., min_length=1, max_length=63, pattern=_LABEL_VALUE,
+        description="Version of the model. Any change starts a rollout to the new version. "
+                    "Letters, digits, '.', '_' and '-', at most 63 characters.")
+    uri: str = Field(
+        ..., min_length=1, max_length=2048,
+        description="Where the model file is: s3://BUCKET/KEY, http(s)://..., "
+                    "pvc://CLAIM/PATH or file:///PATH (local testing).",
+        json_schema_extra=_rules(_cel(
+            "self.matches('^(s3|http|https|pvc|file)://.+')",
+            "uri must start with s3://, http://, https://, pvc:// or file://")),
+    )
+    format: ModelFormat = Field(
+        ModelFormat.TORCHSCRIPT,
+        description="torchscript (torch.jit.save), export (torch.export .pt2) or safetensors "
+                    "(weights plus an entryPoint that builds the module).")
+    sha256: str | None = Field(
+        None, pattern=r"^[a-f0-9]{64}$",
+        description="Expected SHA-256 of the model file (64 lowercase hex digits); "
+                    "verified before the model is served.")
+    entry_point: str | None = Field(
+        None, max_length=256, pattern=_IMPORT_PATH,
+        description="module:callable returning the torch.nn.Module for safetensors weights.")
+    credentials_secret: str | None = Field(
+        None, max_length=253,
+        description="Secret in the same namespace whose keys become the runtime's environment "
+                    "(e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL).")
+    optimize: Optimize | None = Field(None, description="Load-time optimisations.")
+
+    model_config = ConfigDict(json_schema_extra=_rules(
+        _cel("self.format != 'safetensors' || has(self.entryPoint)",
+             "format safetensors needs entryPoint (module:callable that builds the model)",
+             ".entryPoint"),
+        _cel("!self.uri.startsWith('pvc://') || self.uri.matches('^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.+')",
+             "a pvc:// uri must look like pvc://CLAIM/PATH/TO/MODEL", ".uri"),
+    ))
+
+
+class Batching(_Model):
+    max_batch_size: int = Field(
+        32, ge=1, le=4096, description="Most requests (items along dim 0) run together.")
+    max_delay_ms: float = Field(
+        5, ge=0, le=10_000,
+        description="Longest a request waits for others to join its batch while the model is busy.")
+
+
+class RuntimeSpec(_Model):
+    """The serving runtime that runs in each pod."""
+
+    image: str = Field(DEFAULT_RUNTIME_IMAGE, min_length=1, max_length=512,
+                       description="Container image of the modelyard runtime.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        None, description="Image pull policy of the runtime container.")
+    batching: Batching = Field(default_factory=Batching, description="Dynamic batching.",
+                               json_schema_extra=_OBJECT_DEFAULT)
+    handler: str | None = Field(
+        None, max_length=256, pattern=_IMPORT_PATH,
+        description="module:Class with pre/post-processing hooks, importable in the image.")
+    port: int = Field(8080, ge=1024, le=65535, description="Port the runtime listens on.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment variables for the runtime.")
+
+
+class GpuRequest(_Model):
+    count: int = Field(0, ge=0, le=64, description="GPUs per replica (nvidia.com/gpu).")
+    product: str | None = Field(
+        None, max_length=128,
+        description="Required GPU product, matched against the node label "
+                    "nvidia.com/gpu.product (e.g. NVIDIA-H100-80GB-HBM3).")
+
+    model_config = ConfigDict(json_schema_extra=_rules(
+        _cel("!has(self.product) || self.count > 0",
+             "gpu.product is set but gpu.count is 0: ask for at least one GPU", ".count"),
+    ))
+
+
+class Resources(_Model):
+    gpu: GpuRequest | None = Field(None, description="GPUs per replica.")
+    cpu: Annotated[int | str | None, Field(json_schema_extra=_QUANTITY_SCHEMA)] = Field(
+        None, description="CPU per replica (request and limit), e.g. 4 or 500m.")
+    memory: Annotated[int | str | None, Field(json_schema_extra=_QUANTITY_SCHEMA)] = Field(
+        None, description="Memory per replica (request and limit), e.g. 16Gi.")
+
+
+class Toleration(_Model):
+    key: str | None = Field(None, max_length=316, description="Taint key to tolerate.")
+    operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal.")
+    value: str | None = Field(None, max_length=63, description="Taint value (Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect; empty matches all.")
+    toleration_seconds: int | None = Field(None, description="For NoExecute taints.")
+
+
+class Scheduling(_Model):
+    """Where replicas may run, beyond what the GPU request implies."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict,
+                                          description="Extra node labels replicas require.")
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32,
+        description="Extra tolerations. The nvidia.com/gpu taint is tolerated automatically "
+                    "when GPUs are requested.")
+    affinity: dict[str, Any] | None = Field(
+        None, description="A core/v1 Affinity, passed to the pods as it is.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    priority_class_name: str | None = Field(None, max_length=253,
+                                            description="PriorityClass of the pods.")
+    runtime_class_name: str | None = Field(
+        None, max_length=253, description="RuntimeClass of the pods, e.g. nvidia.")
+
+
+class AutoscalingMetric(StrEnum):
+    CONCURRENCY = "concurrency"
+    RPS = "rps"
+    LATENCY_P95 = "latencyP95"
+    QUEUE_DEPTH = "queueDepth"
+    GPU_UTILIZATION = "gpuUtilization"
+
+
+class Autoscaling(_Model):
+    """Scale replicas from live inference metrics."""
+
+    min_replicas: int = Field(1, ge=0, le=1000, description="Fewest replicas; 0 scales to zero.")
+    max_replicas: int = Field(..., ge=1, le=1000, description="Most replicas.")
+    metric: AutoscalingMetric = Field(AutoscalingMetric.CONCURRENCY,
+                                      description="Signal to scale on.")
+    target: float = Field(..., gt=0, description="Target value of the metric per replica.")
+    scale_down_delay_seconds: int = Field(
+        300, ge=0, le=86_400, description="How long load must stay low before scaling down.")
+    source: Literal["pods", "prometheus"] = Field(
+        "pods", description="pods: scrape each runtime pod; prometheus: query prometheusUrl.")
+    prometheus_url: str | None = Field(None, max_length=2048,
+                                       description="Prometheus HTTP API base URL.")
+
+    model_config = ConfigDict(json_schema_extra=_rules(
+        _cel("self.minReplicas <= self.maxReplicas",
+             "autoscaling.minReplicas must not exceed autoscaling.maxReplicas", ".minReplicas"),
+        _cel("self.source != 'prometheus' || has(self.prometheusUrl)",
+             "autoscaling.source prometheus needs prometheusUrl", ".prometheusUrl"),
+    ))
+
+
+class RolloutStrategy(StrEnum):
+    ROLLING_UPDATE = "RollingUpdate"
+    CANARY = "Canary"
+    BLUE_GREEN = "BlueGreen"
+
+
+class CanaryStep(_Model):
+    weight: int = Field(..., ge=0, le=100, description="Share of traffic for the new version.")
+    pause_seconds: int | None = Field(
+        None, ge=0, le=86_400,
+        description="How long to hold this step; absent means wait for a manual promote.")
+
+
+class Analysis(_Model):
+    max_error_rate: float = Field(0.01, ge=0, le=1, description="Highest acceptable error ratio.")
+    max_latency_p99_ms: float | None = Field(None, gt=0, description="Highest acceptable p99.")
+    min_requests: int = Field(0, ge=0, description="Requests needed before judging a step.")
+
+
+class Rollout(_Model):
+    strategy: RolloutStrategy = Field(RolloutStrategy.ROLLING_UPDATE,
+                                      description="How a new version replaces the old one.")
+    steps: list[CanaryStep] = Field(default_factory=list, max_length=20,
+                                    description="Canary steps, in order.")
+    analysis: Analysis | None = Field(None, description="Metric thresholds judged at each step.")
+    max_surge_gpus: int | None = Field(
+        None, ge=0, le=1024,
+        description="GPUs a rollout may hold beyond steady state; default one replica's worth.")
+
+    model_config = ConfigDict(json_schema_extra=_rules(
+        _cel("self.strategy != 'Canary' || size(self.steps) > 0",
+             "strategy Canary needs at least one step", ".steps"),
+        _cel("size(self.steps) < 2 || self.steps.all(s, s.weight > 0)",
+             "every canary step needs a weight above 0", ".steps"),
+    ))
+
+
+class ModelDeploymentSpec(_Model):
+    """The desired state of a served model."""
+
+    model: ModelSource = Field(..., description="The model to serve.")
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec, description="The serving runtime.",
+                                 json_schema_extra=_OBJECT_DEFAULT)
+    resources: Resources = Field(default_factory=Resources,
+                                 description="Resources of each replica.",
+                                 json_schema_extra=_OBJECT_DEFAULT)
+    scheduling: Scheduling = Field(default_factory=Scheduling, description="Pod placement.",
+                                   json_schema_extra=_OBJECT_DEFAULT)
+    replicas: int = Field(1, ge=0, le=1000,
+                          description="Replicas when autoscaling is off (scale subresource).")
+    autoscaling: Autoscaling | None = Field(None, description="Scale from live metrics.")
+    rollout: Rollout = Field(default_factory=Rollout, description="How versions roll out.",
+                             json_schema_extra=_OBJECT_DEFAULT)
+
+
+# ------------------------------------------------------------------------- status
+
+
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(_Model):
+    """A metav1.Condition."""
+
+    type: str = Field(..., description="Ready, Progressing or Degraded.")
+    status: ConditionStatus = Field(..., description="True, False or Unknown.")
+    reason: str = Field(..., description="CamelCase reason for the last transition.")
+    message: str = Field("", description="Human-readable detail.")
+    last_transition_time: str = Field(..., description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(None, description="Generation this was computed at.")
+
+
+class VersionPhase(StrEnum):
+    PENDING = "Pending"
+    CANARY = "Canary"
+    STABLE = "Stable"
+    SUPERSEDED = "Superseded"
+    ROLLED_BACK = "RolledBack"
+    FAILED = "Failed"
+
+
+class VersionRecord(_Model):
+    version: str = Field(..., description="Model version.")
+    uri: str = Field(..., description="Model URI of this version.")
+    sha256: str | None = Field(None, description="Expected digest, when given.")
+    phase: VersionPhase = Field(..., description="Where this version stands.")
+    deployed_at: str = Field(..., description="When this version was first deployed.")
+    finished_at: str | None = Field(None, description="When it stopped serving.")
+    reason: str | None = Field(None, description="Why it is in this phase.")
+
+
+class CanaryStatus(_Model):
+    version: str = Field(..., description="Version under canary.")
+    weight: int = Field(..., description="Current traffic share in percent.")
+    step: int = Field(..., description="Current step index (1-based).")
+    started_at: str = Field(..., description="When the canary started.")
+
+
+class ModelDeploymentStatus(_Model):
+    """Observed state, written only by the operator."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    observed_generation: int | None = Field(None, description="Generation last reconciled.")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing, "
+                                        "Degraded.")
+    url: str | None = Field(None, description="In-cluster URL of the model's endpoint.")
+    stable_version: str | None = Field(None, description="Version serving all traffic.")
+    target_version: str | None = Field(None, description="Version being rolled out to.")
+    canary: CanaryStatus | None = Field(None, description="The canary in progress, if any.")
+    replicas: int = Field(0, description="Runtime pods that exist.")
+    ready_replicas: int = Field(0, description="Runtime pods ready to serve.")
+    selector: str | None = Field(None, description="Label selector of the pods (scale).")
+    gpus: int = Field(0, description="GPUs requested by the model's scheduled pods.")
+    versions: list[VersionRecord] = Field(default_factory=list,
+                                          description="Version history, newest first.")
+
+
+def parse_spec(spec: dict[str, Any]) -> ModelDeploymentSpec:
+    return ModelDeploymentSpec.model_validate(spec)
+
+
+def parse_status(status: dict[str, Any] | None) -> ModelDeploymentStatus:
+    return ModelDeploymentStatus.model_validate(status or {})

@@ -1,0 +1,185 @@
+"""Generate the ModelDeployment CustomResourceDefinition from :mod:`.api`.
+
+pydantic gives JSON Schema; Kubernetes wants a *structural* OpenAPI v3 schema:
+no ``$ref``, no ``title``, optional fields expressed by leaving them out of
+``required`` rather than by ``anyOf [T, null]``, and int-or-string quantities
+spelled ``x-kubernetes-int-or-string``. :func:`to_structural` does that rewrite.
+
+``python -m modelyard.operator.crd`` writes ``crds/modeldeployments.modelyard.dev.yaml``
+(and ``--check`` fails when the file is stale; the test suite runs it too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import api
+
+CRD_FILE = "modeldeployments.modelyard.dev.yaml"
+_DROP = {"title"}
+
+
+def crd() -> dict[str, Any]:
+    spec_schema = to_structural(api.ModelDeploymentSpec.model_json_schema(by_alias=True))
+    status_schema = to_structural(api.ModelDeploymentStatus.model_json_schema(by_alias=True))
+    status_schema.pop("additionalProperties", None)
+    root = {
+        "type": "object",
+        "description": "A PyTorch model served by the modelyard runtime, with rollouts and "
+                       "autoscaling.",
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec_schema,
+            "status": status_schema,
+        },
+        "required": ["spec"],
+        "x-kubernetes-validations": [
+            {
+                "rule": f"self.metadata.name.size() <= {api.MAX_NAME_LENGTH} && "
+                        "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+                "message": f"metadata.name must be at most {api.MAX_NAME_LENGTH} characters of "
+                           "lowercase letters, digits and '-', starting with a letter "
+                           "(it names the model's Service)",
+            }
+        ],
+    }
+    ready = '.status.conditions[?(@.type=="Ready")].status'
+    columns = [
+        {"name": "Version", "type": "string", "jsonPath": ".status.stableVersion",
+         "description": "Version serving traffic"},
+        {"name": "Target", "type": "string", "jsonPath": ".spec.model.version",
+         "description": "Version asked for", "priority": 1},
+        {"name": "Ready", "type": "string", "jsonPath": ready},
+        {"name": "Replicas", "type": "string", "jsonPath": ".status.readyReplicas",
+         "description": "Ready replicas"},
+        {"name": "GPU", "type": "integer", "jsonPath": ".status.gpus",
+         "description": "GPUs held by the model's pods"},
+        {"name": "URL", "type": "string", "jsonPath": ".status.url"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{api.PLURAL}.{api.GROUP}"},
+        "spec": {
+            "group": api.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": api.KIND,
+                "listKind": f"{api.KIND}List",
+                "plural": api.PLURAL,
+                "singular": api.SINGULAR,
+                "shortNames": list(api.SHORT_NAMES),
+                "categories": ["all", "modelyard"],
+            },
+            "versions": [{
+                "name": api.VERSION,
+                "served": True,
+                "storage": True,
+                "schema": {"openAPIV3Schema": root},
+                "subresources": {
+                    "status": {},
+                    "scale": {
+                        "specReplicasPath": ".spec.replicas",
+                        "statusReplicasPath": ".status.replicas",
+                        "labelSelectorPath": ".status.selector",
+                    },
+                },
+                "additionalPrinterColumns": columns,
+            }],
+        },
+    }
+
+
+def to_structural(schema: dict[str, Any]) -> dict[str, Any]:
+    """Inline ``$defs`` and rewrite pydantic's JSON Schema into a structural one."""
+    defs = schema.get("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, list):
+            return [walk(n) for n in node]
+        if not isinstance(node, dict):
+            return node
+        node = dict(node)
+        if "$ref" in node:
+            target = copy.deepcopy(defs[node.pop("$ref").rsplit("/", 1)[-1]])
+            merged = {**target, **node}  # field-level description/default win
+            if "x-kubernetes-validations" in target and "x-kubernetes-validations" in node:
+                merged["x-kubernetes-validations"] = (
+                    target["x-kubernetes-validations"] + node["x-kubernetes-validations"])
+            return walk(merged)
+        if node.get("x-kubernetes-int-or-string"):
+            node.pop("anyOf", None)
+            node.pop("type", None)
+            if node.get("default") is None:
+                node.pop("default", None)
+            return {k: walk(v) for k, v in node.items() if k not in _DROP}
+        if "anyOf" in node:
+            options = [o for o in node["anyOf"] if o.get("type") != "null"]
+            if len(options) == 1:
+                rest = {k: v for k, v in node.items() if k != "anyOf"}
+                if rest.get("default", 0) is None:
+                    rest.pop("default")
+                inner = walk(options[0])
+                return walk({**inner, **rest, **_merge_rules(inner, rest)})
+        if "const" in node:
+            node["enum"] = [node.pop("const")]
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if key in _DROP or key == "$defs":
+                continue
+            if key == "properties":
+                out[key] = {name: walk(sub) for name, sub in value.items()}
+            else:
+                out[key] = walk(value)
+        if out.get("type") == "object" and "properties" in out:
+            out.pop("additionalProperties", None)  # pruning rejects unknown fields already
+        if out.get("type") == "object" and "additionalProperties" not in out \
+                and "properties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+            out["x-kubernetes-preserve-unknown-fields"] = True
+        return out
+
+    result = walk({k: v for k, v in schema.items() if k != "$defs"})
+    assert isinstance(result, dict)
+    return result
+
+
+def _merge_rules(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    rules = a.get("x-kubernetes-validations", []) + b.get("x-kubernetes-validations", [])
+    return {"x-kubernetes-validations": rules} if rules else {}
+
+
+def render_yaml() -> str:
+    header = ("# Generated from modelyard/operator/api.py by `python -m modelyard.operator.crd`.\n"
+              "# Do not edit by hand: tests fail when this file and the models drift.\n")
+    return header + yaml.safe_dump(crd(), sort_keys=True, width=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("crds") / CRD_FILE)
+    parser.add_argument("--check", action="store_true", help="fail if --out is stale")
+    args = parser.parse_args(argv)
+    text = render_yaml()
+    if args.check:
+        current = args.out.read_text() if args.out.exists() else ""
+        if current != text:
+            print(f"{args.out} is stale: run `python -m modelyard.operator.crd`", file=sys.stderr)
+            return 1
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

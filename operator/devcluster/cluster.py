@@ -1,0 +1,324 @@
+"""A real Kubernetes control plane on loopback, with kwok-simulated GPU nodes.
+
+:class:`LocalCluster` starts etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler and kwok as child processes (each in its own process group, logging
+to ``<data_dir>/logs/<component>.log``), waits for each to report healthy, creates
+the nodes of the topology and waits for them to be Ready. Scheduling, garbage
+collection, Deployment rollouts and RBAC are the real upstream code; only the
+kubelet is simulated.
+
+Failures are loud: if a component exits or does not become healthy, start()
+stops whatever it had started and raises :class:`ClusterStartError` naming the
+component with the tail of its log. stop() terminates every process group
+(SIGTERM, then SIGKILL), so no process or port is left behind, and removes the
+data directory unless asked to keep it.
+
+Used by the pytest fixture in ``tests/conftest.py`` and by ``modelyard dev``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import yaml
+
+from .binaries import Binaries, ensure_binaries
+from .pki import Pki, create_pki
+from .topology import DEFAULT_TOPOLOGY, NodePool, node_manifests
+
+SERVICE_CIDR = "10.96.0.0/16"  # virtual ClusterIPs: allocated, never routed or contacted
+SERVICE_IP = "10.96.0.1"
+LOOPBACK = "127.0.0.1"
+_STOP_GRACE_S = 10.0
+
+
+class ClusterStartError(RuntimeError):
+    """A component did not come up; the message holds its name and log tail."""
+
+
+@dataclass
+class _Component:
+    name: str
+    argv: list[str]
+    health: Callable[[], bool]
+    process: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+
+
+@dataclass
+class ClusterConfig:
+    """What to start. ``data_dir=None`` means a fresh temporary directory."""
+
+    topology: Sequence[NodePool] = DEFAULT_TOPOLOGY
+    data_dir: Path | None = None
+    keep_data: bool = False
+    start_timeout_s: float = 90.0
+    extra_apiserver_args: list[str] = field(default_factory=list)
+
+
+class LocalCluster:
+    """A running local control plane. Use as a context manager or start()/stop()."""
+
+    def __init__(self, config: ClusterConfig | None = None, binaries: Binaries | None = None):
+        self.config = config or ClusterConfig()
+        self._binaries = binaries
+        self._owns_dir = self.config.data_dir is None
+        self.data_dir = self.config.data_dir or Path(tempfile.mkdtemp(prefix="modelyard-cluster-"))
+        self._components: list[_Component] = []
+        self.ports: dict[str, int] = {}
+        self.started_in_s: float | None = None
+
+    # -- public surface -------------------------------------------------------------
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.data_dir / "kubeconfig"
+
+    @property
+    def server(self) -> str:
+        return f"https://{LOOPBACK}:{self.ports['apiserver']}"
+
+    @property
+    def binaries(self) -> Binaries:
+        if self._binaries is None:
+            self._binaries = ensure_binaries()
+        return self._binaries
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        binaries = self.binaries  # may build: not part of the start time
+        started = time.monotonic()
+        if self.data_dir.exists() and any(self.data_dir.iterdir()):
+            shutil.rmtree(self.data_dir)  # a previous run's etcd would hold stale state
+        (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.ports = {name: _free_port() for name in
+                      ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")}
+        pki = create_pki(self.data_dir / "pki", SERVICE_IP)
+        self._write_kubeconfig(pki)
+        try:
+            for component in self._plan(binaries, pki):
+                self._launch(component)
+                self._await_healthy(component)
+            self._create_nodes()
+        except BaseException:
+            self.stop()
+            raise
+        self.started_in_s = time.monotonic() - started
+
+    def stop(self) -> None:
+        """Stop every component (newest first) and remove the data directory."""
+        for component in reversed(self._components):
+            _terminate(component.process)
+        self._components.clear()
+        if not self.config.keep_data:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
+                timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run the pinned kubectl against this cluster."""
+        return subprocess.run(
+            [str(self.binaries.path("kubectl")), f"--kubeconfig={self.kubeconfig}", *args],
+            input=input, capture_output=True, text=True, check=check, timeout=timeout,
+        )
+
+    def env(self) -> dict[str, str]:
+        """Environment for a child process that should talk to this cluster."""
+        path = f"{self.binaries.bin}{os.pathsep}{os.environ.get('PATH', '')}"
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PATH": path}
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        path = self.data_dir / "logs" / f"{name}.log"
+        if not path.exists():
+            return "(no log)"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    # -- start-up -------------------------------------------------------------------
+
+    def _plan(self, b: Binaries, pki: Pki) -> list[_Component]:
+        p = self.ports
+        kc = str(self.kubeconfig)
+        data = self.data_dir
+        etcd = _Component("etcd", [
+            str(b.path("etcd")), "--name=local", f"--data-dir={data / 'etcd'}",
+            f"--listen-client-urls=http://{LOOPBACK}:{p['etcd']}",
+            f"--advertise-client-urls=http://{LOOPBACK}:{p['etcd']}",
+            f"--listen-peer-urls=http://{LOOPBACK}:{p['etcd-peer']}",
+            f"--initial-advertise-peer-urls=http://{LOOPBACK}:{p['etcd-peer']}",
+            f"--initial-cluster=local=http://{LOOPBACK}:{p['etcd-peer']}",
+            "--unsafe-no-fsync", "--quota-backend-bytes=2147483648", "--log-level=warn",
+        ], health=lambda: _http_ok(f"http://{LOOPBACK}:{p['etcd']}/health"))
+        apiserver = _Component("kube-apiserver", [
+            str(b.path("kube-apiserver")),
+            f"--etcd-servers=http://{LOOPBACK}:{p['etcd']}",
+            f"--bind-address={LOOPBACK}", f"--advertise-address={LOOPBACK}",
+            f"--secure-port={p['apiserver']}",
+            f"--cert-dir={data / 'pki'}",
+            f"--tls-cert-file={pki.serving_cert}", f"--tls-private-key-file={pki.serving_key}",
+            f"--client-ca-file={pki.ca_cert}",
+            f"--service-account-key-file={pki.sa_pub}",
+            f"--service-account-signing-key-file={pki.sa_key}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--authorization-mode=Node,RBAC",
+            "--allow-privileged=true",
+            "--kubelet-preferred-address-types=InternalIP",
+            "--endpoint-reconciler-type=none",
+            *self.config.extra_apiserver_args,
+        ], health=lambda: self._apiserver_ready(pki))
+        controller_manager = _Component("kube-controller-manager", [
+            str(b.path("kube-controller-manager")),
+            f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}",
+            f"--authorization-kubeconfig={kc}",
+            f"--bind-address={LOOPBACK}", f"--secure-port={p['controller-manager']}",
+            f"--cert-dir={data / 'controller-manager'}",
+            "--leader-elect=false",
+            f"--service-account-private-key-file={pki.sa_key}",
+            f"--root-ca-file={pki.ca_cert}",
+            "--use-service-account-credentials=true",
+            "--concurrent-gc-syncs=20", "--concurrent-deployment-syncs=10",
+            "--concurrent-replicaset-syncs=10",
+        ], health=lambda: _http_ok(f"https://{LOOPBACK}:{p['controller-manager']}/healthz"))
+        scheduler = _Component("kube-scheduler", [
+            str(b.path("kube-scheduler")),
+            f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}",
+            f"--authorization-kubeconfig={kc}",
+            f"--bind-address={LOOPBACK}", f"--secure-port={p['scheduler']}",
+            f"--cert-dir={data / 'scheduler'}",
+            "--leader-elect=false",
+        ], health=lambda: _http_ok(f"https://{LOOPBACK}:{p['scheduler']}/healthz"))
+        kwok = _Component("kwok", [
+            str(b.path("kwok")), f"--kubeconfig={kc}", f"--config={b.kwok_stages}",
+            "--manage-all-nodes=false",
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+            f"--node-ip={LOOPBACK}", f"--node-port={p['kwok']}",
+            f"--server-address={LOOPBACK}:{p['kwok']}",
+            "--cidr=127.0.128.0/17",  # only used for nodes without a podCIDR
+        ], health=lambda: _http_ok(f"http://{LOOPBACK}:{p['kwok']}/healthz"))
+        return [etcd, apiserver, controller_manager, scheduler, kwok]
+
+    def _launch(self, component: _Component) -> None:
+        component.log = self.data_dir / "logs" / f"{component.name}.log"
+        with component.log.open("wb") as log:
+            component.process = subprocess.Popen(
+                component.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, cwd=self.data_dir,
+            )
+        self._components.append(component)
+
+    def _await_healthy(self, component: _Component) -> None:
+        deadline = time.monotonic() + self.config.start_timeout_s
+        assert component.process is not None
+        while time.monotonic() < deadline:
+            code = component.process.poll()
+            if code is not None:
+                raise ClusterStartError(
+                    f"{component.name} exited with code {code} while starting; "
+                    f"its log ({component.log}):\n{self.log_tail(component.name)}"
+                )
+            if component.health():
+                return
+            time.sleep(0.1)
+        raise ClusterStartError(
+            f"{component.name} did not become healthy within {self.config.start_timeout_s:.0f} s; "
+            f"its log ({component.log}):\n{self.log_tail(component.name)}"
+        )
+
+    def _apiserver_ready(self, pki: Pki) -> bool:
+        context = ssl.create_default_context(cafile=str(pki.ca_cert))
+        context.load_cert_chain(str(pki.admin_cert), str(pki.admin_key))
+        return _http_ok(f"{self.server}/readyz", context=context)
+
+    def _create_nodes(self) -> None:
+        nodes = node_manifests(self.config.topology)
+        if not nodes:
+            return
+        manifest = yaml.safe_dump_all(nodes)
+        self._kubectl_or_fail("create", "-f", "-", input=manifest)
+        self._kubectl_or_fail("wait", "--for=condition=Ready", "node", "--all", "--timeout=60s")
+        # Pods cannot be created in a namespace before its default ServiceAccount exists.
+        self._kubectl_or_fail("wait", "--for=create", "serviceaccount/default",
+                              "--namespace=default", "--timeout=60s")
+
+    def _kubectl_or_fail(self, *args: str, input: str | None = None) -> str:
+        proc = self.kubectl(*args, input=input, check=False, timeout=90)
+        if proc.returncode != 0:
+            logs = "\n".join(f"--- {c.name} ---\n{self.log_tail(c.name, 15)}"
+                             for c in self._components)
+            raise ClusterStartError(f"kubectl {' '.join(args)} failed: {proc.stderr}\n{logs}")
+        return proc.stdout
+
+    def _write_kubeconfig(self, pki: Pki) -> None:
+        import base64
+
+        def b64(path: Path) -> str:
+            return base64.b64encode(path.read_bytes()).decode()
+
+        config: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "modelyard-local", "cluster": {
+                "server": self.server, "certificate-authority-data": b64(pki.ca_cert)}}],
+            "users": [{"name": "modelyard-admin", "user": {
+                "client-certificate-data": b64(pki.admin_cert),
+                "client-key-data": b64(pki.admin_key)}}],
+            "contexts": [{"name": "modelyard-local", "context": {
+                "cluster": "modelyard-local", "user": "modelyard-admin"}}],
+            "current-context": "modelyard-local",
+        }
+        self.kubeconfig.write_text(json.dumps(config, indent=2))
+        self.kubeconfig.chmod(0o600)
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind((LOOPBACK, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
+    if context is None and url.startswith("https"):
+        context = ssl._create_unverified_context()  # health endpoints of self-signed servers
+    try:
+        with urllib.request.urlopen(url, timeout=2, context=context) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError, ssl.SSLError):
+        return False
+
+
+def _terminate(process: subprocess.Popen[bytes] | None) -> None:
+    if process is None or process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=_STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=_STOP_GRACE_S)

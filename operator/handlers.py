@@ -1,0 +1,130 @@
+"""The kopf layer: settings, indexes and the triggers that run a reconcile pass.
+
+Run it as ``kopf run -m modelyard.operator.handlers --all-namespaces`` (or with
+``--namespace=NS`` repeated to limit it), or through ``modelyard operator``.
+Kept thin on purpose: every decision lives in :mod:`.reconcile` and the pure
+modules it calls.
+
+* Indexes keep the ModelDeployments and their Deployments, Services and Pods in
+  memory, so a pass reads nothing from the API.
+* A pass runs when a ModelDeployment is created, resumed, or its spec changes;
+  when one of its children changes (a hand edit is reverted, a pod becomes ready,
+  the scheduler gives up on a pod); and on a slow timer as a safety net. A quiet
+  cluster causes no writes at all.
+* kopf's own state (finalizer, progress and diff-base annotations) is kept under
+  ``modelyard.dev``; kopf's logging-to-Events is off (we post our own Events).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from . import api
+from .kube import Writer, load_api_client
+from .reconcile import Observed, Reconciler
+from .render import MANAGED_BY, MANAGER, MODEL_LABEL
+
+log = logging.getLogger(__name__)
+
+_MANAGED: dict[str, Any] = {MANAGED_BY: MANAGER, MODEL_LABEL: kopf.PRESENT}
+_RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
+SAFETY_INTERVAL_S = 300.0
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.persistence.finalizer = f"{api.GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=api.GROUP, key="last-handled-configuration")
+    settings.posting.enabled = False
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.execution.max_workers = 8
+    memo["reconciler"] = Reconciler(Writer(load_api_client()))
+
+
+# --------------------------------------------------------------------- indexes
+
+
+def _snapshot(body: Mapping[str, Any], *, spec: bool = True) -> dict[str, Any]:
+    meta = body.get("metadata", {})
+    out: dict[str, Any] = {
+        "metadata": {k: copy.deepcopy(meta[k]) for k in
+                     ("name", "namespace", "uid", "generation", "resourceVersion", "labels",
+                      "annotations", "deletionTimestamp") if k in meta},
+        "status": copy.deepcopy(dict(body.get("status") or {})),
+    }
+    if spec:
+        out["spec"] = copy.deepcopy(dict(body.get("spec") or {}))
+    return out
+
+
+@kopf.index(*_RESOURCE)
+def model_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> Any:
+    return {(namespace, name): _snapshot(body)}
+
+
+@kopf.index("apps", "v1", "deployments", labels=_MANAGED)
+def deployment_index(body: kopf.Body, namespace: str | None, labels: kopf.Labels,
+                     **_: Any) -> Any:
+    return {(namespace, labels[MODEL_LABEL]): _snapshot(body)}
+
+
+@kopf.index("", "v1", "services", labels=_MANAGED)
+def service_index(body: kopf.Body, namespace: str | None, labels: kopf.Labels,
+                  **_: Any) -> Any:
+    return {(namespace, labels[MODEL_LABEL]): _snapshot(body)}
+
+
+@kopf.index("", "v1", "pods", labels=_MANAGED)
+def pod_index(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> Any:
+    return {(namespace, labels[MODEL_LABEL]): _snapshot(body)}
+
+
+async def _reconcile(namespace: str | None, name: str, memo: kopf.Memo, **indexes: Any) -> None:
+    assert namespace is not None  # ModelDeployments are namespaced
+    key = (namespace, name)
+    reconciler: Reconciler = memo["reconciler"]
+    found: list[Mapping[str, Any]] = list(indexes["model_index"].get(key, []))
+    resource = found[0] if found else None
+    if resource is None:
+        reconciler.forget(key)
+        return
+    observed = Observed(
+        resource=resource,
+        deployments=list(indexes["deployment_index"].get(key, [])),
+        pods=list(indexes["pod_index"].get(key, [])),
+        services=list(indexes["service_index"].get(key, [])),
+    )
+    await reconciler.reconcile(observed)
+
+
+# ------------------------------------------------------------------- triggers
+
+
+@kopf.on.resume(*_RESOURCE)
+@kopf.on.create(*_RESOURCE)
+@kopf.on.update(*_RESOURCE, field="spec")
+async def model_changed(namespace: str | None, name: str, **kwargs: Any) -> None:
+    await _reconcile(namespace, name, **kwargs)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=_MANAGED)
+@kopf.on.event("", "v1", "services", labels=_MANAGED)
+@kopf.on.event("", "v1", "pods", labels=_MANAGED)
+async def child_changed(namespace: str | None, labels: kopf.Labels, type: str,
+                        **kwargs: Any) -> None:
+    if not type:
+        return  # the initial listing: resume handlers cover it
+    await _reconcile(namespace, labels[MODEL_LABEL], **kwargs)
+
+
+@kopf.timer(*_RESOURCE, interval=SAFETY_INTERVAL_S, initial_delay=SAFETY_INTERVAL_S)
+async def safety_net(namespace: str | None, name: str, **kwargs: Any) -> None:
+    await _reconcile(namespace, name, **kwargs)

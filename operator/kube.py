@@ -1,0 +1,118 @@
+"""The one module that writes to the Kubernetes API.
+
+Every change the operator makes goes through :class:`Writer`: server-side apply of
+child objects under the fixed field manager ``modelyard-operator``, merge patches
+of the ModelDeployment *status* subresource (never its spec), deletes that treat
+NotFound as done, and core/v1 Events. It counts what it writes, which the
+operator exports as a metric. The client is the official ``kubernetes`` package;
+its calls block, so :mod:`.reconcile` runs them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any, cast
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import NotFoundError
+
+from . import api
+
+log = logging.getLogger(__name__)
+
+FIELD_MANAGER = "modelyard-operator"
+COMPONENT = "modelyard-operator"
+
+
+class ConflictError(RuntimeError):
+    """The object changed under us; the next pass will see the new version."""
+
+
+def load_api_client() -> client.ApiClient:
+    """In-cluster credentials inside a pod, else the kubeconfig (``$KUBECONFIG``)."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config()
+        return client.ApiClient()
+    api_client: client.ApiClient = config.new_client_from_config(
+        config_file=os.environ.get("KUBECONFIG"))
+    return api_client
+
+
+class Writer:
+    def __init__(self, api_client: client.ApiClient):
+        self._api = api_client
+        self._dynamic = DynamicClient(api_client)
+        self._custom = client.CustomObjectsApi(api_client)
+        self._core = client.CoreV1Api(api_client)
+        self._lock = threading.Lock()
+        self.writes: Counter[str] = Counter()
+
+    def _count(self, verb: str, kind: str) -> None:
+        with self._lock:
+            self.writes[f"{verb} {kind}"] += 1
+
+    def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        resource = self._dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
+        self._count("apply", obj["kind"])
+        result = self._dynamic.server_side_apply(
+            resource, body=dict(obj), namespace=obj["metadata"].get("namespace"),
+            field_manager=FIELD_MANAGER, force_conflicts=True,
+        )
+        return dict(result.to_dict())
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        resource = self._dynamic.resources.get(api_version=api_version, kind=kind)
+        self._count("delete", kind)
+        with contextlib.suppress(NotFoundError):
+            self._dynamic.delete(resource, name=name, namespace=namespace,
+                                 body={"propagationPolicy": "Background"})
+
+    def patch_status(
+        self, namespace: str, name: str, status: Mapping[str, Any], resource_version: str | None
+    ) -> dict[str, Any]:
+        """Replace the status; the resourceVersion precondition avoids lost updates."""
+        body: dict[str, Any] = {"status": dict(status)}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        self._count("patch", "ModelDeployment/status")
+        try:
+            result = self._custom.patch_namespaced_custom_object_status(
+                api.GROUP, api.VERSION, namespace, api.PLURAL, name, body,
+                field_manager=FIELD_MANAGER,
+            )
+        except ApiException as exc:
+            if exc.status == 409:
+                raise ConflictError(f"{namespace}/{name} changed while its status was written") \
+                    from exc
+            raise
+        return cast(dict[str, Any], result)
+
+    def event(self, owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        meta = owner["metadata"]
+        now = dt.datetime.now(dt.UTC)
+        body = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(
+                name=f"{meta['name']}.{uuid.uuid4().hex[:12]}", namespace=meta["namespace"]),
+            involved_object=client.V1ObjectReference(
+                api_version=api.API_VERSION, kind=api.KIND, name=meta["name"],
+                namespace=meta["namespace"], uid=meta.get("uid"),
+                resource_version=meta.get("resourceVersion")),
+            reason=reason, message=message[:1024], type=type_,
+            first_timestamp=now, last_timestamp=now, count=1,
+            source=client.V1EventSource(component=COMPONENT),
+            reporting_component=COMPONENT, reporting_instance=os.environ.get("HOSTNAME", "local"),
+        )
+        self._count("create", "Event")
+        try:
+            self._core.create_namespaced_event(meta["namespace"], body)
+        except ApiException as exc:  # an Event is best effort: never fail a pass on it
+            log.warning("could not post event %s for %s: %s", reason, meta["name"], exc.reason)

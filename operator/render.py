@@ -1,0 +1,320 @@
+"""Render the Kubernetes objects a ModelDeployment wants: pure functions of its spec.
+
+Called by :mod:`.reconcile` each pass; the output is plain dicts ready for
+server-side apply. Rendering is deterministic (same spec, same bytes), and each
+object carries ``modelyard.dev/applied-hash`` of its own content so the writer
+can tell "spec changed" from "someone edited it by hand" without a write.
+
+Objects per ModelDeployment ``NAME``:
+
+* one Deployment per live model version, ``NAME-v<version slug>``, of runtime pods
+  that request ``nvidia.com/gpu``, select the GPU product by node label, tolerate
+  the GPU taint, run non-root on a read-only root filesystem, and are probed on
+  the runtime's model-ready endpoint;
+* the stable Service ``NAME``, selecting every ready runtime pod of the model.
+
+The environment variables set here are the contract with ``modelyard.runtime``
+(see ``runtime/config.py``); a test starts the runtime with exactly this env.
+
+Imports no Kubernetes client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from . import api
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "modelyard"
+MODEL_LABEL = "modelyard.dev/model-deployment"
+VERSION_LABEL = "modelyard.dev/version"
+HASH_ANNOTATION = "modelyard.dev/applied-hash"
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+SERVICE_PORT = 80
+CONTAINER_NAME = "runtime"
+CACHE_DIR = "/var/cache/modelyard"
+PVC_MOUNT_ROOT = "/mnt/models"
+RUNTIME_UID = 10001
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The identity of the ModelDeployment being rendered."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": api.API_VERSION,
+            "kind": api.KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def version_slug(version: str) -> str:
+    """A DNS-label-safe form of ``version``: ``3`` -> ``3``, ``2024.1_RC`` -> ``2024-1-rc-3f2a1``.
+
+    Lowercased, other characters become ``-``; when that changed anything (or the
+    result is long) a short digest of the original keeps distinct versions apart.
+    """
+    slug = re.sub(r"[^a-z0-9-]+", "-", version.lower()).strip("-")
+    if slug == version and len(slug) <= 16:
+        return slug
+    digest = hashlib.sha256(version.encode()).hexdigest()[:5]
+    return f"{slug[:10].strip('-')}-{digest}".strip("-")
+
+
+def deployment_name(owner_name: str, version: str) -> str:
+    return f"{owner_name}-v{version_slug(version)}"
+
+
+def selector_labels(owner_name: str) -> dict[str, str]:
+    return {MODEL_LABEL: owner_name}
+
+
+def selector_string(owner_name: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(selector_labels(owner_name).items()))
+
+
+def common_labels(owner_name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "modelyard-runtime",
+        "app.kubernetes.io/instance": owner_name,
+        "app.kubernetes.io/component": "model-server",
+        MANAGED_BY: MANAGER,
+        MODEL_LABEL: owner_name,
+    }
+
+
+def served_model_name(owner_name: str, spec: api.ModelDeploymentSpec) -> str:
+    return spec.model.name or owner_name
+
+
+def service_url(owner: Owner) -> str:
+    return f"http://{owner.name}.{owner.namespace}.svc.cluster.local"
+
+
+def replicas_wanted(spec: api.ModelDeploymentSpec) -> int:
+    """Replicas of the serving version. Autoscaling, when set, starts at its minimum."""
+    if spec.autoscaling is not None:
+        return spec.autoscaling.min_replicas
+    return spec.replicas
+
+
+def runtime_env(owner: Owner, spec: api.ModelDeploymentSpec) -> list[dict[str, str]]:
+    """The runtime's configuration, as environment variables (the operator-runtime contract)."""
+    model = spec.model
+    values: dict[str, str | None] = {
+        "MODELYARD_MODEL_NAME": served_model_name(owner.name, spec),
+        "MODELYARD_MODEL_VERSION": model.version,
+        "MODELYARD_MODEL_URI": _pod_uri(model.uri),
+        "MODELYARD_MODEL_FORMAT": str(model.format),
+        "MODELYARD_MODEL_SHA256": model.sha256,
+        "MODELYARD_ENTRY_POINT": model.entry_point,
+        "MODELYARD_MAX_BATCH_SIZE": str(spec.runtime.batching.max_batch_size),
+        "MODELYARD_MAX_DELAY_MS": _number(spec.runtime.batching.max_delay_ms),
+        "MODELYARD_HANDLER": spec.runtime.handler,
+        "MODELYARD_PORT": str(spec.runtime.port),
+        "MODELYARD_CACHE_DIR": CACHE_DIR,
+        "MODELYARD_DEVICE": "cuda" if _gpu_count(spec) else "cpu",
+    }
+    if model.optimize is not None:
+        values["MODELYARD_DTYPE"] = model.optimize.dtype
+        values["MODELYARD_QUANTIZE"] = model.optimize.quantize
+        values["MODELYARD_COMPILE"] = "true" if model.optimize.compile else None
+    env = [{"name": k, "value": v} for k, v in values.items() if v is not None]
+    # User-provided variables may add to, but not silently replace, the contract.
+    env += [{"name": k, "value": v} for k, v in sorted(spec.runtime.env.items())
+            if k not in values]
+    return env
+
+
+def render_deployment(
+    owner: Owner, spec: api.ModelDeploymentSpec, replicas: int
+) -> dict[str, Any]:
+    version = spec.model.version
+    labels = {**common_labels(owner.name), VERSION_LABEL: version}
+    selector = {MODEL_LABEL: owner.name, VERSION_LABEL: version}
+    port = spec.runtime.port
+    model_name = served_model_name(owner.name, spec)
+
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": spec.runtime.image,
+        "env": runtime_env(owner, spec),
+        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        "readinessProbe": {
+            "httpGet": {"path": f"/v2/models/{model_name}/ready", "port": "http"},
+            "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 2,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/v2/health/live", "port": "http"},
+            "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 6,
+        },
+        # Loading a model of a few GB can take minutes; do not let liveness kill it meanwhile.
+        "startupProbe": {
+            "httpGet": {"path": "/v2/health/live", "port": "http"},
+            "periodSeconds": 5, "failureThreshold": 120,
+        },
+        "resources": _resources(spec),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": "model-cache", "mountPath": CACHE_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    if spec.runtime.image_pull_policy:
+        container["imagePullPolicy"] = spec.runtime.image_pull_policy
+    if spec.model.credentials_secret:
+        container["envFrom"] = [{"secretRef": {"name": spec.model.credentials_secret}}]
+    volumes: list[dict[str, Any]] = [
+        {"name": "model-cache", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "256Mi"}},
+    ]
+    if claim := _pvc_claim(spec.model.uri):
+        volumes.append({"name": "model-store",
+                        "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        container["volumeMounts"].append(
+            {"name": "model-store", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": True})
+
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 60,
+        "securityContext": {
+            "runAsNonRoot": True, "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_UID,
+            "fsGroup": RUNTIME_UID, "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    node_selector = dict(spec.scheduling.node_selector)
+    gpu = spec.resources.gpu
+    tolerations = [t.model_dump(by_alias=True, exclude_none=True)
+                   for t in spec.scheduling.tolerations]
+    if gpu is not None and gpu.count > 0:
+        if gpu.product:
+            node_selector[GPU_PRODUCT_LABEL] = gpu.product
+        tolerations.insert(0, {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    if node_selector:
+        pod_spec["nodeSelector"] = dict(sorted(node_selector.items()))
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if spec.scheduling.affinity:
+        pod_spec["affinity"] = spec.scheduling.affinity
+    if spec.scheduling.priority_class_name:
+        pod_spec["priorityClassName"] = spec.scheduling.priority_class_name
+    if spec.scheduling.runtime_class_name:
+        pod_spec["runtimeClassName"] = spec.scheduling.runtime_class_name
+
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": deployment_name(owner.name, version),
+            "namespace": owner.namespace,
+            "labels": labels,
+            "ownerReferences": [owner.reference()],
+        },
+        "spec": {
+            "replicas": replicas,
+            "revisionHistoryLimit": 3,
+            "selector": {"matchLabels": selector},
+            # A template change within one version (new image, new resources) replaces
+            # pods one at a time without ever dropping below the serving count.
+            "strategy": {"type": "RollingUpdate",
+                         "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(port),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+    return with_hash(deployment)
+
+
+def render_service(owner: Owner, spec: api.ModelDeploymentSpec) -> dict[str, Any]:
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": owner.name,
+            "namespace": owner.namespace,
+            "labels": common_labels(owner.name),
+            "ownerReferences": [owner.reference()],
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(owner.name),
+            "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http",
+                       "protocol": "TCP"}],
+        },
+    }
+    return with_hash(service)
+
+
+def with_hash(obj: dict[str, Any]) -> dict[str, Any]:
+    """Stamp ``obj`` with a digest of its own content (annotations excluded from it)."""
+    digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+    annotations = obj["metadata"].setdefault("annotations", {})
+    annotations[HASH_ANNOTATION] = digest
+    return obj
+
+
+def _resources(spec: api.ModelDeploymentSpec) -> dict[str, Any]:
+    amounts: dict[str, str] = {}
+    if spec.resources.cpu is not None:
+        amounts["cpu"] = str(spec.resources.cpu)
+    if spec.resources.memory is not None:
+        amounts["memory"] = str(spec.resources.memory)
+    if count := _gpu_count(spec):
+        amounts[GPU_RESOURCE] = str(count)
+    if not amounts:
+        return {}
+    # Requests equal limits: predictable latency (Guaranteed QoS when cpu and memory are set).
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def _gpu_count(spec: api.ModelDeploymentSpec) -> int:
+    return spec.resources.gpu.count if spec.resources.gpu is not None else 0
+
+
+def _pvc_claim(uri: str) -> str | None:
+    if not uri.startswith("pvc://"):
+        return None
+    return uri.removeprefix("pvc://").split("/", 1)[0]
+
+
+def _pod_uri(uri: str) -> str:
+    """pvc://CLAIM/PATH is mounted into the pod; the runtime reads it as a file."""
+    if claim := _pvc_claim(uri):
+        path = uri.removeprefix(f"pvc://{claim}/")
+        return f"file://{PVC_MOUNT_ROOT}/{claim}/{path}"
+    return uri
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
