@@ -1,0 +1,92 @@
+"""``modelyard-runtime`` / ``python -m modelyard.runtime``: run one model server.
+
+Parses flags over ``MODELYARD_*`` variables (``config.py``), builds the app
+(``server.py``) and runs it under uvicorn in this one process. SIGTERM drains:
+readiness turns false at once, requests keep being answered for
+``drain_seconds`` (while Kubernetes removes the pod from its endpoints), then
+the listener closes, in-flight and queued requests complete, and the process
+exits 0. A model that fails to fetch or load exits 1 with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+import uvicorn
+
+from modelyard.runtime.config import parse_config
+from modelyard.runtime.errors import ConfigError
+from modelyard.runtime.server import Runtime, create_app
+
+__all__ = ["main"]
+
+log = logging.getLogger("modelyard.runtime")
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, except that SIGTERM drains before it stops the listener."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+        self._timer: threading.Timer | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and self._timer is None and not self.should_exit:
+            self.runtime.begin_drain()
+            delay = self.runtime.config.drain_seconds
+            self._timer = threading.Timer(delay, self._stop)
+            self._timer.daemon = True
+            self._timer.start()
+            return
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.runtime.begin_drain()
+        self.should_exit = True
+
+    def _stop(self) -> None:
+        log.info("drain period over: closing the listener, finishing in-flight requests")
+        self.should_exit = True
+
+    def fatal(self, message: str) -> None:
+        self.should_exit = True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit status."""
+    try:
+        config = parse_config(argv)
+    except ConfigError as error:
+        print(f"modelyard-runtime: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    holder: list[_DrainingServer] = []
+    runtime = Runtime(config, on_fatal=lambda message: holder[0].fatal(message))  # noqa: PLW0108
+    app = create_app(runtime)
+    server = _DrainingServer(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=config.log_level,
+            access_log=False,
+            lifespan="on",
+            server_header=False,
+        ),
+        runtime,
+    )
+    holder.append(server)
+    server.run()
+    return runtime.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

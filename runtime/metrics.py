@@ -1,0 +1,128 @@
+"""Prometheus metrics of one runtime process, labelled by model and version.
+
+Created by ``server.py`` (one :class:`RuntimeMetrics` per app, on its own
+registry, so tests can run several apps in one process) and exposed on
+``GET /metrics``. The operator's autoscaler reads ``modelyard_inflight_requests``
+and ``modelyard_queue_depth``; rollout analysis reads the request counter and
+the latency histogram.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = ["CONTENT_TYPE", "RuntimeMetrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# no *_created series: they double the scrape for nothing
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class _GpuCollector(Collector):
+    """GPU memory and utilisation, read at scrape time (only registered with CUDA)."""
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        self._labels = labels
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        import torch
+
+        names = list(self._labels)
+        values = list(self._labels.values())
+        memory = GaugeMetricFamily(
+            "modelyard_gpu_memory_bytes", "GPU memory allocated by this process",
+            labels=[*names, "device"],
+        )
+        reserved = GaugeMetricFamily(
+            "modelyard_gpu_memory_reserved_bytes", "GPU memory reserved by the allocator",
+            labels=[*names, "device"],
+        )
+        utilisation = GaugeMetricFamily(
+            "modelyard_gpu_utilization_ratio", "GPU utilisation over the last sample period",
+            labels=[*names, "device"],
+        )
+        for index in range(torch.cuda.device_count()):
+            device = str(index)
+            memory.add_metric([*values, device], float(torch.cuda.memory_allocated(index)))
+            reserved.add_metric([*values, device], float(torch.cuda.memory_reserved(index)))
+            with contextlib.suppress(Exception):  # no NVML in the image: leave it out
+                utilisation.add_metric([*values, device], torch.cuda.utilization(index) / 100.0)
+        yield memory
+        yield reserved
+        yield utilisation
+
+
+class RuntimeMetrics:
+    """The runtime's metrics on a private registry."""
+
+    def __init__(self, model: str, version: str, *, gpu: bool = False) -> None:
+        self.registry = CollectorRegistry()
+        self.labels = {"model": model, "version": version}
+        names = ["model", "version"]
+        self.requests = Counter(
+            "modelyard_requests", "Inference requests answered, by protocol and HTTP code",
+            [*names, "protocol", "code"], registry=self.registry,
+        )
+        self.latency = Histogram(
+            "modelyard_request_duration_seconds", "Inference request latency, body read to reply",
+            [*names, "protocol"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.inflight = Gauge(
+            "modelyard_inflight_requests", "Inference requests being handled",
+            names, registry=self.registry,
+        ).labels(model, version)
+        self.queue_depth = Gauge(
+            "modelyard_queue_depth", "Items waiting for a batch",
+            names, registry=self.registry,
+        ).labels(model, version)
+        self.batch_size = Histogram(
+            "modelyard_batch_size", "Items per forward pass",
+            names, buckets=_BATCH_BUCKETS, registry=self.registry,
+        ).labels(model, version)
+        self.inference = Histogram(
+            "modelyard_inference_duration_seconds", "Forward pass time per batch",
+            names, buckets=_LATENCY_BUCKETS, registry=self.registry,
+        ).labels(model, version)
+        self.load_seconds = Gauge(
+            "modelyard_model_load_seconds", "Time to fetch, load and warm up the model",
+            names, registry=self.registry,
+        ).labels(model, version)
+        self.ready = Gauge(
+            "modelyard_model_ready", "1 when the model answers inferences",
+            names, registry=self.registry,
+        ).labels(model, version)
+        if gpu:
+            self.registry.register(_GpuCollector(self.labels))
+
+    def track_queue(self, depth: Callable[[], float]) -> None:
+        self.queue_depth.set_function(depth)
+
+    def observe_batch(self, items: int, seconds: float) -> None:
+        self.batch_size.observe(items)
+        self.inference.observe(seconds)
+
+    def observe_request(self, protocol: str, code: int, seconds: float) -> None:
+        model, version = self.labels["model"], self.labels["version"]
+        self.requests.labels(model, version, protocol, str(code)).inc()
+        self.latency.labels(model, version, protocol).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

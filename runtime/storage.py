@@ -1,0 +1,155 @@
+"""Fetch a model file from its URI into a local path, verifying its sha256.
+
+Called once at startup by ``__main__`` (through :func:`fetch`), before the model
+is loaded. Schemes: ``file://`` and plain paths (PVC mounts: used in place),
+``http(s)://`` (streamed, retried with exponential backoff, timeouts) and
+``s3://bucket/key`` through boto3 (credentials and ``AWS_ENDPOINT_URL`` from the
+environment). Downloads land in a cache directory, keyed by URI, written
+atomically, and are not repeated when the cached copy is present (and matches
+the sha256 when one is given).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from modelyard.runtime.errors import ChecksumMismatch, StorageError
+
+__all__ = ["fetch", "sha256_of"]
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+_RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def sha256_of(path: Path) -> str:
+    """The hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verify(path: Path, uri: str, expected: str | None) -> None:
+    if expected is None:
+        return
+    actual = sha256_of(path)
+    if actual != expected.lower():
+        raise ChecksumMismatch(
+            f"refusing to serve {uri}: its sha256 is {actual}, but {expected.lower()} was expected"
+        )
+
+
+def fetch(
+    uri: str,
+    cache_dir: Path,
+    sha256: str | None = None,
+    *,
+    attempts: int = 5,
+    backoff_s: float = 0.5,
+    timeout_s: float = 30.0,
+) -> Path:
+    """Return a local path holding the model at ``uri``, verified against ``sha256``."""
+    parsed = urllib.parse.urlparse(uri)
+    scheme = parsed.scheme.lower()
+    if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
+        path = Path(urllib.parse.unquote(parsed.path) if scheme == "file" else uri)
+        if not path.is_file():
+            raise StorageError(f"model file not found: {path}")
+        _verify(path, uri, sha256)
+        return path
+    if scheme not in ("http", "https", "s3"):
+        raise StorageError(f"unsupported URI scheme {scheme!r} in {uri} (file, http, https, s3)")
+
+    name = Path(parsed.path).name or "model"
+    key = hashlib.sha256(uri.encode()).hexdigest()[:24]
+    target = cache_dir / key / name
+    if target.is_file():
+        try:
+            _verify(target, uri, sha256)
+        except ChecksumMismatch:
+            log.warning("cached copy of %s does not match its sha256; fetching again", uri)
+        else:
+            log.info("using cached %s for %s", target, uri)
+            return target
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    download: Callable[[Path], None]
+    if scheme == "s3":
+        download = lambda dest: _download_s3(parsed, dest, attempts)  # noqa: E731
+    else:
+        download = lambda dest: _download_http(uri, dest, attempts, backoff_s, timeout_s)  # noqa: E731
+    handle, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+    os.close(handle)
+    tmp = Path(tmp_name)
+    try:
+        started = time.monotonic()
+        download(tmp)
+        _verify(tmp, uri, sha256)
+        os.replace(tmp, target)
+        log.info("fetched %s (%d bytes) in %.2fs", uri, target.stat().st_size,
+                 time.monotonic() - started)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _download_http(uri: str, dest: Path, attempts: int, backoff_s: float, timeout_s: float) -> None:
+    timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0))
+    last_error = ""
+    for attempt in range(1, attempts + 1):
+        try:
+            with httpx.stream("GET", uri, timeout=timeout, follow_redirects=True) as response:
+                if response.status_code == 200:
+                    with dest.open("wb") as file:
+                        for chunk in response.iter_bytes(_CHUNK):
+                            file.write(chunk)
+                    return
+                last_error = f"HTTP {response.status_code}"
+                if response.status_code not in _RETRYABLE_STATUS:
+                    raise StorageError(f"cannot fetch {uri}: {last_error}")
+        except httpx.HTTPError as error:
+            last_error = f"{type(error).__name__}: {error}"
+        if attempt < attempts:
+            delay = backoff_s * 2 ** (attempt - 1)
+            log.warning("fetching %s failed (%s); retry %d in %.1fs",
+                        uri, last_error, attempt, delay)
+            time.sleep(delay)
+    raise StorageError(f"cannot fetch {uri} after {attempts} attempts: {last_error}")
+
+
+def _download_s3(parsed: urllib.parse.ParseResult, dest: Path, attempts: int) -> None:
+    import boto3  # type: ignore[import-untyped]
+    import botocore.config  # type: ignore[import-untyped]
+    import botocore.exceptions  # type: ignore[import-untyped]
+
+    bucket, key = parsed.netloc, parsed.path.lstrip("/")
+    if not bucket or not key:
+        raise StorageError(f"an s3 URI needs a bucket and a key: s3://{bucket}/{key}")
+    config = botocore.config.Config(
+        retries={"max_attempts": attempts, "mode": "standard"},
+        connect_timeout=10,
+        read_timeout=60,
+    )
+    client = boto3.client("s3", config=config)  # AWS_* variables, AWS_ENDPOINT_URL
+    try:
+        with dest.open("wb") as file:
+            body = client.get_object(Bucket=bucket, Key=key)["Body"]
+            shutil.copyfileobj(body, file, _CHUNK)
+    except botocore.exceptions.ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "error")
+        raise StorageError(f"cannot fetch s3://{bucket}/{key}: {code}") from None
+    except botocore.exceptions.BotoCoreError as error:
+        raise StorageError(f"cannot fetch s3://{bucket}/{key}: {error}") from None
