@@ -300,8 +300,8 @@ def load_model(config: RuntimeConfig, path: Path) -> LoadedModel:
         warnings.simplefilter("ignore", FutureWarning)
         loaded = _load_module(config, path, device)
     module, embedded, derived, eager = loaded.module, loaded.embedded, loaded.derived, loaded.eager
-    if isinstance(module, torch.nn.Module):
-        module.eval()
+    if isinstance(module, torch.nn.Module) and config.model_format != "export":
+        module.eval()  # an exported program is already in inference form (and refuses eval())
     if compute_dtype is not None and isinstance(module, torch.nn.Module):
         module = module.to(compute_dtype)
     if config.quantize == "dynamic-int8":

@@ -7,6 +7,7 @@ PYTHONPATH), where ``TinyMLP`` / ``build_tiny_mlp`` serve as safetensors entry p
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -90,17 +91,22 @@ class TinyImageNet(nn.Module):
 
 
 class SlowEcho(nn.Module):
-    """Returns x * 2 after sleeping ``delay`` seconds per batch (drain tests)."""
+    """Returns x * scale (2) after sleeping ``delay`` seconds per batch (drain tests)."""
 
-    def __init__(self, delay: float) -> None:
+    def __init__(self, delay: float = 0.05) -> None:
         super().__init__()
         self.delay = delay
+        self.scale = nn.Parameter(torch.full((1,), 2.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import time
-
         time.sleep(self.delay)
-        return x * 2
+        return x * self.scale
+
+
+SLOW_METADATA = {
+    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+    "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}],
+}
 
 
 def save_torchscript(module: nn.Module, path: Path, metadata: dict[str, object] | None) -> Path:
@@ -150,6 +156,9 @@ def build_models(directory: Path) -> dict[str, Path]:
         str(paths["safetensors"]),
         metadata={"modelyard": json.dumps(MLP_METADATA)},
     )
+    paths["slow"] = directory / "slow.safetensors"
+    save_file(dict(SlowEcho().state_dict()), str(paths["slow"]),
+              metadata={"modelyard": json.dumps(SLOW_METADATA)})
     paths["state_dict"] = directory / "mlp_state.pt"
     torch.save(TinyMLP().state_dict(), paths["state_dict"])
     paths["pickled"] = directory / "mlp_pickled.pt"
