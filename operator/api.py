@@ -120,7 +120,7 @@ class ModelSource(_Model):
     optimize: Optimize | None = Field(None, description="Load-time optimisations.")
 
     model_config = ConfigDict(json_schema_extra=_rules(
-        _cel("self.format != 'safetensors' || has(self.entryPoint)",
+        _cel("!has(self.format) || self.format != 'safetensors' || has(self.entryPoint)",
              "format safetensors needs entryPoint (module:callable that builds the model)",
              ".entryPoint"),
         _cel("!self.uri.startsWith('pvc://') || self.uri.matches('^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.+')",
@@ -161,7 +161,7 @@ class GpuRequest(_Model):
                     "nvidia.com/gpu.product (e.g. NVIDIA-H100-80GB-HBM3).")
 
     model_config = ConfigDict(json_schema_extra=_rules(
-        _cel("!has(self.product) || self.count > 0",
+        _cel("!has(self.product) || (has(self.count) && self.count > 0)",
              "gpu.product is set but gpu.count is 0: ask for at least one GPU", ".count"),
     ))
 
@@ -225,9 +225,9 @@ class Autoscaling(_Model):
                                        description="Prometheus HTTP API base URL.")
 
     model_config = ConfigDict(json_schema_extra=_rules(
-        _cel("self.minReplicas <= self.maxReplicas",
+        _cel("!has(self.minReplicas) || self.minReplicas <= self.maxReplicas",
              "autoscaling.minReplicas must not exceed autoscaling.maxReplicas", ".minReplicas"),
-        _cel("self.source != 'prometheus' || has(self.prometheusUrl)",
+        _cel("!has(self.source) || self.source != 'prometheus' || has(self.prometheusUrl)",
              "autoscaling.source prometheus needs prometheusUrl", ".prometheusUrl"),
     ))
 
@@ -262,10 +262,11 @@ class Rollout(_Model):
         description="GPUs a rollout may hold beyond steady state; default one replica's worth.")
 
     model_config = ConfigDict(json_schema_extra=_rules(
-        _cel("self.strategy != 'Canary' || size(self.steps) > 0",
+        _cel("!has(self.strategy) || self.strategy != 'Canary' || "
+             "(has(self.steps) && size(self.steps) > 0)",
              "strategy Canary needs at least one step", ".steps"),
-        _cel("size(self.steps) < 2 || self.steps.all(s, s.weight > 0)",
-             "every canary step needs a weight above 0", ".steps"),
+        _cel("!has(self.steps) || self.steps.map(s, s.weight).isSorted()",
+             "canary step weights must not decrease from one step to the next", ".steps"),
     ))
 
 

@@ -132,6 +132,11 @@ def to_structural(schema: dict[str, Any]) -> dict[str, Any]:
                 return walk({**inner, **rest, **_merge_rules(inner, rest)})
         if "const" in node:
             node["enum"] = [node.pop("const")]
+        # JSON Schema 2020-12 bounds -> OpenAPI v3.0 (a number beside a boolean flag).
+        for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+            if isinstance(node.get(bound), int | float) and not isinstance(node[bound], bool):
+                node[plain] = node.pop(bound)
+                node[bound] = True
         out: dict[str, Any] = {}
         for key, value in node.items():
             if key in _DROP or key == "$defs":

@@ -17,8 +17,10 @@ modules it calls.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,6 +49,18 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.client_timeout = 330
     settings.execution.max_workers = 8
     memo["reconciler"] = Reconciler(Writer(load_api_client()))
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """The pod's ServiceAccount in a cluster, else ``$KUBECONFIG`` as it is *now*.
+
+    (kopf's default goes through the kubernetes client, which reads ``$KUBECONFIG``
+    once at import time; the dev CLI and tests point it at a cluster later.)
+    """
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return kopf.login_with_service_account(**kwargs)
+    return kopf.login_with_kubeconfig(**kwargs)
 
 
 # --------------------------------------------------------------------- indexes
@@ -118,11 +132,23 @@ async def model_changed(namespace: str | None, name: str, **kwargs: Any) -> None
 @kopf.on.event("apps", "v1", "deployments", labels=_MANAGED)
 @kopf.on.event("", "v1", "services", labels=_MANAGED)
 @kopf.on.event("", "v1", "pods", labels=_MANAGED)
-async def child_changed(namespace: str | None, labels: kopf.Labels, type: str,
-                        **kwargs: Any) -> None:
+async def child_changed(namespace: str | None, name: str, labels: kopf.Labels, type: str,
+                        logger: kopf.Logger, **kwargs: Any) -> None:
     if not type:
         return  # the initial listing: resume handlers cover it
-    await _reconcile(namespace, labels[MODEL_LABEL], **kwargs)
+    # kopf never retries event handlers; a pass that hits a transient API error gets a
+    # few tries of its own (and the safety-net timer catches anything beyond that).
+    for attempt, delay in enumerate((1.0, 2.0, 4.0, 0.0), start=1):
+        try:
+            await _reconcile(namespace, labels[MODEL_LABEL], **kwargs)
+            return
+        except Exception as exc:
+            if not delay:
+                logger.error("reconcile after a change to %s failed %d times: %s",
+                             name, attempt, exc)
+                return
+            logger.warning("reconcile after a change to %s failed (%s); retrying", name, exc)
+            await asyncio.sleep(delay)
 
 
 @kopf.timer(*_RESOURCE, interval=SAFETY_INTERVAL_S, initial_delay=SAFETY_INTERVAL_S)

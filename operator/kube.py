@@ -23,7 +23,7 @@ from typing import Any, cast
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
-from kubernetes.dynamic.exceptions import NotFoundError
+from kubernetes.dynamic.exceptions import ForbiddenError, NotFoundError
 
 from . import api
 
@@ -33,8 +33,8 @@ FIELD_MANAGER = "modelyard-operator"
 COMPONENT = "modelyard-operator"
 
 
-class ConflictError(RuntimeError):
-    """The object changed under us; the next pass will see the new version."""
+class GoneError(RuntimeError):
+    """The ModelDeployment or its namespace is being deleted: nothing left to do."""
 
 
 def load_api_client() -> client.ApiClient:
@@ -63,10 +63,16 @@ class Writer:
     def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         resource = self._dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
         self._count("apply", obj["kind"])
-        result = self._dynamic.server_side_apply(
-            resource, body=dict(obj), namespace=obj["metadata"].get("namespace"),
-            field_manager=FIELD_MANAGER, force_conflicts=True,
-        )
+        try:
+            result = self._dynamic.server_side_apply(
+                resource, body=dict(obj), namespace=obj["metadata"].get("namespace"),
+                field_manager=FIELD_MANAGER, force_conflicts=True,
+            )
+        except ForbiddenError as exc:
+            if "NamespaceTerminating" in str(exc.body):
+                raise GoneError(f"namespace {obj['metadata'].get('namespace')} is being deleted") \
+                    from exc
+            raise
         return dict(result.to_dict())
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
@@ -77,12 +83,10 @@ class Writer:
                                  body={"propagationPolicy": "Background"})
 
     def patch_status(
-        self, namespace: str, name: str, status: Mapping[str, Any], resource_version: str | None
+        self, namespace: str, name: str, status: Mapping[str, Any]
     ) -> dict[str, Any]:
-        """Replace the status; the resourceVersion precondition avoids lost updates."""
+        """Replace the status (only the operator writes it; passes are serialised)."""
         body: dict[str, Any] = {"status": dict(status)}
-        if resource_version:
-            body["metadata"] = {"resourceVersion": resource_version}
         self._count("patch", "ModelDeployment/status")
         try:
             result = self._custom.patch_namespaced_custom_object_status(
@@ -90,9 +94,8 @@ class Writer:
                 field_manager=FIELD_MANAGER,
             )
         except ApiException as exc:
-            if exc.status == 409:
-                raise ConflictError(f"{namespace}/{name} changed while its status was written") \
-                    from exc
+            if exc.status == 404:
+                raise GoneError(f"{namespace}/{name} was deleted") from exc
             raise
         return cast(dict[str, Any], result)
 

@@ -29,7 +29,7 @@ from typing import Any
 import pydantic
 
 from . import api, diff, render
-from .kube import ConflictError, Writer
+from .kube import GoneError, Writer
 from .status import (
     DEGRADED,
     Event,
@@ -72,7 +72,10 @@ class Reconciler:
         key = (meta["namespace"], meta["name"])
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
-            await self._pass(observed)
+            try:
+                await self._pass(observed)
+            except GoneError as exc:
+                log.debug("skipping %s/%s: %s", *key, exc)
 
     async def _pass(self, o: Observed) -> None:
         meta = o.resource["metadata"]
@@ -146,13 +149,15 @@ class Reconciler:
         live_payload = o.resource.get("status") or {}
         if written is not None and written[0] == current_rv:
             live_payload = written[1]  # the index still shows what we overwrote
-        if _normalise(payload) == _normalise(live_payload):
+        before = _normalise(live_payload)
+        if _normalise(payload) == before:
             return
+        changed = sorted(k for k in {*payload, *before} if payload.get(k) != before.get(k))
+        log.info("status of %s/%s changed: %s", *key, ", ".join(changed))
+        log.debug("status of %s/%s: %s -> %s", *key, before, payload)
         try:
-            await asyncio.to_thread(self.writer.patch_status, key[0], key[1], payload,
-                                    current_rv)
-        except ConflictError:
-            log.info("%s/%s changed during the pass; the next pass picks it up", *key)
+            await asyncio.to_thread(self.writer.patch_status, key[0], key[1], payload)
+        except GoneError:
             return
         self._written[cache_key] = (current_rv, payload)
         for event in events:

@@ -19,6 +19,7 @@ Used by the pytest fixture in ``tests/conftest.py`` and by ``modelyard dev``.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import shutil
@@ -39,13 +40,25 @@ from typing import Any, Self
 import yaml
 
 from .binaries import Binaries, ensure_binaries
-from .pki import Pki, create_pki
+from .pki import ADMIN_USER, OPERATOR_USER, Pki, create_pki
 from .topology import DEFAULT_TOPOLOGY, NodePool, node_manifests
 
 SERVICE_CIDR = "10.96.0.0/16"  # virtual ClusterIPs: allocated, never routed or contacted
 SERVICE_IP = "10.96.0.1"
 LOOPBACK = "127.0.0.1"
 _STOP_GRACE_S = 10.0
+
+
+# Log who wrote what (not reads, not bodies): enough to count an operator's writes.
+_AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  verbs: [create, update, patch, delete, deletecollection]
+- level: None
+"""
 
 
 class ClusterStartError(RuntimeError):
@@ -91,6 +104,31 @@ class LocalCluster:
         return self.data_dir / "kubeconfig"
 
     @property
+    def operator_kubeconfig(self) -> Path:
+        """Credentials of user ``modelyard-operator``: run a local operator with these."""
+        return self.data_dir / "operator.kubeconfig"
+
+    @property
+    def audit_log(self) -> Path:
+        """Every write request the API server served, one JSON object per line."""
+        return self.data_dir / "audit.log"
+
+    def writes_by(self, username: str, since: float = 0.0) -> list[dict[str, Any]]:
+        """Write requests (create/update/patch/delete) by ``username`` after ``since``."""
+        if not self.audit_log.exists():
+            return []
+        found = []
+        with self.audit_log.open() as handle:
+            for line in handle:
+                entry = json.loads(line)
+                if entry.get("user", {}).get("username") != username:
+                    continue
+                stamp = dt.datetime.fromisoformat(entry["stageTimestamp"]).timestamp()
+                if stamp >= since:
+                    found.append(entry)
+        return found
+
+    @property
     def server(self) -> str:
         return f"https://{LOOPBACK}:{self.ports['apiserver']}"
 
@@ -119,7 +157,10 @@ class LocalCluster:
         self.ports = {name: _free_port() for name in
                       ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")}
         pki = create_pki(self.data_dir / "pki", SERVICE_IP)
-        self._write_kubeconfig(pki)
+        self._write_kubeconfig(self.kubeconfig, pki.admin_cert, pki.admin_key, ADMIN_USER)
+        self._write_kubeconfig(self.operator_kubeconfig, pki.operator_cert, pki.operator_key,
+                               OPERATOR_USER)
+        (self.data_dir / "audit-policy.yaml").write_text(_AUDIT_POLICY)
         try:
             for component in self._plan(binaries, pki):
                 self._launch(component)
@@ -188,6 +229,9 @@ class LocalCluster:
             "--allow-privileged=true",
             "--kubelet-preferred-address-types=InternalIP",
             "--endpoint-reconciler-type=none",
+            f"--audit-policy-file={data / 'audit-policy.yaml'}",
+            f"--audit-log-path={self.audit_log}", "--audit-log-format=json",
+            "--audit-log-maxsize=200", "--audit-log-maxbackup=1",
             *self.config.extra_apiserver_args,
         ], health=lambda: self._apiserver_ready(pki))
         controller_manager = _Component("kube-controller-manager", [
@@ -272,7 +316,7 @@ class LocalCluster:
             raise ClusterStartError(f"kubectl {' '.join(args)} failed: {proc.stderr}\n{logs}")
         return proc.stdout
 
-    def _write_kubeconfig(self, pki: Pki) -> None:
+    def _write_kubeconfig(self, path: Path, cert: Path, key: Path, user: str) -> None:
         import base64
 
         def b64(path: Path) -> str:
@@ -282,16 +326,16 @@ class LocalCluster:
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": "modelyard-local", "cluster": {
-                "server": self.server, "certificate-authority-data": b64(pki.ca_cert)}}],
-            "users": [{"name": "modelyard-admin", "user": {
-                "client-certificate-data": b64(pki.admin_cert),
-                "client-key-data": b64(pki.admin_key)}}],
+                "server": self.server,
+                "certificate-authority-data": b64(self.data_dir / "pki" / "ca.crt")}}],
+            "users": [{"name": user, "user": {
+                "client-certificate-data": b64(cert), "client-key-data": b64(key)}}],
             "contexts": [{"name": "modelyard-local", "context": {
-                "cluster": "modelyard-local", "user": "modelyard-admin"}}],
+                "cluster": "modelyard-local", "user": user}}],
             "current-context": "modelyard-local",
         }
-        self.kubeconfig.write_text(json.dumps(config, indent=2))
-        self.kubeconfig.chmod(0o600)
+        path.write_text(json.dumps(config, indent=2))
+        path.chmod(0o600)
 
 
 def _free_port() -> int:

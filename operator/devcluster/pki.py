@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 _VALID_FOR = dt.timedelta(days=365)
+ADMIN_USER = "modelyard-admin"
+OPERATOR_USER = "modelyard-operator"
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class Pki:
     serving_key = property(lambda self: self.dir / "apiserver.key")
     admin_cert = property(lambda self: self.dir / "admin.crt")
     admin_key = property(lambda self: self.dir / "admin.key")
+    operator_cert = property(lambda self: self.dir / "operator.crt")
+    operator_key = property(lambda self: self.dir / "operator.key")
     sa_key = property(lambda self: self.dir / "sa.key")
     sa_pub = property(lambda self: self.dir / "sa.pub")
 
@@ -69,7 +73,10 @@ def create_pki(directory: Path, service_ip: str) -> Pki:
     sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", service_ip)]
     _leaf(pki.serving_cert, pki.serving_key, "kube-apiserver", None,
           ca_cert=ca_cert, ca_key=ca_key, now=now, sans=sans, server=True)
-    _leaf(pki.admin_cert, pki.admin_key, "modelyard-admin", "system:masters",
+    _leaf(pki.admin_cert, pki.admin_key, ADMIN_USER, "system:masters",
+          ca_cert=ca_cert, ca_key=ca_key, now=now, sans=[], server=False)
+    # A separate identity for an operator run locally, so the audit log can tell its writes apart.
+    _leaf(pki.operator_cert, pki.operator_key, OPERATOR_USER, "system:masters",
           ca_cert=ca_cert, ca_key=ca_key, now=now, sans=[], server=False)
 
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)

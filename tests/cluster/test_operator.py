@@ -1,0 +1,237 @@
+"""The operator against the real local control plane: scheduling, status, rollouts of
+versions, garbage collection, drift repair, restarts, and writes at rest."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import yaml
+from support import Kube, wait_for
+
+from modelyard.operator.devcluster.pki import OPERATOR_USER
+
+H100 = "NVIDIA-H100-80GB-HBM3"
+
+
+def manifest(name: str = "resnet", version: str = "1", gpus: int = 1,
+             product: str | None = H100, replicas: int = 2, **spec: Any) -> str:
+    gpu: dict[str, Any] = {"count": gpus}
+    if product:
+        gpu["product"] = product
+    body = {
+        "apiVersion": "modelyard.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"version": version, "uri": f"file:///models/{name}/{version}/model.pt"},
+            "resources": {"gpu": gpu, "cpu": "2", "memory": "8Gi"},
+            "replicas": replicas,
+            **spec,
+        },
+    }
+    return yaml.safe_dump(body)
+
+
+def ready(kube: Kube, name: str) -> bool:
+    cond = kube.condition(name, "Ready")
+    md = kube.get("md", name) or {}
+    status = md.get("status", {})
+    return bool(cond and cond["status"] == "True"
+                and status.get("observedGeneration") == md["metadata"]["generation"])
+
+
+def settled(kube: Kube, name: str, replicas: int) -> bool:
+    progressing = kube.condition(name, "Progressing")
+    status = (kube.get("md", name) or {}).get("status", {})
+    return ready(kube, name) and status.get("readyReplicas") == replicas \
+        and progressing is not None and progressing["reason"] == "Complete"
+
+
+def _describe(write: dict[str, Any]) -> str:
+    ref = write["objectRef"]
+    return (f"{write['stageTimestamp']} {write['verb']} {ref.get('resource')}/{ref.get('name')}"
+            f"/{ref.get('subresource', '')} by {write.get('userAgent', '')[:40]}")
+
+
+def pods(kube: Kube, name: str) -> list[dict[str, Any]]:
+    return list(kube.get("pods", selector=f"modelyard.dev/model-deployment={name}") or [])
+
+
+def test_gpu_model_is_scheduled_on_the_requested_gpu_product_and_reports_ready(
+        kube: Kube, operator: Any) -> None:
+    kube.apply(manifest("resnet", replicas=3))
+    wait_for(lambda: ready(kube, "resnet"), what="resnet Ready")
+
+    deployment = kube.get("deployment", "resnet-v1")
+    pod_spec = deployment["spec"]["template"]["spec"]
+    container = pod_spec["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod_spec["nodeSelector"] == {"nvidia.com/gpu.product": H100}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} \
+        in pod_spec["tolerations"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/models/resnet/ready"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert pod_spec["securityContext"]["runAsNonRoot"] is True
+    assert pod_spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MODELYARD_MODEL_URI"] == "file:///models/resnet/1/model.pt"
+    assert env["MODELYARD_MODEL_VERSION"] == "1"
+    assert deployment["metadata"]["ownerReferences"][0]["kind"] == "ModelDeployment"
+
+    running = wait_for(lambda: [p for p in pods(kube, "resnet") if p["spec"].get("nodeName")]
+                       if len(pods(kube, "resnet")) == 3 else None, what="3 scheduled pods")
+    nodes = {p["spec"]["nodeName"] for p in running}
+    assert nodes <= {"gpu-h100-0", "gpu-h100-1"}, nodes  # never the L4 or the CPU node
+    assert all(p["status"]["podIP"].startswith("127.1.") for p in running)
+
+    status = kube.get("md", "resnet")["status"]
+    assert status["readyReplicas"] == 3
+    assert status["replicas"] == 3
+    assert status["gpus"] == 3
+    assert status["stableVersion"] == "1"
+    assert status["url"] == f"http://resnet.{kube.namespace}.svc.cluster.local"
+    assert status["selector"] == "modelyard.dev/model-deployment=resnet"
+    assert status["versions"][0]["version"] == "1"
+    assert status["versions"][0]["phase"] == "Stable"
+    assert status["versions"][0]["uri"] == "file:///models/resnet/1/model.pt"
+    service = kube.get("service", "resnet")
+    assert service["spec"]["selector"] == {"modelyard.dev/model-deployment": "resnet"}
+
+    table = kube.run("get", "md").stdout
+    assert "resnet" in table
+    assert "True" in table
+    assert "VERSION" in table
+    assert "GPU" in table
+
+
+def test_a_model_without_gpus_may_run_on_the_cpu_node(kube: Kube, operator: Any) -> None:
+    kube.apply(manifest("tiny", gpus=0, product=None, replicas=1))
+    wait_for(lambda: ready(kube, "tiny"), what="tiny Ready")
+    [pod] = pods(kube, "tiny")
+    assert pod["spec"]["nodeName"] == "cpu-0"  # the only node without the GPU taint
+    assert "nvidia.com/gpu" not in pod["spec"]["containers"][0]["resources"].get("limits", {})
+
+
+def test_asking_for_more_gpus_than_exist_reports_the_schedulers_reason(
+        kube: Kube, operator: Any) -> None:
+    kube.apply(manifest("huge", gpus=16, replicas=1))
+
+    def degraded() -> dict[str, Any] | None:
+        cond = kube.condition("huge", "Degraded")
+        return cond if cond and cond["status"] == "True" else None
+
+    cond = wait_for(degraded, what="Degraded=True")
+    assert cond["reason"] == "Unschedulable"
+    assert "Insufficient nvidia.com/gpu" in cond["message"]
+    assert kube.condition("huge", "Ready")["status"] == "False"  # type: ignore[index]
+    [pod] = pods(kube, "huge")
+    assert pod["status"]["phase"] == "Pending"
+    events = wait_for(lambda: [e for e in kube.events("huge") if e["reason"] == "Unschedulable"],
+                      what="an Unschedulable event")
+    assert "Insufficient nvidia.com/gpu" in events[0]["message"]
+    assert events[0]["type"] == "Warning"
+
+
+def test_changing_the_version_rolls_out_and_records_history(kube: Kube, operator: Any) -> None:
+    kube.apply(manifest("resnet", version="1", replicas=2))
+    wait_for(lambda: ready(kube, "resnet"), what="v1 Ready")
+
+    kube.apply(manifest("resnet", version="2", replicas=2))
+
+    def rolled() -> dict[str, Any] | None:
+        md = kube.get("md", "resnet")
+        status = md.get("status", {})
+        done = status.get("stableVersion") == "2" and kube.get("deployment", "resnet-v1") is None
+        return status if done and ready(kube, "resnet") else None
+
+    status = wait_for(rolled, what="version 2 stable and version 1 retired")
+    history = [(v["version"], v["phase"]) for v in status["versions"]]
+    assert history == [("2", "Stable"), ("1", "Superseded")]
+    assert status["versions"][1]["reason"] == "replaced by version 2"
+    assert status["versions"][1].get("finishedAt")
+    assert {p["metadata"]["labels"]["modelyard.dev/version"]
+            for p in wait_for(lambda: [p for p in pods(kube, "resnet")
+                                       if not p["metadata"].get("deletionTimestamp")]
+                              if len(pods(kube, "resnet")) == 2 else None,
+                              what="only v2 pods")} == {"2"}
+    progressing = kube.condition("resnet", "Progressing")
+    assert progressing is not None
+    assert progressing["reason"] == "Complete"
+    reasons = [e["reason"] for e in kube.events("resnet")]
+    assert "RolloutStarted" in reasons
+    assert "RolloutComplete" in reasons
+
+
+def test_deleting_the_model_garbage_collects_every_child(kube: Kube, operator: Any) -> None:
+    kube.apply(manifest("gone", replicas=2))
+    wait_for(lambda: ready(kube, "gone"), what="Ready")
+    assert kube.get("deployment", "gone-v1")
+    assert kube.get("service", "gone")
+
+    kube.run("delete", "md", "gone", "--wait=true", "--timeout=60s")
+
+    wait_for(lambda: kube.get("deployment", "gone-v1") is None
+             and kube.get("service", "gone") is None
+             and not pods(kube, "gone"), timeout=90, what="children garbage-collected")
+
+
+def test_a_hand_edited_child_is_reconciled_back(kube: Kube, operator: Any) -> None:
+    kube.apply(manifest("edited", replicas=2))
+    wait_for(lambda: ready(kube, "edited"), what="Ready")
+
+    kube.run("scale", "deployment", "edited-v1", "--replicas=5")
+    kube.run("patch", "service", "edited", "--type=merge",
+             "-p", '{"spec":{"selector":{"modelyard.dev/model-deployment":"other"}}}')
+
+    wait_for(lambda: kube.get("deployment", "edited-v1")["spec"]["replicas"] == 2,
+             what="replicas back to 2")
+    wait_for(lambda: kube.get("service", "edited")["spec"]["selector"]
+             == {"modelyard.dev/model-deployment": "edited"}, what="selector restored")
+    # A child deleted by hand comes back too.
+    kube.run("delete", "service", "edited")
+    wait_for(lambda: kube.get("service", "edited"), what="service recreated")
+
+
+def test_no_writes_at_rest_and_none_after_a_restart(
+        cluster: Any, kube: Kube, operator_identity: str) -> None:
+    from modelyard.operator.runner import OperatorThread
+
+    with OperatorThread():
+        kube.apply(manifest("quiet", replicas=2))
+        wait_for(lambda: settled(kube, "quiet", 2), what="rolled out and settled")
+        time.sleep(3)  # let the last status write and watch events settle
+        before = time.time()
+        time.sleep(10)  # an idle interval: the cluster changes nothing, nor may the operator
+        at_rest = [w for w in cluster.writes_by(OPERATOR_USER, since=before)
+                   if w["objectRef"].get("namespace") == kube.namespace]
+        assert at_rest == [], [_describe(w) for w in at_rest]
+
+    uids = {d["metadata"]["uid"] for d in kube.get("deployments")}
+    restarted = time.time()
+    with OperatorThread():
+        time.sleep(8)  # resume handlers run for every existing resource
+        after_restart = [w for w in cluster.writes_by(OPERATOR_USER, since=restarted)
+                         if w["objectRef"].get("namespace") == kube.namespace]
+        assert after_restart == [], [_describe(w) for w in after_restart]
+        assert {d["metadata"]["uid"] for d in kube.get("deployments")} == uids
+        assert len(kube.get("services")) == 1
+        assert ready(kube, "quiet")
+
+
+@pytest.mark.parametrize("watched", [True, False])
+def test_the_operator_can_be_limited_to_namespaces(
+        cluster: Any, kube: Kube, operator_identity: str, watched: bool) -> None:
+    from modelyard.operator.runner import OperatorThread
+
+    namespaces = [kube.namespace] if watched else ["somewhere-else"]
+    with OperatorThread(namespaces):
+        kube.apply(manifest("scoped", replicas=1))
+        if watched:
+            wait_for(lambda: ready(kube, "scoped"), what="Ready")
+        else:
+            time.sleep(5)
+            assert kube.get("deployment", "scoped-v1") is None
+            assert not (kube.get("md", "scoped") or {}).get("status")

@@ -1,0 +1,78 @@
+"""Fixtures shared by every test tier.
+
+* ``cluster``: one real local control plane for the whole session (built from
+  pinned sources on first use, then started in seconds), with the CRD installed.
+* ``operator``: the real operator, in-process, authenticated as its own user
+  ``modelyard-operator`` so the API server's audit log can count its writes.
+* ``namespace``: a fresh namespace per test, deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import Kube
+
+from modelyard.operator.crd import CRD_FILE
+
+ROOT = Path(__file__).resolve().parents[1]
+CRD_PATH = ROOT / "crds" / CRD_FILE
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "cluster" in item.fixturenames:
+            item.add_marker(pytest.mark.cluster)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Any]:
+    from modelyard.operator.devcluster import LocalCluster
+
+    with LocalCluster() as local:
+        local.kubectl("apply", "--server-side", "-f", str(CRD_PATH))
+        local.kubectl("wait", "--for=condition=Established",
+                      "crd/modeldeployments.modelyard.dev", "--timeout=30s")
+        yield local
+
+
+@pytest.fixture
+def namespace(cluster: Any) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name)
+    cluster.kubectl("wait", "--for=create", "serviceaccount/default", "-n", name,
+                    "--timeout=30s")
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def kube(cluster: Any, namespace: str) -> Kube:
+    return Kube(cluster, namespace)
+
+
+@pytest.fixture
+def operator_identity(cluster: Any) -> Iterator[str]:
+    """Point in-process operators at the cluster under their own user name."""
+    from modelyard.operator.devcluster.pki import OPERATOR_USER
+
+    previous = os.environ.get("KUBECONFIG")
+    os.environ["KUBECONFIG"] = str(cluster.operator_kubeconfig)
+    yield OPERATOR_USER
+    if previous is None:
+        os.environ.pop("KUBECONFIG", None)
+    else:
+        os.environ["KUBECONFIG"] = previous
+
+
+@pytest.fixture
+def operator(operator_identity: str) -> Iterator[Any]:
+    from modelyard.operator.runner import OperatorThread
+
+    with OperatorThread() as running:
+        yield running

@@ -1,0 +1,64 @@
+"""Helpers for tests that drive the local cluster the way a user would (kubectl)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def wait_for(check: Callable[[], T], timeout: float = 60.0, interval: float = 0.25,
+             what: str = "condition") -> T:
+    """Poll ``check`` until it returns something truthy; fail with the last value seen."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
+
+
+class Kube:
+    """kubectl against the test cluster, as a user would type it."""
+
+    def __init__(self, cluster: Any, namespace: str):
+        self.cluster = cluster
+        self.namespace = namespace
+
+    def run(self, *args: str, input: str | None = None, check: bool = True) -> Any:
+        return self.cluster.kubectl("-n", self.namespace, *args, input=input, check=check)
+
+    def apply(self, manifest: str, check: bool = True) -> Any:
+        return self.run("apply", "-f", "-", input=manifest, check=check)
+
+    def get(self, kind: str, name: str | None = None, selector: str | None = None) -> Any:
+        args = ["get", kind, "-o", "json"]
+        if name:
+            args.insert(2, name)
+        if selector:
+            args += ["-l", selector]
+        proc = self.run(*args, check=False)
+        if proc.returncode != 0:
+            if "NotFound" in proc.stderr:
+                return None
+            raise AssertionError(proc.stderr)
+        data = json.loads(proc.stdout)
+        return data["items"] if name is None else data
+
+    def condition(self, name: str, kind: str) -> dict[str, Any] | None:
+        md = self.get("md", name)
+        for cond in (md or {}).get("status", {}).get("conditions", []):
+            if cond["type"] == kind:
+                return dict(cond)
+        return None
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        items = self.get("events") or []
+        return [e for e in items if e["involvedObject"].get("name") == name]
+
+
