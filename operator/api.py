@@ -129,6 +129,8 @@ class ModelSource(_Model):
 
 
 class Batching(_Model):
+    """Dynamic batching of concurrent requests into one forward pass."""
+
     max_batch_size: int = Field(
         32, ge=1, le=4096, description="Most requests (items along dim 0) run together.")
     max_delay_ms: float = Field(
@@ -154,6 +156,8 @@ class RuntimeSpec(_Model):
 
 
 class GpuRequest(_Model):
+    """GPUs per replica and, optionally, which product."""
+
     count: int = Field(0, ge=0, le=64, description="GPUs per replica (nvidia.com/gpu).")
     product: str | None = Field(
         None, max_length=128,
@@ -167,6 +171,8 @@ class GpuRequest(_Model):
 
 
 class Resources(_Model):
+    """Resources of each replica (requests equal limits)."""
+
     gpu: GpuRequest | None = Field(None, description="GPUs per replica.")
     cpu: Annotated[int | str | None, Field(json_schema_extra=_QUANTITY_SCHEMA)] = Field(
         None, description="CPU per replica (request and limit), e.g. 4 or 500m.")
@@ -175,6 +181,8 @@ class Resources(_Model):
 
 
 class Toleration(_Model):
+    """A core/v1 Toleration."""
+
     key: str | None = Field(None, max_length=316, description="Taint key to tolerate.")
     operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal.")
     value: str | None = Field(None, max_length=63, description="Taint value (Equal).")
@@ -239,6 +247,8 @@ class RolloutStrategy(StrEnum):
 
 
 class CanaryStep(_Model):
+    """One canary step: a traffic weight held for a while (or until promoted)."""
+
     weight: int = Field(..., ge=0, le=100, description="Share of traffic for the new version.")
     pause_seconds: int | None = Field(
         None, ge=0, le=86_400,
@@ -246,12 +256,16 @@ class CanaryStep(_Model):
 
 
 class Analysis(_Model):
+    """Thresholds a canary must meet at each step, from the runtime's metrics."""
+
     max_error_rate: float = Field(0.01, ge=0, le=1, description="Highest acceptable error ratio.")
     max_latency_p99_ms: float | None = Field(None, gt=0, description="Highest acceptable p99.")
     min_requests: int = Field(0, ge=0, description="Requests needed before judging a step.")
 
 
 class Rollout(_Model):
+    """How a new version replaces the serving one."""
+
     strategy: RolloutStrategy = Field(RolloutStrategy.ROLLING_UPDATE,
                                       description="How a new version replaces the old one.")
     steps: list[CanaryStep] = Field(default_factory=list, max_length=20,
@@ -318,6 +332,8 @@ class VersionPhase(StrEnum):
 
 
 class VersionRecord(_Model):
+    """One entry of the version ledger."""
+
     version: str = Field(..., description="Model version.")
     uri: str = Field(..., description="Model URI of this version.")
     sha256: str | None = Field(None, description="Expected digest, when given.")
@@ -328,6 +344,8 @@ class VersionRecord(_Model):
 
 
 class CanaryStatus(_Model):
+    """Where a canary rollout stands."""
+
     version: str = Field(..., description="Version under canary.")
     weight: int = Field(..., description="Current traffic share in percent.")
     step: int = Field(..., description="Current step index (1-based).")

@@ -26,7 +26,7 @@ CRD_PATH = ROOT / "crds" / CRD_FILE
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "cluster" in item.fixturenames:
+        if {"cluster", "binaries"} & set(item.fixturenames) or "e2e" in item.path.parts:
             item.add_marker(pytest.mark.cluster)
 
 

@@ -1,0 +1,113 @@
+"""Bad manifests are refused by the real API server at `kubectl apply` time, with a
+message that tells the person what to fix; good ones get the schema's defaults."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import yaml
+from support import Kube
+
+VALID: dict[str, Any] = {
+    "apiVersion": "modelyard.dev/v1alpha1",
+    "kind": "ModelDeployment",
+    "metadata": {"name": "resnet"},
+    "spec": {
+        "model": {"version": "3", "uri": "s3://models/resnet/3/model.pt"},
+        "resources": {"gpu": {"count": 1, "product": "NVIDIA-H100-80GB-HBM3"}},
+    },
+}
+
+
+def with_(path: str, value: Any) -> dict[str, Any]:
+    """VALID with the dotted ``path`` set to ``value`` (``...`` deletes it)."""
+    doc = copy.deepcopy(VALID)
+    *parents, leaf = path.split(".")
+    node = doc
+    for key in parents:
+        node = node.setdefault(key, {})
+    if value is ...:
+        del node[leaf]
+    else:
+        node[leaf] = value
+    return doc
+
+
+INVALID = [
+    ("missing version", with_("spec.model.version", ...), "spec.model.version: Required value"),
+    ("missing uri", with_("spec.model.uri", ...), "spec.model.uri: Required value"),
+    ("bad uri scheme", with_("spec.model.uri", "ftp://host/model.pt"),
+     "uri must start with s3://, http://, https://, pvc:// or file://"),
+    ("malformed pvc uri", with_("spec.model.uri", "pvc://Claim_1"),
+     "a pvc:// uri must look like pvc://CLAIM/PATH/TO/MODEL"),
+    ("negative gpu count", with_("spec.resources.gpu.count", -1),
+     "spec.resources.gpu.count: Invalid value: -1: spec.resources.gpu.count in body should be "
+     "greater than or equal to 0"),
+    ("gpu product without gpus", with_("spec.resources.gpu.count", 0),
+     "gpu.product is set but gpu.count is 0"),
+    ("unknown format", with_("spec.model.format", "onnx"),
+     'spec.model.format: Unsupported value: "onnx"'),
+    ("safetensors without entry point", with_("spec.model.format", "safetensors"),
+     "format safetensors needs entryPoint"),
+    ("bad sha256", with_("spec.model.sha256", "abc123"), "spec.model.sha256: Invalid value"),
+    ("version with spaces", with_("spec.model.version", "v 1"),
+     "spec.model.version: Invalid value"),
+    ("min replicas above max", with_("spec.autoscaling", {"minReplicas": 5, "maxReplicas": 2,
+                                                          "target": 8}),
+     "autoscaling.minReplicas must not exceed autoscaling.maxReplicas"),
+    ("unknown autoscaling metric", with_("spec.autoscaling", {"maxReplicas": 2, "target": 1,
+                                                              "metric": "vibes"}),
+     'spec.autoscaling.metric: Unsupported value: "vibes"'),
+    ("prometheus source without url", with_("spec.autoscaling", {
+        "maxReplicas": 2, "target": 1, "source": "prometheus"}),
+     "autoscaling.source prometheus needs prometheusUrl"),
+    ("zero autoscaling target", with_("spec.autoscaling", {"maxReplicas": 2, "target": 0}),
+     "spec.autoscaling.target: Invalid value"),
+    ("negative replicas", with_("spec.replicas", -2), "spec.replicas: Invalid value: -2"),
+    ("cpu that is not a quantity", with_("spec.resources.cpu", "four"),
+     "must be a Kubernetes quantity such as 4, 500m, 16Gi"),
+    ("batch size zero", with_("spec.runtime", {"batching": {"maxBatchSize": 0}}),
+     "spec.runtime.batching.maxBatchSize: Invalid value: 0"),
+    ("handler that is not an import path", with_("spec.runtime", {"handler": "my handler"}),
+     "spec.runtime.handler: Invalid value"),
+    ("canary without steps", with_("spec.rollout", {"strategy": "Canary"}),
+     "strategy Canary needs at least one step"),
+    ("canary weights going down", with_("spec.rollout", {
+        "strategy": "Canary", "steps": [{"weight": 50}, {"weight": 10}]}),
+     "canary step weights must not decrease"),
+    ("canary weight above 100", with_("spec.rollout", {
+        "strategy": "Canary", "steps": [{"weight": 150}]}),
+     "spec.rollout.steps[0].weight: Invalid value: 150"),
+    ("unknown field", with_("spec.model.weights", "x"), 'unknown field "spec.model.weights"'),
+    ("name too long for its Service", with_("metadata.name", "a" * 50),
+     "metadata.name must be at most 42 characters"),
+    ("no spec", with_("spec", ...), "spec: Required value"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "message"), INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_manifest_is_rejected_with_a_clear_message(
+        kube: Kube, case: str, body: dict[str, Any], message: str) -> None:
+    proc = kube.apply(yaml.safe_dump(body), check=False)
+    assert proc.returncode != 0, f"{case}: accepted"
+    assert message in proc.stderr, proc.stderr
+    assert kube.get("md") == []  # nothing was stored
+
+
+def test_valid_manifest_is_accepted_and_defaulted_by_the_schema(kube: Kube) -> None:
+    kube.apply(yaml.safe_dump(VALID))
+    spec = kube.get("md", "resnet")["spec"]
+    assert spec["model"]["format"] == "torchscript"
+    assert spec["runtime"]["image"] == "modelyard-runtime:0.1.0"
+    assert spec["runtime"]["batching"] == {"maxBatchSize": 32, "maxDelayMs": 5}
+    assert spec["runtime"]["port"] == 8080
+    assert spec["replicas"] == 1
+    assert spec["rollout"]["strategy"] == "RollingUpdate"
+
+
+def test_scale_subresource_works_with_kubectl_scale(kube: Kube) -> None:
+    kube.apply(yaml.safe_dump(VALID))
+    kube.run("scale", "md/resnet", "--replicas=3")
+    assert kube.get("md", "resnet")["spec"]["replicas"] == 3

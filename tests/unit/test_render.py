@@ -1,0 +1,104 @@
+"""Rendering the desired children: pure, deterministic, GPU-aware."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from modelyard.operator import api, render
+
+OWNER = render.Owner("resnet", "vision", "uid-1")
+
+
+def spec(**overrides: Any) -> api.ModelDeploymentSpec:
+    body: dict[str, Any] = {"model": {"version": "3", "uri": "s3://models/resnet/3/model.pt"}}
+    body.update(overrides)
+    return api.parse_spec(body)
+
+
+def test_rendering_is_deterministic() -> None:
+    a = render.render_deployment(OWNER, spec(), 2)
+    b = render.render_deployment(OWNER, spec(), 2)
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    c = render.render_deployment(OWNER, spec(), 3)
+    key = render.HASH_ANNOTATION
+    assert a["metadata"]["annotations"][key] != c["metadata"]["annotations"][key]
+
+
+def test_gpu_request_selects_the_product_and_tolerates_the_taint() -> None:
+    dep = render.render_deployment(
+        OWNER, spec(resources={"gpu": {"count": 2, "product": "NVIDIA-L4"}, "cpu": 4,
+                               "memory": "16Gi"}), 1)
+    pod = dep["spec"]["template"]["spec"]
+    res = pod["containers"][0]["resources"]
+    assert res["limits"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "2"}
+    assert res["requests"] == res["limits"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-L4"}
+    assert pod["tolerations"][0] == {"key": "nvidia.com/gpu", "operator": "Exists",
+                                     "effect": "NoSchedule"}
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    assert env["MODELYARD_DEVICE"] == "cuda"
+
+
+def test_cpu_model_neither_tolerates_nor_selects_gpu_nodes() -> None:
+    pod = render.render_deployment(OWNER, spec(), 1)["spec"]["template"]["spec"]
+    assert "tolerations" not in pod
+    assert "nodeSelector" not in pod
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    assert env["MODELYARD_DEVICE"] == "cpu"
+
+
+def test_runtime_contract_env() -> None:
+    s = spec(model={"version": "3", "uri": "s3://m/k", "sha256": "a" * 64, "name": "vision",
+                    "optimize": {"dtype": "float16"}},
+             runtime={"batching": {"maxBatchSize": 8, "maxDelayMs": 2.5},
+                      "env": {"EXTRA": "1", "MODELYARD_MODEL_URI": "ignored"}},
+             )
+    env = {e["name"]: e["value"] for e in render.runtime_env(OWNER, s)}
+    assert env["MODELYARD_MODEL_NAME"] == "vision"
+    assert env["MODELYARD_MODEL_SHA256"] == "a" * 64
+    assert env["MODELYARD_MAX_BATCH_SIZE"] == "8"
+    assert env["MODELYARD_MAX_DELAY_MS"] == "2.5"
+    assert env["MODELYARD_DTYPE"] == "float16"
+    assert env["MODELYARD_MODEL_URI"] == "s3://m/k"  # user env cannot silently override
+    assert env["EXTRA"] == "1"
+
+
+def test_pvc_uri_is_mounted_read_only_and_read_as_a_file() -> None:
+    dep = render.render_deployment(
+        OWNER, spec(model={"version": "1", "uri": "pvc://models/resnet/1/model.pt"}), 1)
+    pod = dep["spec"]["template"]["spec"]
+    assert {"name": "model-store", "persistentVolumeClaim": {"claimName": "models",
+                                                             "readOnly": True}} in pod["volumes"]
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    assert env["MODELYARD_MODEL_URI"] == "file:///mnt/models/models/resnet/1/model.pt"
+
+
+def test_credentials_secret_becomes_env_from() -> None:
+    dep = render.render_deployment(
+        OWNER, spec(model={"version": "1", "uri": "s3://b/k", "credentialsSecret": "s3"}), 1)
+    assert dep["spec"]["template"]["spec"]["containers"][0]["envFrom"] == [
+        {"secretRef": {"name": "s3"}}]
+
+
+@pytest.mark.parametrize(("version", "slug"), [
+    ("3", "3"), ("v2", "v2"), ("2024.01_RC1", None), ("A" * 63, None)])
+def test_version_slugs_are_dns_safe_and_distinct(version: str, slug: str | None) -> None:
+    got = render.version_slug(version)
+    if slug:
+        assert got == slug
+    assert len(render.deployment_name("x" * api.MAX_NAME_LENGTH, version)) <= 63
+    assert all(c.isalnum() or c == "-" for c in got)
+    assert got == got.lower()
+
+
+def test_slugs_do_not_collide_when_characters_are_replaced() -> None:
+    assert render.version_slug("1.0") != render.version_slug("1-0")
+    assert render.version_slug("RC") != render.version_slug("rc")
+
+
+def test_autoscaling_starts_at_its_minimum() -> None:
+    s = spec(replicas=5, autoscaling={"minReplicas": 2, "maxReplicas": 4, "target": 8})
+    assert render.replicas_wanted(s) == 2
