@@ -105,18 +105,19 @@ async def _reconcile(namespace: str | None, name: str, memo: kopf.Memo, **indexe
     assert namespace is not None  # ModelDeployments are namespaced
     key = (namespace, name)
     reconciler: Reconciler = memo["reconciler"]
-    found: list[Mapping[str, Any]] = list(indexes["model_index"].get(key, []))
-    resource = found[0] if found else None
-    if resource is None:
-        reconciler.forget(key)
-        return
-    observed = Observed(
-        resource=resource,
-        deployments=list(indexes["deployment_index"].get(key, [])),
-        pods=list(indexes["pod_index"].get(key, [])),
-        services=list(indexes["service_index"].get(key, [])),
-    )
-    await reconciler.reconcile(observed)
+
+    def snapshot() -> Observed | None:
+        found: list[Mapping[str, Any]] = list(indexes["model_index"].get(key, []))
+        if not found:
+            return None
+        return Observed(
+            resource=found[0],
+            deployments=list(indexes["deployment_index"].get(key, [])),
+            pods=list(indexes["pod_index"].get(key, [])),
+            services=list(indexes["service_index"].get(key, [])),
+        )
+
+    await reconciler.reconcile(key, snapshot)
 
 
 # ------------------------------------------------------------------- triggers

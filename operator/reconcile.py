@@ -63,15 +63,20 @@ class Reconciler:
         self._written: dict[tuple[str, ...], tuple[str | None, Any]] = {}
 
     def forget(self, key: Key) -> None:
+        """The resource is gone: drop what we remembered of it."""
         self._locks.pop(key, None)
         for k in [k for k in self._written if k[1:3] == key]:
             del self._written[k]
 
-    async def reconcile(self, observed: Observed) -> None:
-        meta = observed.resource["metadata"]
-        key = (meta["namespace"], meta["name"])
+    async def reconcile(self, key: Key, snapshot: Callable[[], Observed | None]) -> None:
+        """Run one pass for ``key``. ``snapshot`` reads the indexes; it is called under the
+        resource's lock, so a pass never acts on a view older than the previous pass's."""
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
+            observed = snapshot()
+            if observed is None:
+                self.forget(key)
+                return
             try:
                 await self._pass(observed)
             except GoneError as exc:
@@ -93,6 +98,7 @@ class Reconciler:
 
         states = observe(o.deployments, o.pods)
         plan = plan_versions(spec, states)
+        log.debug("%s/%s observed %s", *key, states)
         desired = [
             render.render_service(owner, spec),
             render.render_deployment(owner, spec, render.replicas_wanted(spec)),
@@ -152,9 +158,7 @@ class Reconciler:
         before = _normalise(live_payload)
         if _normalise(payload) == before:
             return
-        changed = sorted(k for k in {*payload, *before} if payload.get(k) != before.get(k))
-        log.info("status of %s/%s changed: %s", *key, ", ".join(changed))
-        log.debug("status of %s/%s: %s -> %s", *key, before, payload)
+        log.info("status of %s/%s changed: %s", *key, _describe_change(before, payload))
         try:
             await asyncio.to_thread(self.writer.patch_status, key[0], key[1], payload)
         except GoneError:
@@ -198,3 +202,23 @@ def _rv(obj: Mapping[str, Any] | None) -> str | None:
 
 def _normalise(status: Mapping[str, Any]) -> dict[str, Any]:
     return status_payload(api.parse_status(dict(status)))
+
+
+def _describe_change(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
+    """``readyReplicas 1 -> 2, conditions (Ready False -> True)``: for the operator's log."""
+    parts = []
+    for field in sorted({*before, *after}):
+        old, new = before.get(field), after.get(field)
+        if old == new:
+            continue
+        if field == "conditions":
+            was = {c["type"]: (c["status"], c["reason"]) for c in old or []}
+            now = {c["type"]: (c["status"], c["reason"]) for c in new or []}
+            flips = [f"{t} {'/'.join(was.get(t, ('-',)))} -> {'/'.join(v)}"
+                     for t, v in now.items() if was.get(t) != v]
+            parts.append(f"conditions ({'; '.join(flips) or 'messages'})")
+        elif isinstance(new, list | dict) or isinstance(old, list | dict):
+            parts.append(field)
+        else:
+            parts.append(f"{field} {old} -> {new}")
+    return ", ".join(parts)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,10 @@ from modelyard.operator.crd import CRD_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD_PATH = ROOT / "crds" / CRD_FILE
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    logging.getLogger("modelyard").setLevel(logging.DEBUG)  # shown only for failing tests
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

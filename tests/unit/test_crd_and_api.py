@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from modelyard.operator import api, crd
+from modelyard.operator import api, crd, reference
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / crd.CRD_FILE
@@ -68,3 +68,8 @@ def test_the_example_parses_with_the_models() -> None:
 def test_models_reject_what_the_schema_rejects() -> None:
     with pytest.raises(ValueError, match="version"):
         api.parse_spec({"model": {"uri": "s3://b/k"}})
+
+
+def test_the_field_reference_in_docs_is_current() -> None:
+    assert reference.main(["--check", "--out", str(ROOT / reference.REFERENCE_FILE)]) == 0, (
+        "docs/reference.md is stale: run `.venv/bin/python -m modelyard.operator.reference`")
