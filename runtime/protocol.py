@@ -168,6 +168,12 @@ def torch_to_numpy(tensor: torch.Tensor) -> np.ndarray[Any, Any]:
 
 
 def _from_json_data(data: Any, spec: _Datatype, datatype: str, name: str) -> np.ndarray[Any, Any]:
+    if spec.kinds == _FLOAT_KINDS:  # the hot path: one conversion, straight to the target
+        try:
+            return np.asarray(data, dtype=np.float32 if datatype == "BF16" else spec.numpy)
+        except (ValueError, TypeError, RecursionError):
+            raise InvalidInput(f"input {name!r}: data does not fit datatype {datatype}; "
+                               "it must be a regular array of numbers") from None
     try:
         array = np.asarray(data)
     except (ValueError, TypeError, RecursionError):

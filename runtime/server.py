@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -24,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from modelyard.runtime import __version__
 from modelyard.runtime.batching import Batcher
@@ -42,7 +45,6 @@ from modelyard.runtime.metrics import CONTENT_TYPE, RuntimeMetrics
 from modelyard.runtime.models import LoadedModel, load_model, load_object
 from modelyard.runtime.protocol import (
     DATATYPES,
-    HEADER_LENGTH,
     decode_infer_request,
     encode_infer_response,
     parse_header_length,
@@ -50,21 +52,48 @@ from modelyard.runtime.protocol import (
 )
 from modelyard.runtime.storage import fetch
 
-__all__ = ["Runtime", "create_app"]
+__all__ = ["InferenceDoor", "Reply", "Runtime", "create_app"]
 
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
 
 
+BINARY = "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An HTTP answer of the inference path."""
+
+    status: int
+    body: bytes
+    content_type: str = JSON
+    header_length: int | None = None  # binary tensor extension
+
+    @classmethod
+    def json(cls, document: Any, status: int = 200) -> Reply:
+        return cls(status, orjson.dumps(document), JSON)
+
+    @classmethod
+    def error(cls, error: Exception) -> Reply:
+        message = str(error) if isinstance(error, RuntimeServingError) else "internal server error"
+        return cls.json({"error": message}, status_for(error))
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        headers = [(b"content-type", self.content_type.encode()),
+                   (b"content-length", str(len(self.body)).encode())]
+        if self.header_length is not None:
+            headers.append((b"inference-header-content-length",
+                            str(self.header_length).encode()))
+        return headers
+
+    def response(self) -> Response:
+        return Response(self.body, self.status, media_type=self.content_type)
+
+
 def _json(document: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(document), status_code=status, media_type=JSON)
-
-
-def _error(error: Exception) -> Response:
-    status = status_for(error)
-    message = str(error) if isinstance(error, RuntimeServingError) else "internal server error"
-    return _json({"error": message}, status)
+    return Reply.json(document, status).response()
 
 
 class Runtime:
@@ -161,26 +190,20 @@ class Runtime:
         return self.model, self.batcher
 
     # inference -------------------------------------------------------------------------
-    async def read_body(self, request: Request) -> bytes:
+    def check_size(self, declared: int | None, received: int = 0) -> None:
         limit = self.config.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if declared is not None and declared > limit:
             raise PayloadTooLarge(f"request body of {declared} bytes is over the {limit} limit")
-        chunks = []
-        total = 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
-                raise PayloadTooLarge(f"request body is over the {limit} byte limit")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        if received > limit:
+            raise PayloadTooLarge(f"request body is over the {limit} byte limit")
 
-    async def infer(self, request: Request, name: str, version: str | None) -> Response:
+    async def infer(
+        self, name: str, version: str | None, body: bytes, header_length: str | None
+    ) -> Reply:
+        """OIP v2 ``/infer``: decode, validate, batch, encode."""
         self.check_model(name, version)
         model, batcher = self.loaded()
-        body = await self.read_body(request)
-        header_length = parse_header_length(request.headers.get(HEADER_LENGTH), len(body))
-        decoded = decode_infer_request(body, header_length)
+        decoded = decode_infer_request(body, parse_header_length(header_length, len(body)))
         inputs = validate_inputs(decoded.inputs, model.inputs)
         if decoded.outputs is not None and model.outputs:
             known = {meta.name for meta in model.outputs}
@@ -189,21 +212,15 @@ class Runtime:
                     raise InvalidInput(f"unknown output {wanted.name!r}; the model returns "
                                        f"{', '.join(sorted(known))}")
         outputs = await batcher.submit(inputs)
-        content, json_length = encode_infer_response(
-            model.name, model.version, decoded, outputs
-        )
+        content, json_length = encode_infer_response(model.name, model.version, decoded, outputs)
         if json_length is None:
-            return Response(content, media_type=JSON)
-        return Response(
-            content,
-            media_type="application/octet-stream",
-            headers={"Inference-Header-Content-Length": str(json_length)},
-        )
+            return Reply(200, content, JSON)
+        return Reply(200, content, BINARY, json_length)
 
-    async def predict_v1(self, request: Request, name: str) -> Response:
+    async def predict_v1(self, name: str, body: bytes) -> Reply:
+        """KServe v1 ``:predict``: instances through the handler (or as one tensor)."""
         self.check_model(name)
         model, batcher = self.loaded()
-        body = await self.read_body(request)
         try:
             document = orjson.loads(body)
         except orjson.JSONDecodeError as error:
@@ -216,7 +233,7 @@ class Runtime:
             prepared = [await run_blocking(handler.preprocess, item) for item in instances]
             checked = [validate_inputs(p, model.inputs) for p in prepared]
             results = await asyncio.gather(*(batcher.submit(c) for c in checked))
-            return _json({"predictions": [handler.postprocess(r) for r in results]})
+            return Reply.json({"predictions": [handler.postprocess(r) for r in results]})
         if len(model.inputs) != 1:
             raise InvalidInput("v1 instances need a model with one input (or a handler)")
         meta = model.inputs[0]
@@ -232,26 +249,117 @@ class Runtime:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise InvalidInput("instances contain NaN or infinity")
         outputs = await batcher.submit(validate_inputs({meta.name: tensor}, model.inputs))
-        if len(outputs) == 1:
-            predictions: Any = next(iter(outputs.values())).float().tolist() \
-                if next(iter(outputs.values())).dtype == torch.bfloat16 \
-                else next(iter(outputs.values())).tolist()
+        listed = {k: (v.float() if v.dtype == torch.bfloat16 else v) for k, v in outputs.items()}
+        if len(listed) == 1:
+            return Reply.json({"predictions": next(iter(listed.values())).tolist()})
+        rows = tensor.shape[0]
+        return Reply.json({"predictions": [
+            {k: v[i].tolist() for k, v in listed.items()} for i in range(rows)
+        ]})
+
+    async def answer(self, protocol: str, work: Awaitable[Reply]) -> Reply:
+        """Run one inference request: count it, time it, map its error (never raise)."""
+        started = time.perf_counter()
+        metrics = self.metrics
+        metrics.inflight.inc()
+        try:
+            reply = await work
+        except Exception as error:
+            if not isinstance(error, RuntimeServingError):
+                log.exception("unexpected error during inference", exc_info=error)
+            reply = Reply.error(error)
+        finally:
+            metrics.inflight.dec()
+        metrics.observe_request(protocol, reply.status, time.perf_counter() - started)
+        return reply
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+_INFER = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
+_PREDICT = re.compile(r"^/v1/models/(?P<name>[^/:]+):predict$")
+
+
+class InferenceDoor:
+    """ASGI front door: inference requests go straight to the :class:`Runtime`.
+
+    The hot path skips the framework (routing, dependency solving, middleware
+    stack): the raw body bytes are read from ``receive``, decoded by
+    ``protocol.py``, and the reply is sent in two ASGI messages. Everything else
+    (health, metadata, metrics, the page, lifespan) goes to the FastAPI app.
+    """
+
+    def __init__(self, app: FastAPI, runtime: Runtime) -> None:
+        self.app = app
+        self.runtime = runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            infer = _INFER.match(path)
+            predict = None if infer else _PREDICT.match(path)
+            if infer or predict:
+                await self._inference(scope, receive, send, infer, predict)
+                return
+        await self.app(scope, receive, send)
+
+    async def _inference(
+        self, scope: Scope, receive: Receive, send: Send,
+        infer: re.Match[str] | None, predict: re.Match[str] | None,
+    ) -> None:
+        runtime = self.runtime
+        if scope["method"] != "POST":
+            reply = Reply.json({"error": "Method Not Allowed"}, 405)
         else:
-            count = tensor.shape[0]
-            predictions = [
-                {k: v[i].float().tolist() if v.dtype == torch.bfloat16 else v[i].tolist()
-                 for k, v in outputs.items()}
-                for i in range(count)
-            ]
-        return _json({"predictions": predictions})
+            declared: int | None = None
+            header_length: str | None = None
+            for key, value in scope["headers"]:
+                if key == b"content-length" and value.isdigit():
+                    declared = int(value)
+                elif key == b"inference-header-content-length":
+                    header_length = value.decode("latin-1")
+            try:
+                work = self._work(receive, declared, header_length, infer, predict)
+                reply = await runtime.answer("v2" if infer else "v1", work)
+            except _ClientGone:
+                return
+        await send({"type": "http.response.start", "status": reply.status,
+                    "headers": reply.headers()})
+        await send({"type": "http.response.body", "body": reply.body})
+
+    async def _work(
+        self, receive: Receive, declared: int | None, header_length: str | None,
+        infer: re.Match[str] | None, predict: re.Match[str] | None,
+    ) -> Reply:
+        runtime = self.runtime
+        runtime.check_size(declared)
+        chunks: list[bytes] = []
+        total = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            runtime.check_size(None, total)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if infer is not None:
+            return await runtime.infer(infer["name"], infer["version"], body, header_length)
+        assert predict is not None
+        return await runtime.predict_v1(predict["name"], body)
 
 
 def _page() -> bytes:
     return resources.files("modelyard.runtime").joinpath("static/index.html").read_bytes()
 
 
-def create_app(runtime: Runtime) -> FastAPI:
-    """The ASGI app serving ``runtime``'s model."""
+def create_app(runtime: Runtime) -> InferenceDoor:
+    """The ASGI app serving ``runtime``'s model (FastAPI behind the inference door)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -269,7 +377,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.exception_handler(RuntimeServingError)
     async def _serving_error(_: Request, error: RuntimeServingError) -> Response:
-        return _error(error)
+        return Reply.error(error).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, error: StarletteHTTPException) -> Response:
@@ -284,34 +392,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         log.exception("unexpected error", exc_info=error)
         return _json({"error": "internal server error"}, 500)
 
-    async def measured(protocol: str, work: Awaitable[Response]) -> Response:
-        started = time.perf_counter()
-        metrics.inflight.inc()
-        try:
-            response = await work
-        except Exception as error:
-            if not isinstance(error, RuntimeServingError):
-                log.exception("unexpected error during inference", exc_info=error)
-            response = _error(error)
-        finally:
-            metrics.inflight.dec()
-        metrics.observe_request(protocol, response.status_code, time.perf_counter() - started)
-        return response
-
     _health_routes(app, runtime)
-
-    # inference --------------------------------------------------------------------------
-    @app.post("/v2/models/{name}/infer")
-    async def infer_latest(name: str, request: Request) -> Response:
-        return await measured("v2", runtime.infer(request, name, None))
-
-    @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def infer_version(name: str, version: str, request: Request) -> Response:
-        return await measured("v2", runtime.infer(request, name, version))
-
-    @app.post("/v1/models/{name}:predict")
-    async def predict(name: str, request: Request) -> Response:
-        return await measured("v1", runtime.predict_v1(request, name))
 
     # operations -------------------------------------------------------------------------
     @app.get("/metrics")
@@ -322,7 +403,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     async def index() -> Response:
         return Response(page, media_type="text/html; charset=utf-8")
 
-    return app
+    return InferenceDoor(app, runtime)
 
 
 def _health_routes(app: FastAPI, runtime: Runtime) -> None:

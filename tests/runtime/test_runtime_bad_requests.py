@@ -46,7 +46,10 @@ BAD: dict[str, tuple[bytes, dict[str, str], int, str]] = {
     "unknown-input-name": (_input(name="pixels"), {}, 400, "unknown input"),
     "negative-shape": (_input(shape=[-1, 4]), {}, 400, "non-negative"),
     "strings-as-numbers": (_input(data=["a", "b", "c", "d"]), {}, 400, "does not fit"),
+    "bools-as-ints": (_input(datatype="INT64", data=[True, False, True, True]), {}, 400,
+                      "does not fit"),
     "ragged-data": (_input(data=[[1, 2], [3]]), {}, 400, "regular array"),
+    "null-in-data": (_input(data=[1, None, 2, 3]), {}, 400, "NaN or infinity"),
     "nan-literal": (b'{"inputs":[{"name":"input","datatype":"FP32","shape":[1,4],'
                     b'"data":[NaN,1,2,3]}]}', {}, 400, "malformed JSON"),
     "huge-float-is-infinite": (_input(data=[1e39, 1, 2, 3]), {}, 400, "NaN or infinity"),

@@ -187,7 +187,7 @@ def test_after_a_batch_of_k_the_batcher_waits_briefly_for_k() -> None:
     model = Recorder()
 
     async def scenario() -> None:
-        batcher = Batcher(model, max_batch_size=8, max_delay_ms=5_000)
+        batcher = Batcher(model, max_batch_size=8, max_delay_ms=200)
         batcher.start()
         model.gate.clear()
         first = asyncio.ensure_future(batcher.submit({"x": torch.ones(1, 2)}))
@@ -205,3 +205,17 @@ def test_after_a_batch_of_k_the_batcher_waits_briefly_for_k() -> None:
 
     run(scenario())
     assert model.batches == [1, 4, 4]
+
+
+def test_one_client_at_a_time_never_waits() -> None:
+    model = Recorder()
+
+    async def scenario() -> None:
+        batcher = Batcher(model, max_batch_size=16, max_delay_ms=60_000)
+        batcher.start()
+        for _ in range(5):  # each would wait a minute if the batcher held it back
+            await asyncio.wait_for(batcher.submit({"x": torch.ones(1, 2)}), timeout=30)
+        await batcher.stop()
+
+    run(scenario())
+    assert model.batches == [1, 1, 1, 1, 1]

@@ -1,0 +1,1 @@
+"""Benchmarks of modelyard. ``python -m bench.runtime`` runs the serving-runtime benchmark."""

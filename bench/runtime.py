@@ -1,0 +1,699 @@
+"""The serving-runtime benchmark: modelyard against the raw limit, plain FastAPI and peers.
+
+    .venv/bin/python -m bench.runtime                # everything, ~25 min on 2 cores
+    .venv/bin/python -m bench.runtime --servers modelyard,fastapi --duration 10
+
+Method (so runs are comparable): the same TorchScript ResNet-18 (plain torch,
+fixed random weights, 3xSIZExSIZE) everywhere; each server with all its
+processes pinned to core 0 (``taskset``; one torch/OMP thread), the load
+generator pinned to core 1; closed loop at each concurrency level, warm-up then
+the measured window; batching 16 / 5 ms wherever a server has it; the batch
+sizes each server actually ran are logged; servers run one after another, and
+the sweep is repeated in reverse order (figures are the mean of both passes).
+Also reported: the raw in-process limit (core 0, one thread, best batch size),
+idle memory and idle CPU of each server's process tree, and the time from
+launch to its first successful inference. Peers live in their own venvs
+(``bench/peers.py``); one that cannot be installed or started is listed with
+the reason. Nothing here asserts: it prints a table and writes it to
+``bench/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+import torch
+
+from bench import model as bench_model
+from bench.peers import PEERS, ensure_venv, version_of
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVERS_DIR = ROOT / "bench" / "servers"
+CACHE = Path.home() / ".cache" / "modelyard" / "bench"
+SERVER_CORE, CLIENT_CORE = "0", "1"
+ALL_SERVERS = ("modelyard", "fastapi", "kserve", "mlserver", "litserve", "torchserve")
+PAYLOADS = {
+    "modelyard": ("binary", "json"),
+    "fastapi": ("json",),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# payloads ---------------------------------------------------------------------------------
+def make_bodies(size: int, workdir: Path) -> dict[str, tuple[Path, dict[str, str]]]:
+    """One single-item request body per payload kind (the same tensor in both)."""
+    x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    json_body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": list(x.shape),
+                    "data": x.reshape(-1).tolist(),
+                }
+            ]
+        }
+    ).encode()
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": list(x.shape),
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    )
+    bodies = {
+        "json": (json_body, {"Content-Type": "application/json"}),
+        "binary": (
+            header + x.tobytes(),
+            {
+                "Content-Type": "application/octet-stream",
+                "Inference-Header-Content-Length": str(len(header)),
+            },
+        ),
+    }
+    out = {}
+    for kind, (body, headers) in bodies.items():
+        path = workdir / f"body-{kind}.bin"
+        path.write_bytes(body)
+        out[kind] = (path, headers)
+    return out
+
+
+# process tree measurements ------------------------------------------------------------------
+def _group_pids(pgid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:
+                pids.append(int(entry.name))
+    return pids
+
+
+def group_rss_mb(pgid: int) -> float:
+    total = 0
+    for pid in _group_pids(pgid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total / 1024
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in _group_pids(pgid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+# servers -------------------------------------------------------------------------------------
+@dataclass
+class Running:
+    name: str
+    process: subprocess.Popen[bytes]
+    urls: dict[str, str]  # payload kind -> inference URL
+    batch_log: Path
+    metrics_url: str | None = None
+    log_path: Path | None = None
+    ttfi_s: float = float("nan")
+
+    def batches(self) -> tuple[float, float]:
+        """(sum of items, number of forward passes) so far."""
+        if self.metrics_url:
+            text = httpx.get(self.metrics_url, timeout=10).text
+            values = {}
+            for line in text.splitlines():
+                for key in ("modelyard_batch_size_sum", "modelyard_batch_size_count"):
+                    if line.startswith(key):
+                        values[key] = float(line.split()[-1])
+            return values.get("modelyard_batch_size_sum", 0), values.get(
+                "modelyard_batch_size_count", 0
+            )
+        if not self.batch_log.exists():
+            return 0.0, 0.0
+        sizes = [int(s) for s in self.batch_log.read_text().split()]
+        return float(sum(sizes)), float(len(sizes))
+
+
+@dataclass
+class Environment:
+    model_path: Path
+    size: int
+    workdir: Path
+    pythons: dict[str, Path] = field(default_factory=dict)
+
+
+def _env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELYARD_")}
+    env.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "PYTHONPATH": str(SERVERS_DIR),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def launch(name: str, env: Environment) -> Running:  # noqa: PLR0915
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    work = env.workdir / name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    batch_log = work / "batches.log"
+    extra = {"BENCH_BATCH_LOG": str(batch_log), "BENCH_MODEL_PATH": str(env.model_path)}
+    model = str(env.model_path)
+    v2 = f"{base}/v2/models/resnet/infer"
+    metrics_url = None
+    if name == "modelyard":
+        command = [sys.executable, "-m", "modelyard.runtime"]
+        extra.update(
+            {
+                "MODELYARD_MODEL_NAME": "resnet",
+                "MODELYARD_MODEL_URI": model,
+                "MODELYARD_HOST": "127.0.0.1",
+                "MODELYARD_PORT": str(port),
+                "MODELYARD_MAX_BATCH_SIZE": "16",
+                "MODELYARD_MAX_DELAY_MS": "5",
+                "MODELYARD_THREADS": "1",
+                "MODELYARD_DEVICE": "cpu",
+                "MODELYARD_LOG_LEVEL": "warning",
+            }
+        )
+        urls = {"json": v2, "binary": v2}
+        metrics_url = f"{base}/metrics"
+    elif name == "fastapi":
+        command = [sys.executable, str(SERVERS_DIR / "fastapi_plain.py"), model, str(port)]
+        urls = {"json": v2}
+    elif name == "kserve":
+        python = env.pythons[name]
+        command = [
+            str(python),
+            str(SERVERS_DIR / "kserve_server.py"),
+            model,
+            str(port),
+            str(free_port()),
+        ]
+        urls = {"json": v2, "binary": v2}
+    elif name == "mlserver":
+        python = env.pythons[name]
+        model_dir = work / "models" / "resnet"
+        model_dir.mkdir(parents=True)
+        (work / "models" / "settings.json").write_text(
+            json.dumps(
+                {
+                    "http_port": port,
+                    "grpc_port": free_port(),
+                    "metrics_port": free_port(),
+                    "debug": False,
+                    "parallel_workers": 1,
+                }
+            )
+        )
+        (model_dir / "model-settings.json").write_text(
+            json.dumps(
+                {
+                    "name": "resnet",
+                    "implementation": "mlserver_model.ResNet",
+                    "max_batch_size": 16,
+                    "max_batch_time": 0.005,
+                }
+            )
+        )
+        command = [str(python.with_name("mlserver")), "start", str(work / "models")]
+        urls = {"json": v2}
+    elif name == "litserve":
+        python = env.pythons[name]
+        command = [str(python), str(SERVERS_DIR / "litserve_server.py"), model, str(port)]
+        urls = {"json": f"{base}/predict"}
+    elif name == "torchserve":
+        python = env.pythons[name]
+        store = work / "store"
+        store.mkdir()
+        shutil.copy(model, work / "model.pt")
+        subprocess.run(
+            [
+                str(python.with_name("torch-model-archiver")),
+                "--model-name",
+                "resnet",
+                "--version",
+                "1.0",
+                "--serialized-file",
+                str(work / "model.pt"),
+                "--handler",
+                str(SERVERS_DIR / "torchserve_handler.py"),
+                "--export-path",
+                str(store),
+                "--force",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=300,
+            env=_env({}),
+        )
+        models = {
+            "resnet": {
+                "1.0": {
+                    "defaultVersion": True,
+                    "marName": "resnet.mar",
+                    "minWorkers": 1,
+                    "maxWorkers": 1,
+                    "batchSize": 16,
+                    "maxBatchDelay": 5,
+                    "responseTimeout": 120,
+                }
+            }
+        }
+        config = work / "config.properties"
+        config.write_text(
+            "\n".join(
+                [
+                    f"inference_address=http://127.0.0.1:{port}",
+                    f"management_address=http://127.0.0.1:{free_port()}",
+                    f"metrics_address=http://127.0.0.1:{free_port()}",
+                    f"model_store={store}",
+                    "load_models=resnet.mar",
+                    f"models={json.dumps(models)}",
+                    "default_workers_per_model=1",
+                    "disable_token_authorization=true",
+                    "enable_envvars_config=false",
+                    "install_py_dep_per_model=false",
+                    "max_request_size=10000000",
+                    "max_response_size=10000000",
+                    "",
+                ]
+            )
+        )
+        command = [
+            str(python.with_name("torchserve")),
+            "--start",
+            "--foreground",
+            "--ncs",
+            "--model-store",
+            str(store),
+            "--ts-config",
+            str(config),
+            "--disable-token-auth",
+        ]
+        extra["PATH"] = f"{python.parent}:{os.environ.get('PATH', '')}"
+        urls = {"json": f"{base}/predictions/resnet"}
+    else:
+        raise ValueError(name)
+    log_path = work / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            ["taskset", "-c", SERVER_CORE, *command],
+            env=_env(extra),
+            cwd=work,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return Running(name, process, urls, batch_log, metrics_url, log_path)
+
+
+def stop(running: Running) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(running.process.pid, signal.SIGTERM)
+    try:
+        running.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(running.process.pid, signal.SIGKILL)
+        running.process.wait(timeout=30)
+    deadline = time.monotonic() + 20  # children (workers, the JVM) leave with the group
+    while _group_pids(running.process.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(running.process.pid, signal.SIGKILL)
+
+
+def wait_first_inference(
+    running: Running,
+    bodies: dict[str, tuple[Path, dict[str, str]]],
+    started: float,
+    timeout: float = 300,
+) -> None:
+    kind = "json" if "json" in running.urls else next(iter(running.urls))
+    body_path, headers = bodies[kind]
+    body = body_path.read_bytes()
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if running.process.poll() is not None:
+            break
+        try:
+            response = httpx.post(running.urls[kind], content=body, headers=headers, timeout=30)
+            if response.status_code == 200:
+                running.ttfi_s = time.monotonic() - started
+                return
+            last = f"HTTP {response.status_code}: {response.text[:200]}"
+        except httpx.HTTPError as error:
+            last = type(error).__name__
+        time.sleep(0.1)
+    log = running.log_path.read_text(errors="replace")[-1500:] if running.log_path else ""
+    raise RuntimeError(f"{running.name} never answered an inference ({last}); log tail:\n{log}")
+
+
+def loadgen(  # noqa: PLR0917
+    url: str, body: Path, headers: dict[str, str], concurrency: int, warmup: float, duration: float
+) -> dict[str, object]:
+    command = [
+        "taskset",
+        "-c",
+        CLIENT_CORE,
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        url,
+        str(body),
+        str(concurrency),
+        str(warmup),
+        str(duration),
+        *[f"{k}={v}" for k, v in headers.items()],
+    ]
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=warmup + duration + 300,
+        check=False,
+    )
+    if result.returncode != 0:
+        return {
+            "requests": 0,
+            "errors": -1,
+            "items_per_s": 0.0,
+            "p50_ms": float("nan"),
+            "p99_ms": float("nan"),
+            "first_error": result.stderr[-300:],
+        }
+    return dict(orjson.loads(result.stdout.strip().splitlines()[-1]))
+
+
+# the run ------------------------------------------------------------------------------------
+def run_server(  # noqa: PLR0917
+    name: str,
+    env: Environment,
+    bodies: dict[str, tuple[Path, dict[str, str]]],
+    levels: list[int],
+    warmup: float,
+    duration: float,
+    results: dict[str, object],
+) -> None:
+    print(f"  {name}: starting", flush=True)
+    started = time.monotonic()
+    running = launch(name, env)
+    try:
+        wait_first_inference(running, bodies, started)
+        time.sleep(3)
+        idle_cpu0 = group_cpu_seconds(running.process.pid)
+        time.sleep(5)
+        idle_cpu = (group_cpu_seconds(running.process.pid) - idle_cpu0) / 5 * 100
+        info = results.setdefault(name, {"runs": {}})
+        assert isinstance(info, dict)
+        info.setdefault("ttfi_s", []).append(running.ttfi_s)
+        info.setdefault("idle_mb", []).append(group_rss_mb(running.process.pid))
+        info.setdefault("idle_cpu_pct", []).append(idle_cpu)
+        for kind in running.urls:
+            body, headers = bodies[kind]
+            for level in levels:
+                before = running.batches()
+                outcome = loadgen(running.urls[kind], body, headers, level, warmup, duration)
+                after = running.batches()
+                passes = after[1] - before[1]
+                outcome["mean_batch"] = (after[0] - before[0]) / passes if passes else float("nan")
+                info["runs"].setdefault(f"{kind}@{level}", []).append(outcome)
+                print(
+                    f"    {kind:6} c={level:<3} {outcome['items_per_s']:8.1f} items/s  "
+                    f"p50 {outcome['p50_ms']:8.1f} ms  p99 {outcome['p99_ms']:8.1f} ms  "
+                    f"batch {outcome['mean_batch']:5.1f}  errors {outcome['errors']}"
+                    + (f"  ({outcome['first_error']})" if outcome["first_error"] else ""),
+                    flush=True,
+                )
+    except Exception as error:  # a peer that fails to start is reported, not dropped
+        results.setdefault("_failed", {})[name] = str(error)[:2000]  # type: ignore[index]
+        print(f"  {name}: FAILED: {str(error)[:500]}", flush=True)
+    finally:
+        stop(running)
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if not np.isnan(v)]
+    return statistics.fmean(finite) if finite else float("nan")
+
+
+def render(
+    results: dict[str, object],
+    raw: dict[str, object],
+    args: argparse.Namespace,
+    versions: dict[str, str],
+    skipped: dict[str, str],
+) -> str:
+    levels = args.levels
+    raw_best = float(raw["best_items_per_s"])  # type: ignore[arg-type]
+    batch1_ms = float(raw["batch1_ms"])  # type: ignore[arg-type]
+    lines = [
+        f"modelyard runtime benchmark — ResNet-18 (plain torch, fixed random weights), "
+        f"input 3x{args.size}x{args.size}, CPU",
+        f"{time.strftime('%Y-%m-%d %H:%M')} · {platform.processor() or platform.machine()} · "
+        f"{os.cpu_count()} cores · python {platform.python_version()} · torch "
+        f"{torch.__version__}",
+        f"servers pinned to core {SERVER_CORE} (1 torch/OMP thread), load generator on core "
+        f"{CLIENT_CORE}; closed loop; {args.warmup:g} s warm-up + {args.duration:g} s measured "
+        f"per level; {args.passes} pass(es), the second in reverse order; figures are means "
+        f"over passes; batching 16 / 5 ms where supported; single-item requests",
+        "",
+        f"raw in-process limit (core {SERVER_CORE}, one thread): best "
+        f"{raw_best:.1f} items/s at batch {raw['best_batch']}; batch-1 forward "
+        f"{batch1_ms:.1f} ms ({1000 / batch1_ms:.1f}/s)",
+        "  per batch size: "
+        + ", ".join(
+            f"b{b}={v:.1f}"
+            for b, v in raw["items_per_s"].items()  # type: ignore[attr-defined]
+        ),
+        "",
+    ]
+    header = f"{'server':<22}{'payload':<8}"
+    for level in levels:
+        header += f"| c={level:<3} items/s   p50 ms   p99 ms  batch "
+    header += "| eff@max | idle MB | idle CPU% | 1st inference s"
+    lines.append(header)
+    lines.append("-" * len(header))
+    table: dict[tuple[str, str, int], float] = {}
+    for name in [n for n in args.servers if n in results and n != "_failed"]:
+        info = results[name]
+        assert isinstance(info, dict)
+        kinds = sorted({key.split("@")[0] for key in info["runs"]}, key=lambda k: k != "binary")
+        for kind in kinds:
+            label = f"{name} {versions.get(name, '')}".strip()
+            row = f"{label:<22}{kind:<8}"
+            for level in levels:
+                runs = info["runs"].get(f"{kind}@{level}", [])
+                ips = _mean([r["items_per_s"] for r in runs])
+                p50 = _mean([r["p50_ms"] for r in runs])
+                p99 = _mean([r["p99_ms"] for r in runs])
+                batch = _mean([r["mean_batch"] for r in runs])
+                errors = sum(int(r["errors"]) for r in runs)
+                table[(name, kind, level)] = ips
+                row += f"| {ips:13.1f} {p50:8.1f} {p99:8.1f} {batch:5.1f}" + (
+                    "!" if errors else " "
+                )
+            top = table[(name, kind, levels[-1])] / raw_best
+            row += (
+                f"| {top:7.2f} | {_mean(info['idle_mb']):7.0f} | "
+                f"{_mean(info['idle_cpu_pct']):9.1f} | {_mean(info['ttfi_s']):6.1f}"
+            )
+            lines.append(row)
+    lines.append("")
+    lines.append(
+        "eff@max = items/s at the highest concurrency ÷ raw limit; "
+        "'!' = some requests failed in that cell; batch = mean items per forward pass"
+    )
+    failed = results.get("_failed", {})
+    assert isinstance(failed, dict)
+    for name, why in {**skipped, **failed}.items():
+        lines.append(f"not measured: {name}: {why.splitlines()[0][:300]}")
+    lines += ["", *verdicts(table, results, raw_best, batch1_ms, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def verdicts(
+    table: dict[tuple[str, str, int], float],
+    results: dict[str, object],
+    raw_best: float,
+    batch1_ms: float,
+    levels: list[int],
+) -> list[str]:
+    out = ["targets (measured, not asserted):"]
+    top = levels[-1]
+    for kind, target in (("binary", 0.90), ("json", 0.75)):
+        value = table.get(("modelyard", kind, top))
+        if value is not None:
+            met = "met" if value / raw_best >= target else "MISSED"
+            out.append(
+                f"  modelyard {kind} at c={top}: {value / raw_best:.2f} of raw "
+                f"(target ≥ {target:.2f}) — {met}"
+            )
+    for level in [lv for lv in levels if lv >= 8]:
+        ours = max(
+            (v for (n, _, lv), v in table.items() if n == "modelyard" and lv == level),
+            default=float("nan"),
+        )
+        peers = {
+            (n, k): v for (n, k, lv), v in table.items() if n not in ("modelyard",) and lv == level
+        }
+        if peers:
+            (best_name, best_kind), best = max(peers.items(), key=lambda item: item[1])
+            out.append(
+                f"  c={level}: modelyard {ours:.1f} items/s vs best other "
+                f"{best_name}/{best_kind} {best:.1f} → x{ours / best:.2f}"
+            )
+    info = results.get("modelyard")
+    if isinstance(info, dict) and 1 in levels:
+        p50s = [
+            _mean([r["p50_ms"] for r in info["runs"].get(f"{k}@1", [])]) for k in ("binary", "json")
+        ]
+        for kind, p50 in zip(("binary", "json"), p50s, strict=True):
+            met = "met" if p50 / batch1_ms <= 1.15 else "MISSED"
+            out.append(
+                f"  c=1 {kind}: p50 {p50:.1f} ms = x{p50 / batch1_ms:.2f} of one batch-1 "
+                f"forward (target ≤ x1.15) — {met}"
+            )
+        ours_mb = _mean(info["idle_mb"])
+        peers_mb = {
+            n: _mean(v["idle_mb"])
+            for n, v in results.items()
+            if isinstance(v, dict)
+            and n not in ("modelyard", "_failed", "fastapi")
+            and "idle_mb" in v
+        }
+        if peers_mb:
+            lightest = min(peers_mb, key=lambda n: peers_mb[n])
+            out.append(
+                f"  idle memory: modelyard {ours_mb:.0f} MB vs lightest peer {lightest} "
+                f"{peers_mb[lightest]:.0f} MB — "
+                f"{'met' if ours_mb < peers_mb[lightest] else 'MISSED'}"
+            )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument(
+        "--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32]
+    )
+    parser.add_argument("--servers", type=lambda s: s.split(","), default=list(ALL_SERVERS))
+    parser.add_argument("--passes", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    if (os.cpu_count() or 1) < 2:
+        sys.exit("the benchmark needs two cores: one for the servers, one for the load")
+
+    model_path = bench_model.build(CACHE / f"resnet18-{args.size}.pt", args.size)
+    workdir = Path(tempfile.mkdtemp(prefix="modelyard-bench-"))
+    env = Environment(model_path, args.size, workdir)
+    versions = {"modelyard": "0.1.0", "fastapi": ""}
+    skipped: dict[str, str] = {}
+    for name in args.servers:
+        if name in PEERS:
+            print(f"preparing {name}…", flush=True)
+            python, why = ensure_venv(PEERS[name])
+            if python is None:
+                skipped[name] = why
+            else:
+                env.pythons[name] = python
+                versions[name] = version_of(python, name)
+    servers = [n for n in args.servers if n not in skipped]
+    bodies = make_bodies(args.size, workdir)
+    print("raw limit…", flush=True)
+    raw_run = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            SERVER_CORE,
+            sys.executable,
+            "-m",
+            "bench.raw",
+            str(model_path),
+            str(args.size),
+            "4",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=_env({}),
+        timeout=900,
+    )
+    raw = orjson.loads(raw_run.stdout.strip().splitlines()[-1])
+    print(
+        f"  best {raw['best_items_per_s']:.1f} items/s at batch {raw['best_batch']}, "
+        f"batch-1 {raw['batch1_ms']:.1f} ms",
+        flush=True,
+    )
+    results: dict[str, object] = {}
+    for index in range(args.passes):
+        order = servers if index % 2 == 0 else list(reversed(servers))
+        print(f"pass {index + 1}: {', '.join(order)}", flush=True)
+        for name in order:
+            run_server(name, env, bodies, args.levels, args.warmup, args.duration, results)
+    text = render(results, raw, args, versions, skipped)
+    print("\n" + text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M")
+    (args.out / f"runtime-{args.size}-{stamp}.txt").write_text(text)
+    (args.out / f"runtime-{args.size}-{stamp}.json").write_text(
+        json.dumps(
+            {"raw": raw, "results": results, "versions": versions, "skipped": skipped},
+            indent=1,
+            default=str,
+        )
+    )
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

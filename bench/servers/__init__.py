@@ -1,0 +1,1 @@
+"""Server scripts of the benchmark peers; each runs inside its own venv (see bench/peers.py)."""
