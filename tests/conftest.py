@@ -27,6 +27,8 @@ CRD_PATH = ROOT / "crds" / CRD_FILE
 
 def pytest_configure(config: pytest.Config) -> None:
     logging.getLogger("modelyard").setLevel(logging.DEBUG)  # shown only for failing tests
+    # Full resync passes every 2 s, so each idle interval a test measures includes several.
+    os.environ.setdefault("MODELYARD_RESYNC_SECONDS", "2")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

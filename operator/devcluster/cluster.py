@@ -262,6 +262,11 @@ class LocalCluster:
             f"--node-ip={LOOPBACK}", f"--node-port={p['kwok']}",
             f"--server-address={LOOPBACK}:{p['kwok']}",
             "--cidr=127.0.128.0/17",  # only used for nodes without a podCIDR
+            # The heartbeat stage refreshes node status only every ~10 minutes and relies on
+            # node Leases, which kwok renews only when given a lease duration. Without one,
+            # nodes expire after the controller-manager's grace period and their pods turn
+            # unready.
+            "--node-lease-duration-seconds=40",
         ], health=lambda: _http_ok(f"http://{LOOPBACK}:{p['kwok']}/healthz"))
         return [etcd, apiserver, controller_manager, scheduler, kwok]
 

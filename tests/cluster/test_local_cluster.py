@@ -78,3 +78,15 @@ def test_binaries_are_cached_by_version(binaries: Any) -> None:
     assert ensure_binaries() == binaries
     assert binaries.is_complete()
     assert "k8s-v1.37.2" in str(binaries.root)
+
+
+def test_nodes_keep_renewing_their_leases(cluster: Any) -> None:
+    """Without lease renewals the node-lifecycle controller would declare the simulated
+    nodes dead after its grace period and mark every pod on them unready."""
+    import json
+
+    leases = json.loads(cluster.kubectl("get", "leases", "-n", "kube-node-lease",
+                                        "-o", "json").stdout)["items"]
+    names = {lease["metadata"]["name"] for lease in leases}
+    assert names == {"gpu-h100-0", "gpu-h100-1", "gpu-l4-0", "cpu-0"}
+    assert all(lease["spec"]["leaseDurationSeconds"] == 40 for lease in leases)
