@@ -26,6 +26,7 @@ from .crd import CRD_FILE, render_yaml
 
 if TYPE_CHECKING:
     from .devcluster import LocalCluster
+    from .devcluster.pods import PodProcesses
     from .runner import OperatorThread
 
 DEFAULT_STATE_DIR = Path(".modelyard")
@@ -92,11 +93,12 @@ def _dev(args: argparse.Namespace) -> int:
             print(f"modelyard: the local cluster failed to start:\n{exc}", file=sys.stderr)
             return 1
         operators: list[OperatorThread] = []
+        supervisors: list[PodProcesses] = []
         try:
             print(f"modelyard: cluster up in {cluster.started_in_s:.1f} s "
                   f"(Kubernetes at {cluster.server})")
             if args.dev_command == "up":
-                code = _up(cluster, args, stop, operators)
+                code = _up(cluster, args, stop, operators, supervisors)
                 if code:
                     return code
             _print_next_steps(cluster, args.dev_command == "up")
@@ -108,12 +110,15 @@ def _dev(args: argparse.Namespace) -> int:
             for operator in operators:
                 with contextlib.suppress(RuntimeError):
                     operator.stop()
+            for supervisor in supervisors:
+                supervisor.stop()
             cluster.stop()
     return 0
 
 
 def _up(cluster: LocalCluster, args: argparse.Namespace, stop: threading.Event,
-        operators: list[OperatorThread]) -> int:
+        operators: list[OperatorThread], supervisors: list[PodProcesses]) -> int:
+    from .devcluster.pods import PodProcesses
     from .runner import OperatorThread
 
     os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
@@ -127,6 +132,13 @@ def _up(cluster: LocalCluster, args: argparse.Namespace, stop: threading.Event,
     operators.append(operator)
     operator.start()
     print("modelyard: operator running")
+    models_dir = args.state_dir.resolve() / "models"
+    for built in _demo_models(args.examples, models_dir):
+        print(f"modelyard: demo model written to {built}")
+    pods = PodProcesses(cluster, models_dir=models_dir,
+                        log_dir=args.state_dir.resolve() / "pods")
+    pods.start()
+    supervisors.append(pods)
     applied = cluster.kubectl("apply", "-R", "-f", str(args.examples), check=False)
     if applied.returncode != 0:
         print(f"modelyard: applying {args.examples} failed:\n{applied.stderr}", file=sys.stderr)
@@ -140,10 +152,87 @@ def _up(cluster: LocalCluster, args: argparse.Namespace, stop: threading.Event,
         if waited.returncode == 0:
             print(f"modelyard: every ModelDeployment is Ready "
                   f"({time.monotonic() - started:.1f} s after apply)")
-            return 0
+            return _predict(cluster, pods, deadline, stop)
     print("modelyard: not every ModelDeployment became Ready in time:", file=sys.stderr)
     print(cluster.kubectl("get", "md", "-A", "-o", "wide", check=False).stdout, file=sys.stderr)
     return 1
+
+
+def _demo_models(examples: Path, models_dir: Path) -> list[Path]:
+    """Write the demo ResNet-18 wherever an example points at a missing file:///models/ file."""
+    import yaml
+
+    from .devcluster.pods import MODELS_MOUNT
+
+    built = []
+    files = [examples] if examples.is_file() else sorted(examples.rglob("*.y*ml"))
+    for path in files:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not isinstance(doc, dict) or doc.get("kind") != "ModelDeployment":
+                continue
+            uri = str(doc.get("spec", {}).get("model", {}).get("uri", ""))
+            if not uri.startswith(f"file://{MODELS_MOUNT}"):
+                continue
+            target = models_dir / uri.removeprefix(f"file://{MODELS_MOUNT}")
+            if not target.exists():
+                from modelyard.runtime.demo import build
+
+                built.append(build(target, size=64))
+    return built
+
+
+def _predict(cluster: LocalCluster, pods: PodProcesses, deadline: float,
+             stop: threading.Event) -> int:
+    """Send one real inference to every runtime pod and show who answered."""
+    import json
+
+    import httpx
+    import numpy as np
+
+    from modelyard.runtime.client import Client
+
+    listing = json.loads(cluster.kubectl(
+        "get", "pods", "-A", "-l", "app.kubernetes.io/managed-by=modelyard", "-o", "json").stdout)
+    where = {f"{p['metadata']['namespace']}/{p['metadata']['name']}":
+             (p["spec"].get("nodeName", "?"),
+              next(e["value"] for e in p["spec"]["containers"][0]["env"]
+                   if e["name"] == "MODELYARD_MODEL_NAME"))
+             for p in listing["items"]}
+    while not set(where) <= set(pods.endpoints()):  # kwok is faster than a process start
+        if time.monotonic() > deadline or stop.is_set():
+            print("modelyard: runtime processes did not start for every pod", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    answered = 0
+    for key, (ip, port) in sorted(pods.endpoints().items()):
+        if key not in where:
+            continue
+        node, model = where[key]
+        with Client(f"http://{ip}:{port}", model, timeout=30) as client:
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.ready():
+                        break
+                if time.monotonic() > deadline or stop.is_set():
+                    print(f"modelyard: the runtime of {key} did not become ready; see "
+                          f"its log in {pods.log_dir}", file=sys.stderr)
+                    return 1
+                time.sleep(0.5)
+            meta = client.metadata()["inputs"][0]
+            shape = [1 if d == -1 else d for d in meta["shape"]]
+            image = np.random.default_rng(0).random(shape, dtype=np.float32)
+            began = time.monotonic()
+            outputs = client.infer({meta["name"]: image})
+            took = (time.monotonic() - began) * 1000
+        scores = next(iter(outputs.values()))[0]
+        top = np.argsort(scores)[::-1][:3].tolist()
+        print(f"modelyard: {model} answered from pod {key} on node {node} at {ip}:{port} "
+              f"in {took:.0f} ms: top classes {top}")
+        answered += 1
+    if not answered:
+        print("modelyard: no runtime pod answered", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _print_next_steps(cluster: LocalCluster, with_models: bool) -> None:
@@ -160,6 +249,9 @@ def _print_next_steps(cluster: LocalCluster, with_models: bool) -> None:
     print("  kubectl get md -A")
     print("  kubectl describe md resnet -n vision")
     print("  kubectl get pods -A -o wide")
+    if with_models:
+        print("  curl http://127.1.0.1:8080/v2/models/resnet   # a pod's own address: its runtime")
+        print("  open http://127.1.0.1:8080/ in a browser      # try the model")
     print()
 
 

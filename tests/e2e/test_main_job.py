@@ -1,5 +1,5 @@
-"""The README's first command, as a user runs it: a local GPU cluster, the operator and the
-examples Ready, then a clean stop."""
+"""The README's first command, as a user runs it: a local GPU cluster, the operator, the
+examples Ready on GPU nodes, a real model answering from each pod, then a clean stop."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from modelyard.operator.devcluster import ensure_binaries
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_dev_up_brings_the_examples_to_ready_on_gpu_nodes(tmp_path: Path) -> None:
+def test_dev_up_serves_the_example_from_gpu_nodes(tmp_path: Path) -> None:
     ensure_binaries()  # a cold build is not part of this test's budget
     state = tmp_path / "state"
     proc = subprocess.run(
@@ -28,5 +28,11 @@ def test_dev_up_brings_the_examples_to_ready_on_gpu_nodes(tmp_path: Path) -> Non
                  if line.startswith("vision") and "resnet-v1-" in line]
     assert len(pod_lines) == 2, out
     assert all("gpu-h100-" in line for line in pod_lines), pod_lines
+    answers = [line for line in out.splitlines() if "answered from pod vision/resnet-v1-" in line]
+    assert len(answers) == 2, out  # a real runtime process behind each pod, on its own IP
+    assert all(" on node gpu-h100-" in line and " at 127.1." in line for line in answers)
+    tops = {line.split("top classes ")[1] for line in answers}
+    assert len(tops) == 1, answers  # the same deterministic model answers the same
+    assert (state / "models" / "resnet" / "1" / "model.pt").exists()
     assert f"export KUBECONFIG={state / 'cluster' / 'kubeconfig'}" in out
     assert not (state / "cluster").exists()  # stopped cleanly, nothing left behind
