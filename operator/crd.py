@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -168,22 +169,29 @@ def render_yaml() -> str:
     return header + yaml.safe_dump(crd(), sort_keys=True, width=100)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("crds") / CRD_FILE)
+def generated_file_cli(argv: list[str] | None, *, doc: str, default: Path,
+                       render: Callable[[], str], module: str) -> int:
+    """``--out PATH`` writes ``render()``; ``--check`` fails when PATH differs from it."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=default)
     parser.add_argument("--check", action="store_true", help="fail if --out is stale")
     args = parser.parse_args(argv)
-    text = render_yaml()
+    text = render()
     if args.check:
         current = args.out.read_text() if args.out.exists() else ""
         if current != text:
-            print(f"{args.out} is stale: run `python -m modelyard.operator.crd`", file=sys.stderr)
+            print(f"{args.out} is stale: run `python -m {module}`", file=sys.stderr)
             return 1
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(f"wrote {args.out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return generated_file_cli(argv, doc=__doc__ or "", default=Path("crds") / CRD_FILE,
+                              render=render_yaml, module="modelyard.operator.crd")
 
 
 if __name__ == "__main__":

@@ -8,13 +8,11 @@ when it is stale (the test suite runs that).
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 from . import api
-from .crd import crd
+from .crd import crd, generated_file_cli
 
 REFERENCE_FILE = Path("docs") / "reference.md"
 
@@ -113,21 +111,8 @@ def _describe(schema: dict[str, Any], *, rules: bool = True) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REFERENCE_FILE)
-    parser.add_argument("--check", action="store_true", help="fail if --out is stale")
-    args = parser.parse_args(argv)
-    text = render_reference()
-    if args.check:
-        if not args.out.exists() or args.out.read_text() != text:
-            print(f"{args.out} is stale: run `python -m modelyard.operator.reference`",
-                  file=sys.stderr)
-            return 1
-        return 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(f"wrote {args.out}")
-    return 0
+    return generated_file_cli(argv, doc=__doc__ or "", default=REFERENCE_FILE,
+                              render=render_reference, module="modelyard.operator.reference")
 
 
 if __name__ == "__main__":
