@@ -9,7 +9,8 @@ modules it calls.
   memory, so a pass reads nothing from the API.
 * A pass runs when a ModelDeployment is created, resumed, or its spec changes;
   when one of its children changes (a hand edit is reverted, a pod becomes ready,
-  the scheduler gives up on a pod); and on a slow timer as a safety net. A quiet
+  the scheduler gives up on a pod); and on one operator-wide resync loop, a safety
+  net that needs no per-resource timer (so no finalizer blocks deletion). A quiet
   cluster causes no writes at all.
 * kopf's own state (finalizer, progress and diff-base annotations) is kept under
   ``modelyard.dev``; kopf's logging-to-Events is off (we post our own Events).
@@ -18,6 +19,7 @@ modules it calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import os
@@ -35,13 +37,13 @@ log = logging.getLogger(__name__)
 
 _MANAGED: dict[str, Any] = {MANAGED_BY: MANAGER, MODEL_LABEL: kopf.PRESENT}
 _RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
-# Full passes on a timer, as a safety net for missed events; they write nothing when nothing
-# changed. Read at import: set MODELYARD_RESYNC_SECONDS before the operator starts.
+# Full passes for every resource, as a safety net for missed events; they write nothing when
+# nothing changed. Read at import: set MODELYARD_RESYNC_SECONDS before the operator starts.
 SAFETY_INTERVAL_S = float(os.environ.get("MODELYARD_RESYNC_SECONDS", "300"))
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.finalizer = f"{api.GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -50,7 +52,19 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.execution.max_workers = 8
-    memo["reconciler"] = Reconciler(Writer(load_api_client()))
+    reconciler = Reconciler(Writer(load_api_client()))
+    memo["reconciler"] = reconciler
+    memo["resync"] = asyncio.get_running_loop().create_task(
+        reconciler.resync_forever(SAFETY_INTERVAL_S), name="modelyard-resync")
+
+
+@kopf.on.cleanup()
+async def shutdown(memo: kopf.Memo, **_: Any) -> None:
+    task: asyncio.Task[None] | None = memo.get("resync")
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 @kopf.on.login()
@@ -140,7 +154,7 @@ async def child_changed(namespace: str | None, name: str, labels: kopf.Labels, t
     if not type:
         return  # the initial listing: resume handlers cover it
     # kopf never retries event handlers; a pass that hits a transient API error gets a
-    # few tries of its own (and the safety-net timer catches anything beyond that).
+    # few tries of its own (and the resync loop catches anything beyond that).
     for attempt, delay in enumerate((1.0, 2.0, 4.0, 0.0), start=1):
         try:
             await _reconcile(namespace, labels[MODEL_LABEL], **kwargs)
@@ -153,7 +167,3 @@ async def child_changed(namespace: str | None, name: str, labels: kopf.Labels, t
             logger.warning("reconcile after a change to %s failed (%s); retrying", name, exc)
             await asyncio.sleep(delay)
 
-
-@kopf.timer(*_RESOURCE, interval=SAFETY_INTERVAL_S, initial_delay=SAFETY_INTERVAL_S)
-async def safety_net(namespace: str | None, name: str, **kwargs: Any) -> None:
-    await _reconcile(namespace, name, **kwargs)

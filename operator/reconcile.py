@@ -59,18 +59,21 @@ class Reconciler:
         self.writer = writer
         self._clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self._locks: dict[Key, asyncio.Lock] = {}
+        self._known: dict[Key, Callable[[], Observed | None]] = {}
         # key -> (resourceVersion we wrote over, what we wrote)
         self._written: dict[tuple[str, ...], tuple[str | None, Any]] = {}
 
     def forget(self, key: Key) -> None:
         """The resource is gone: drop what we remembered of it."""
         self._locks.pop(key, None)
+        self._known.pop(key, None)
         for k in [k for k in self._written if k[1:3] == key]:
             del self._written[k]
 
     async def reconcile(self, key: Key, snapshot: Callable[[], Observed | None]) -> None:
         """Run one pass for ``key``. ``snapshot`` reads the indexes; it is called under the
         resource's lock, so a pass never acts on a view older than the previous pass's."""
+        self._known[key] = snapshot
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             observed = snapshot()
@@ -133,6 +136,17 @@ class Reconciler:
             now=self._clock(),
         )
         await self._write_status(o, key, status_payload(status), events)
+
+    async def resync_forever(self, interval_s: float) -> None:
+        """A full pass for every known resource every ``interval_s``: a safety net for
+        missed events. One task for the whole operator, so resources need no finalizer."""
+        while True:
+            await asyncio.sleep(interval_s)
+            for key, snapshot in list(self._known.items()):
+                try:
+                    await self.reconcile(key, snapshot)
+                except Exception:
+                    log.exception("resync of %s/%s failed; the next one retries", *key)
 
     def _fresh_enough(self, cache_key: tuple[str, ...], live: Mapping[str, Any] | None,
                       desired_hash: str | None) -> bool:

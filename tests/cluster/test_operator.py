@@ -100,6 +100,12 @@ def test_gpu_model_is_scheduled_on_the_requested_gpu_product_and_reports_ready(
     service = kube.get("service", "resnet")
     assert service["spec"]["selector"] == {"modelyard.dev/model-deployment": "resnet"}
 
+    meta = kube.get("md", "resnet")["metadata"]
+    # kopf keeps its state under our group, and needs no finalizer (deletion never waits on us)
+    assert all(k.startswith(("modelyard.dev/", "kubectl.kubernetes.io/"))
+               for k in meta.get("annotations", {}))
+    assert not meta.get("finalizers")
+
     table = kube.run("get", "md").stdout
     assert "resnet" in table
     assert "True" in table
@@ -176,6 +182,18 @@ def test_deleting_the_model_garbage_collects_every_child(kube: Kube, operator: A
     wait_for(lambda: kube.get("deployment", "gone-v1") is None
              and kube.get("service", "gone") is None
              and not pods(kube, "gone"), timeout=90, what="children garbage-collected")
+
+
+def test_deleting_works_while_the_operator_is_down(kube: Kube, operator_identity: str) -> None:
+    from modelyard.operator.runner import OperatorThread
+
+    with OperatorThread():
+        kube.apply(manifest("orphan", replicas=1))
+        wait_for(lambda: ready(kube, "orphan"), what="Ready")
+    kube.run("delete", "md", "orphan", "--wait=true", "--timeout=30s")  # no operator running
+    wait_for(lambda: kube.get("deployment", "orphan-v1") is None
+             and kube.get("service", "orphan") is None, timeout=90,
+             what="children garbage-collected by the cluster")
 
 
 def test_a_hand_edited_child_is_reconciled_back(kube: Kube, operator: Any) -> None:
