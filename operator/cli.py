@@ -85,7 +85,8 @@ def _dev(args: argparse.Namespace) -> int:
 
     topology = load_topology(args.topology) if args.topology else DEFAULT_TOPOLOGY
     state = args.state_dir.resolve()
-    cluster = LocalCluster(ClusterConfig(topology=topology, data_dir=state / "cluster"))
+    cluster = LocalCluster(ClusterConfig(topology=topology, data_dir=state / "cluster",
+                                         real_pods=args.dev_command == "up"))
     with _stop_on_signals() as stop:
         try:
             cluster.start()

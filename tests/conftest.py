@@ -13,16 +13,10 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from support import Kube
-
-from modelyard.operator.crd import CRD_FILE
-
-ROOT = Path(__file__).resolve().parents[1]
-CRD_PATH = ROOT / "crds" / CRD_FILE
+from support import Kube, as_operator, install_crd
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,9 +36,7 @@ def cluster() -> Iterator[Any]:
     from modelyard.operator.devcluster import LocalCluster
 
     with LocalCluster() as local:
-        local.kubectl("apply", "--server-side", "-f", str(CRD_PATH))
-        local.kubectl("wait", "--for=condition=Established",
-                      "crd/modeldeployments.modelyard.dev", "--timeout=30s")
+        install_crd(local)
         yield local
 
 
@@ -66,15 +58,8 @@ def kube(cluster: Any, namespace: str) -> Kube:
 @pytest.fixture
 def operator_identity(cluster: Any) -> Iterator[str]:
     """Point in-process operators at the cluster under their own user name."""
-    from modelyard.operator.devcluster.pki import OPERATOR_USER
-
-    previous = os.environ.get("KUBECONFIG")
-    os.environ["KUBECONFIG"] = str(cluster.operator_kubeconfig)
-    yield OPERATOR_USER
-    if previous is None:
-        os.environ.pop("KUBECONFIG", None)
-    else:
-        os.environ["KUBECONFIG"] = previous
+    with as_operator(cluster) as user:
+        yield user
 
 
 @pytest.fixture

@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+ROOT = Path(__file__).resolve().parents[1]
+CRD_PATH = ROOT / "crds" / "modeldeployments.modelyard.dev.yaml"
+
+
+def install_crd(cluster: Any) -> None:
+    cluster.kubectl("apply", "--server-side", "-f", str(CRD_PATH))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/modeldeployments.modelyard.dev",
+                    "--timeout=30s")
+
+
+@contextlib.contextmanager
+def as_operator(cluster: Any) -> Iterator[str]:
+    """Point in-process operators at ``cluster`` under their own user (for audit counts)."""
+    from modelyard.operator.devcluster.pki import OPERATOR_USER
+
+    previous = os.environ.get("KUBECONFIG")
+    os.environ["KUBECONFIG"] = str(cluster.operator_kubeconfig)
+    try:
+        yield OPERATOR_USER
+    finally:
+        if previous is None:
+            os.environ.pop("KUBECONFIG", None)
+        else:
+            os.environ["KUBECONFIG"] = previous
 
 
 def wait_for(check: Callable[[], T], timeout: float = 60.0, interval: float = 0.25,

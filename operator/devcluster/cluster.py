@@ -41,6 +41,7 @@ import yaml
 
 from .binaries import Binaries, ensure_binaries
 from .pki import ADMIN_USER, OPERATOR_USER, Pki, create_pki
+from .stages import real_pod_stages
 from .topology import DEFAULT_TOPOLOGY, NodePool, node_manifests
 
 SERVICE_CIDR = "10.96.0.0/16"  # virtual ClusterIPs: allocated, never routed or contacted
@@ -82,6 +83,9 @@ class ClusterConfig:
     data_dir: Path | None = None
     keep_data: bool = False
     start_timeout_s: float = 90.0
+    # Runtime pods start unready; a process supervisor (pods.PodProcesses) makes them Ready
+    # when their real runtime answers. Otherwise kwok makes every pod Ready at once.
+    real_pods: bool = False
     extra_apiserver_args: list[str] = field(default_factory=list)
 
 
@@ -161,6 +165,10 @@ class LocalCluster:
         self._write_kubeconfig(self.operator_kubeconfig, pki.operator_cert, pki.operator_key,
                                OPERATOR_USER)
         (self.data_dir / "audit-policy.yaml").write_text(_AUDIT_POLICY)
+        stages = binaries.kwok_stages.read_text()
+        if self.config.real_pods:
+            stages = real_pod_stages(stages)
+        (self.data_dir / "kwok-stages.yaml").write_text(stages)
         try:
             for component in self._plan(binaries, pki):
                 self._launch(component)
@@ -256,7 +264,7 @@ class LocalCluster:
             "--leader-elect=false",
         ], health=lambda: _http_ok(f"https://{LOOPBACK}:{p['scheduler']}/healthz"))
         kwok = _Component("kwok", [
-            str(b.path("kwok")), f"--kubeconfig={kc}", f"--config={b.kwok_stages}",
+            str(b.path("kwok")), f"--kubeconfig={kc}", f"--config={data / 'kwok-stages.yaml'}",
             "--manage-all-nodes=false",
             "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
             f"--node-ip={LOOPBACK}", f"--node-port={p['kwok']}",

@@ -8,6 +8,12 @@ with the container's environment, bound to the pod's own IP (a loopback address:
 see ``topology.py``) and port. When the pod goes away, the process is stopped with
 SIGTERM (the runtime drains). Each process logs to ``<dir>/<namespace>_<pod>.log``.
 
+On a cluster started with ``real_pods=True`` (kwok then leaves runtime pods
+unready, see ``stages.py``) it also does a kubelet's status work: the pod's Ready
+condition follows the runtime's real readiness probe, and a process that exits is
+restarted with exponential back-off while the pod reports ``CrashLoopBackOff``
+with its restart count, so a model that cannot load never looks Ready.
+
 Two things differ from a real node, on purpose:
 
 * ``file:///models/...`` inside a pod is ``<models_dir>/...`` on this machine, as if
@@ -21,6 +27,7 @@ Used by ``modelyard dev up``.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import logging
 import os
@@ -28,6 +35,9 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,13 +55,23 @@ class _Running:
     uid: str
     ip: str
     port: int
-    process: subprocess.Popen[bytes]
+    probe_path: str
+    env: dict[str, str]
+    logfile: Path
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    start_after: float = 0.0  # back-off: do not restart before this (monotonic)
+    last_exit: int | None = None
+    reported: tuple[bool, str] | None = None  # (ready, container state) last patched
 
 
 class PodProcesses:
     def __init__(self, cluster: LocalCluster, models_dir: Path, log_dir: Path,
-                 *, poll_s: float = 0.5, device: str | None = None):
+                 *, poll_s: float = 0.5, device: str | None = None,
+                 max_backoff_s: float = 30.0):
         self.cluster = cluster
+        self.manage_status = cluster.config.real_pods
+        self.max_backoff_s = max_backoff_s
         self.models_dir = models_dir
         self.log_dir = log_dir
         self.poll_s = poll_s
@@ -73,7 +93,7 @@ class PodProcesses:
     def endpoints(self) -> dict[str, tuple[str, int]]:
         """``namespace/pod`` -> (ip, port) of every process started."""
         return {key: (r.ip, r.port) for key, r in self._running.items()
-                if r.process.poll() is None}
+                if r.process is not None and r.process.poll() is None}
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -102,9 +122,62 @@ class PodProcesses:
             if current is None or current.uid != pod["metadata"]["uid"]:
                 if current is not None:
                     self._end(key)
-                self._begin(key, pod)
+                current = self._running[key] = self._prepare(key, pod)
+            self._tend(key, current)
 
-    def _begin(self, key: str, pod: dict[str, Any]) -> None:
+    def _tend(self, key: str, running: _Running) -> None:
+        """Start or restart the process, and report its state as a kubelet would."""
+        now = time.monotonic()
+        if running.process is not None and running.process.poll() is not None:
+            running.last_exit = running.process.returncode
+            running.process = None
+            running.restarts += 1
+            delay = min(2 ** (running.restarts - 1), self.max_backoff_s)
+            running.start_after = now + delay
+            log.warning("the runtime of pod %s exited with %s; restarting in %.0f s",
+                        key, running.last_exit, delay)
+        if running.process is None and now >= running.start_after:
+            self._spawn(key, running)
+        if not self.manage_status:
+            return
+        if running.process is None:
+            state = "CrashLoopBackOff"
+            ready = False
+        else:
+            state = "running"
+            ready = _probe(running.ip, running.port, running.probe_path)
+        if running.reported != (ready, state):
+            self._report(key, running, ready, state)
+            running.reported = (ready, state)
+
+    def _report(self, key: str, running: _Running, ready: bool, state: str) -> None:
+        namespace, name = key.split("/", 1)
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        value = "True" if ready else "False"
+        container: dict[str, Any] = {"name": "runtime", "ready": ready,
+                                     "restartCount": running.restarts,
+                                     "started": state == "running"}
+        if state == "running":
+            container["state"] = {"running": {"startedAt": stamp}}
+        else:
+            container["state"] = {"waiting": {
+                "reason": "CrashLoopBackOff",
+                "message": f"back-off restarting the runtime (exit code {running.last_exit}); "
+                           f"see {running.logfile}"}}
+        if running.last_exit is not None:
+            container["lastState"] = {"terminated": {"exitCode": running.last_exit,
+                                                     "finishedAt": stamp, "reason": "Error"}}
+        patch = {"status": {
+            "conditions": [{"type": kind, "status": value, "lastTransitionTime": stamp}
+                           for kind in ("Ready", "ContainersReady")],
+            "containerStatuses": [container],
+        }}
+        proc = self.cluster.kubectl("patch", "pod", name, "-n", namespace, "--subresource=status",
+                                    "--type=strategic", "-p", json.dumps(patch), check=False)
+        if proc.returncode != 0 and "NotFound" not in proc.stderr:
+            log.warning("could not report the status of pod %s: %s", key, proc.stderr.strip())
+
+    def _prepare(self, key: str, pod: dict[str, Any]) -> _Running:
         container = pod["spec"]["containers"][0]
         env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
         port = next((p["containerPort"] for p in container.get("ports", [])
@@ -120,20 +193,24 @@ class PodProcesses:
             "MODELYARD_CACHE_DIR": str(self.log_dir.parent / "model-cache"),
             "MODELYARD_DEVICE": self._device or _device_for(env.get("MODELYARD_DEVICE", "auto")),
         }
-        logfile = self.log_dir / f"{key.replace('/', '_')}.log"
-        with logfile.open("ab") as out:
-            process = subprocess.Popen(
+        probe = (container.get("readinessProbe") or {}).get("httpGet") or {}
+        return _Running(uid=pod["metadata"]["uid"], ip=ip, port=port,
+                        probe_path=str(probe.get("path", "/v2/health/ready")), env=env,
+                        logfile=self.log_dir / f"{key.replace('/', '_')}.log")
+
+    def _spawn(self, key: str, running: _Running) -> None:
+        with running.logfile.open("ab") as out:
+            running.process = subprocess.Popen(
                 [sys.executable, "-m", "modelyard.runtime"],
-                env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+                env={**os.environ, **running.env}, stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
-        self._running[key] = _Running(pod["metadata"]["uid"], ip, port, process)
-        log.info("started the runtime of pod %s on %s:%d", key, ip, port)
+        log.info("started the runtime of pod %s on %s:%d", key, running.ip, running.port)
 
     def _end(self, key: str) -> None:
         running = self._running.pop(key)
         process = running.process
-        if process.poll() is None:
+        if process is not None and process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
             try:
@@ -143,6 +220,14 @@ class PodProcesses:
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait(5)
         log.info("stopped the runtime of pod %s", key)
+
+
+def _probe(ip: str, port: int, path: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{ip}:{port}{path}", timeout=1) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def _device_for(asked: str) -> str:
