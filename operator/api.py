@@ -23,6 +23,7 @@ GROUP = "modelyard.dev"
 VERSION = "v1alpha1"
 KIND = "ModelDeployment"
 PLURAL = "modeldeployments"
+PROMOTE_ANNOTATION = "modelyard.dev/promote"  # value: the canary version to promote
 SINGULAR = "modeldeployment"
 SHORT_NAMES = ("md", "mds")
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -272,7 +273,7 @@ class Rollout(_Model):
                                     description="Canary steps, in order.")
     analysis: Analysis | None = Field(None, description="Metric thresholds judged at each step.")
     max_surge_gpus: int | None = Field(
-        None, ge=0, le=1024,
+        None, ge=0, le=1024, alias="maxSurgeGPUs",
         description="GPUs a rollout may hold beyond steady state; default one replica's worth.")
 
     model_config = ConfigDict(json_schema_extra=_rules(
@@ -347,9 +348,13 @@ class CanaryStatus(_Model):
     """Where a canary rollout stands."""
 
     version: str = Field(..., description="Version under canary.")
-    weight: int = Field(..., description="Current traffic share in percent.")
-    step: int = Field(..., description="Current step index (1-based).")
+    weight: int = Field(..., description="Traffic share the current step moves to, in percent.")
+    step: int = Field(..., description="Current step (1-based); past the last step: promoting.")
     started_at: str = Field(..., description="When the canary started.")
+    step_started_at: str = Field(..., description="When the current step started.")
+    reached_at: str | None = Field(
+        None, description="When the current step's weight was reached (its pause runs from here).")
+    progress: str = Field("", description="Human summary, e.g. 50% (step 2/3).")
 
 
 class ModelDeploymentStatus(_Model):

@@ -58,6 +58,8 @@ def crd() -> dict[str, Any]:
          "description": "Version serving traffic"},
         {"name": "Target", "type": "string", "jsonPath": ".spec.model.version",
          "description": "Version asked for", "priority": 1},
+        {"name": "Canary", "type": "string", "jsonPath": ".status.canary.progress",
+         "description": "Canary version's traffic and step"},
         {"name": "Ready", "type": "string", "jsonPath": ready},
         {"name": "Replicas", "type": "string", "jsonPath": ".status.readyReplicas",
          "description": "Ready replicas"},

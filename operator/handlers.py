@@ -142,6 +142,7 @@ async def _reconcile(namespace: str | None, name: str, memo: kopf.Memo, **indexe
 @kopf.on.resume(*_RESOURCE)
 @kopf.on.create(*_RESOURCE)
 @kopf.on.update(*_RESOURCE, field="spec")
+@kopf.on.update(*_RESOURCE, field="metadata.annotations")  # manual controls (promote)
 async def model_changed(namespace: str | None, name: str, **kwargs: Any) -> None:
     await _reconcile(namespace, name, **kwargs)
 

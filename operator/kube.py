@@ -53,6 +53,7 @@ class Writer:
         self._dynamic = DynamicClient(api_client)
         self._custom = client.CustomObjectsApi(api_client)
         self._core = client.CoreV1Api(api_client)
+        self._apps = client.AppsV1Api(api_client)
         self._lock = threading.Lock()
         self.writes: Counter[str] = Counter()
 
@@ -75,6 +76,18 @@ class Writer:
             raise
         return dict(result.to_dict())
 
+    def scale(self, namespace: str, deployment: str, replicas: int) -> None:
+        """Set a Deployment's replicas through its scale subresource (nothing else changes)."""
+        self._count("patch", "Deployment/scale")
+        try:
+            self._apps.patch_namespaced_deployment_scale(
+                deployment, namespace, {"spec": {"replicas": replicas}},
+                field_manager=FIELD_MANAGER)
+        except ApiException as exc:
+            if exc.status == 404:
+                raise GoneError(f"deployment {namespace}/{deployment} is gone") from exc
+            raise
+
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         resource = self._dynamic.resources.get(api_version=api_version, kind=kind)
         self._count("delete", kind)
@@ -85,13 +98,16 @@ class Writer:
     def patch_status(
         self, namespace: str, name: str, status: Mapping[str, Any]
     ) -> dict[str, Any]:
-        """Replace the status (only the operator writes it; passes are serialised)."""
-        body: dict[str, Any] = {"status": dict(status)}
+        """Replace the status whole (only the operator writes it; passes are serialised).
+
+        A JSON Patch ``add /status`` replaces every field; a merge patch would keep any
+        field the new status leaves out (a finished canary would never disappear)."""
+        body: list[dict[str, Any]] = [{"op": "add", "path": "/status", "value": dict(status)}]
         self._count("patch", "ModelDeployment/status")
         try:
             result = self._custom.patch_namespaced_custom_object_status(
                 api.GROUP, api.VERSION, namespace, api.PLURAL, name, body,
-                field_manager=FIELD_MANAGER,
+                field_manager=FIELD_MANAGER, _content_type="application/json-patch+json",
             )
         except ApiException as exc:
             if exc.status == 404:

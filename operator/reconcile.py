@@ -28,11 +28,13 @@ from typing import Any
 
 import pydantic
 
-from . import api, diff, render
+from . import api, diff, render, rollout
 from .kube import GoneError, Writer
 from .status import (
     DEGRADED,
     Event,
+    VersionPlan,
+    VersionState,
     compute_status,
     observe,
     plan_versions,
@@ -42,6 +44,14 @@ from .status import (
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (namespace, name)
+
+
+@dataclass(frozen=True)
+class _Step:
+    plan: VersionPlan
+    target_replicas: int
+    scale: dict[str, int]  # version -> replicas, for versions we do not re-render
+    canary: rollout.CanaryDecision | None
 
 
 @dataclass(frozen=True)
@@ -92,7 +102,7 @@ class Reconciler:
         owner = render.Owner(meta["name"], meta["namespace"], meta["uid"])
         key = (owner.namespace, owner.name)
         generation = int(meta.get("generation", 1))
-        previous = api.parse_status(o.resource.get("status"))
+        previous = api.parse_status(self._latest_status(o, key))
         try:
             spec = api.parse_spec(o.resource.get("spec", {}))
         except pydantic.ValidationError as exc:
@@ -100,15 +110,56 @@ class Reconciler:
             return
 
         states = observe(o.deployments, o.pods)
-        plan = plan_versions(spec, states)
         log.debug("%s/%s observed %s", *key, states)
-        desired = [
-            render.render_service(owner, spec),
-            render.render_deployment(owner, spec, render.replicas_wanted(spec)),
-        ]
+        step = self._plan(spec, states, previous, meta.get("annotations") or {})
         live = {(obj["kind"], obj["metadata"]["name"]): obj
                 for obj in [*_with_kind(o.deployments, "Deployment"),
                             *_with_kind(o.services, "Service")]}
+        await self._apply([
+            render.render_service(owner, spec),
+            render.render_deployment(owner, spec, step.target_replicas),
+            *(render.render_version_service(owner, v) for v in sorted(step.plan.keep)),
+        ], live, key)
+        for version, replicas in step.scale.items():
+            await self._scale(states[version], replicas, live, key)
+        for version in sorted(step.plan.retire):
+            await self._retire(states[version].deployment, live, key)
+
+        decision = step.canary
+        status, events = compute_status(
+            generation=generation, spec=spec, previous=previous, observed=states,
+            plan=step.plan, url=render.service_url(owner),
+            selector=render.selector_string(owner.name), now=self._clock(),
+            canary=_with_progress(decision.canary, len(spec.rollout.steps)) if decision else None,
+            canary_message=decision.message if decision else "",
+            promoted=bool(decision and decision.promoted),
+        )
+        await self._write_status(o, key, status_payload(status), events)
+
+    def _plan(self, spec: api.ModelDeploymentSpec, states: Mapping[str, VersionState],
+              previous: api.ModelDeploymentStatus, annotations: Mapping[str, str]) -> _Step:
+        """Which versions run with how many replicas: a canary, or a plain replacement."""
+        target = spec.model.version
+        stable = rollout.stable_of(states, previous.stable_version, target)
+        if spec.rollout.strategy != api.RolloutStrategy.CANARY or stable is None:
+            return _Step(plan_versions(spec, states), render.replicas_wanted(spec), {}, None)
+        action = rollout.PROMOTE if annotations.get(api.PROMOTE_ANNOTATION) == target else None
+        decision = rollout.step_canary(
+            spec=spec, total=rollout.wanted_total(spec), stable=stable,
+            target=states.get(target), current=previous.canary, action=action,
+            now=self._clock())
+        others = frozenset(v for v in states if v not in (target, stable.version))
+        if decision.promoted:
+            done = others | {stable.version}
+            plan = VersionPlan(target, frozenset({target}), done, dict.fromkeys(done, target))
+            return _Step(plan, decision.replicas[target], {}, decision)
+        plan = VersionPlan(target, frozenset({target, stable.version}), others,
+                           dict.fromkeys(others, target))
+        scale = {stable.version: decision.replicas[stable.version]}
+        return _Step(plan, decision.replicas[target], scale, decision)
+
+    async def _apply(self, desired: list[dict[str, Any]],
+                     live: Mapping[tuple[str, str], Mapping[str, Any]], key: Key) -> None:
         for obj in desired:
             ident = (obj["kind"], obj["metadata"]["name"])
             current = live.get(ident)
@@ -116,26 +167,35 @@ class Reconciler:
             if self._fresh_enough(cache_key, current, diff.applied_hash(obj)):
                 continue
             if diff.needs_apply(obj, current):
-                log.info("applying %s %s/%s", obj["kind"], owner.namespace, ident[1])
+                log.info("applying %s %s/%s", obj["kind"], key[0], ident[1])
                 await asyncio.to_thread(self.writer.apply, obj)
                 self._written[cache_key] = (_rv(current), diff.applied_hash(obj))
-        for version in sorted(plan.retire):
-            name = states[version].deployment
-            cache_key = ("delete", *key, "Deployment", name)
-            if cache_key in self._written and _rv(live.get(("Deployment", name))) == \
-                    self._written[cache_key][0]:
-                continue
-            log.info("retiring version %s of %s/%s", version, owner.namespace, owner.name)
-            await asyncio.to_thread(self.writer.delete, "apps/v1", "Deployment",
-                                    owner.namespace, name)
-            self._written[cache_key] = (_rv(live.get(("Deployment", name))), None)
 
-        status, events = compute_status(
-            generation=generation, spec=spec, previous=previous, observed=states, plan=plan,
-            url=render.service_url(owner), selector=render.selector_string(owner.name),
-            now=self._clock(),
-        )
-        await self._write_status(o, key, status_payload(status), events)
+    async def _scale(self, state: VersionState, replicas: int,
+                     live: Mapping[tuple[str, str], Mapping[str, Any]], key: Key) -> None:
+        if state.desired == replicas:
+            return
+        cache_key = ("scale", *key, state.deployment)
+        current = live.get(("Deployment", state.deployment))
+        if self._fresh_enough(cache_key, current, str(replicas)):
+            return
+        log.info("scaling version %s of %s/%s to %d", state.version, *key, replicas)
+        await asyncio.to_thread(self.writer.scale, key[0], state.deployment, replicas)
+        self._written[cache_key] = (_rv(current), str(replicas))
+
+    async def _retire(self, name: str, live: Mapping[tuple[str, str], Mapping[str, Any]],
+                      key: Key) -> None:
+        """Delete a finished version's Deployment and Service (they share its name)."""
+        for kind, api_version in (("Deployment", "apps/v1"), ("Service", "v1")):
+            current = live.get((kind, name))
+            if current is None or current.get("metadata", {}).get("deletionTimestamp"):
+                continue
+            cache_key = ("delete", *key, kind, name)
+            if self._fresh_enough(cache_key, current, None):
+                continue
+            log.info("retiring %s %s/%s", kind, key[0], name)
+            await asyncio.to_thread(self.writer.delete, api_version, kind, key[0], name)
+            self._written[cache_key] = (_rv(current), None)
 
     async def resync_forever(self, interval_s: float) -> None:
         """A full pass for every known resource every ``interval_s``: a safety net for
@@ -160,24 +220,30 @@ class Reconciler:
         del self._written[cache_key]
         return False
 
+    def _latest_status(self, o: Observed, key: Key) -> dict[str, Any]:
+        """The status as it is now: what we last wrote, until the index has caught up with
+        that write (it may still deliver older versions of the object meanwhile)."""
+        cache_key = ("status", *key)
+        written = self._written.get(cache_key)
+        if written is not None:
+            if _older(_rv(o.resource), written[0]):
+                return dict(written[1])
+            del self._written[cache_key]
+        return dict(o.resource.get("status") or {})
+
     async def _write_status(
         self, o: Observed, key: Key, payload: dict[str, Any], events: Iterable[Event]
     ) -> None:
         cache_key = ("status", *key)
-        current_rv = _rv(o.resource)
-        written = self._written.get(cache_key)
-        live_payload = o.resource.get("status") or {}
-        if written is not None and written[0] == current_rv:
-            live_payload = written[1]  # the index still shows what we overwrote
-        before = _normalise(live_payload)
+        before = _normalise(self._latest_status(o, key))
         if _normalise(payload) == before:
             return
         log.info("status of %s/%s changed: %s", *key, _describe_change(before, payload))
         try:
-            await asyncio.to_thread(self.writer.patch_status, key[0], key[1], payload)
+            result = await asyncio.to_thread(self.writer.patch_status, key[0], key[1], payload)
         except GoneError:
             return
-        self._written[cache_key] = (current_rv, payload)
+        self._written[cache_key] = (_rv(result), payload)
         for event in events:
             await asyncio.to_thread(self.writer.event, o.resource, event.type, event.reason,
                                     event.message)
@@ -202,6 +268,13 @@ class Reconciler:
                                  [Event("Warning", "InvalidSpec", message)])
 
 
+def _with_progress(canary: api.CanaryStatus | None, steps: int) -> api.CanaryStatus | None:
+    if canary is None:
+        return None
+    where = "promoting" if canary.step > steps else f"step {canary.step}/{steps}"
+    return canary.model_copy(update={"progress": f"{canary.weight}% ({where})"})
+
+
 def _with_kind(objs: Iterable[Mapping[str, Any]], kind: str) -> Iterable[Mapping[str, Any]]:
     for obj in objs:
         yield {**obj, "kind": kind}
@@ -212,6 +285,20 @@ def _rv(obj: Mapping[str, Any] | None) -> str | None:
         return None
     value = obj.get("metadata", {}).get("resourceVersion")
     return str(value) if value is not None else None
+
+
+def _older(seen: str | None, written: str | None) -> bool:
+    """Is the index's version ``seen`` older than the one our write produced?
+
+    Kubernetes calls resourceVersions opaque, but etcd (and every storage the API server
+    ships with) hands out increasing integers; for anything else, fall back to "not the
+    same version"."""
+    if seen is None or written is None:
+        return False
+    try:
+        return int(seen) < int(written)
+    except ValueError:
+        return seen != written
 
 
 def _normalise(status: Mapping[str, Any]) -> dict[str, Any]:
@@ -231,7 +318,12 @@ def _describe_change(before: Mapping[str, Any], after: Mapping[str, Any]) -> str
             flips = [f"{t} {'/'.join(was.get(t, ('-',)))} -> {'/'.join(v)}"
                      for t, v in now.items() if was.get(t) != v]
             parts.append(f"conditions ({'; '.join(flips) or 'messages'})")
-        elif isinstance(new, list | dict) or isinstance(old, list | dict):
+        elif isinstance(new, dict) or isinstance(old, dict):
+            keys = sorted({*(old or {}), *(new or {})})
+            moved = [f"{k} {(old or {}).get(k)} -> {(new or {}).get(k)}" for k in keys
+                     if (old or {}).get(k) != (new or {}).get(k)]
+            parts.append(f"{field} ({'; '.join(moved)})")
+        elif isinstance(new, list) or isinstance(old, list):
             parts.append(field)
         else:
             parts.append(f"{field} {old} -> {new}")

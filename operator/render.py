@@ -256,7 +256,8 @@ def render_deployment(
     return with_hash(deployment)
 
 
-def render_service(owner: Owner, spec: api.ModelDeploymentSpec) -> dict[str, Any]:
+def render_service(owner: Owner, spec: api.ModelDeploymentSpec | None) -> dict[str, Any]:
+    """The stable Service: every ready runtime pod of the model, whatever its version."""
     service = {
         "apiVersion": "v1",
         "kind": "Service",
@@ -273,6 +274,20 @@ def render_service(owner: Owner, spec: api.ModelDeploymentSpec) -> dict[str, Any
                        "protocol": "TCP"}],
         },
     }
+    return with_hash(service)
+
+
+def version_service_name(owner_name: str, version: str) -> str:
+    return deployment_name(owner_name, version)
+
+
+def render_version_service(owner: Owner, version: str) -> dict[str, Any]:
+    """A Service per live version, so each can be reached, scraped and compared alone."""
+    service = render_service(owner, None)
+    service["metadata"]["name"] = version_service_name(owner.name, version)
+    service["metadata"]["labels"] = {**common_labels(owner.name), VERSION_LABEL: version}
+    service["metadata"].pop("annotations", None)
+    service["spec"]["selector"] = {MODEL_LABEL: owner.name, VERSION_LABEL: version}
     return with_hash(service)
 
 

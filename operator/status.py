@@ -125,7 +125,12 @@ def compute_status(
     url: str,
     selector: str,
     now: dt.datetime,
+    canary: api.CanaryStatus | None = None,
+    canary_message: str = "",
+    promoted: bool = False,
 ) -> tuple[api.ModelDeploymentStatus, list[Event]]:
+    """The status for this pass. With a canary in progress (``canary``) the target version
+    stays in phase Canary until ``promoted``."""
     stamp = now.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     target = plan.target
     target_state = observed.get(target)
@@ -134,7 +139,7 @@ def compute_status(
     events: list[Event] = []
 
     versions = _ledger(previous.versions, spec=spec, target=target, target_state=target_state,
-                       plan=plan, stamp=stamp, events=events)
+                       stamp=stamp, events=events, canary=canary is not None, promoted=promoted)
     stable = next((r.version for r in versions if r.phase == api.VersionPhase.STABLE), None)
 
     ready_count = sum(s.ready for s in serving)
@@ -148,7 +153,9 @@ def compute_status(
         ready = (api.ConditionStatus.FALSE, "NoReadyReplicas",
                  f"no replica of version {target} is ready yet")
 
-    if target_state is None:
+    if canary is not None:
+        progressing = (api.ConditionStatus.TRUE, "Canary", canary_message)
+    elif target_state is None:
         progressing = (api.ConditionStatus.TRUE, "Creating", f"creating version {target}")
     elif not target_state.available and target_state.desired > 0:
         progressing = (api.ConditionStatus.TRUE, "RollingOut",
@@ -178,7 +185,7 @@ def compute_status(
         url=url,
         stable_version=stable,
         target_version=target,
-        canary=None,
+        canary=canary,
         replicas=sum(s.replicas for s in observed.values()),
         ready_replicas=ready_count,
         selector=selector,
@@ -202,9 +209,10 @@ def _ledger(
     spec: api.ModelDeploymentSpec,
     target: str,
     target_state: VersionState | None,
-    plan: VersionPlan,
     stamp: str,
     events: list[Event],
+    canary: bool,
+    promoted: bool,
 ) -> list[api.VersionRecord]:
     records = [r.model_copy() for r in previous]
     open_phases = {api.VersionPhase.PENDING, api.VersionPhase.CANARY, api.VersionPhase.STABLE}
@@ -220,16 +228,25 @@ def _ledger(
         events.append(Event("Normal", "RolloutStarted", f"rolling out version {target}{replacing}"))
     # A version that was asked for, then replaced before it ever served, is superseded.
     for record in records:
-        if record is not current and record.phase == api.VersionPhase.PENDING:
+        if record is not current and record.phase in (api.VersionPhase.PENDING,
+                                                      api.VersionPhase.CANARY):
+            was_canary = record.phase == api.VersionPhase.CANARY
             record.phase = api.VersionPhase.SUPERSEDED
             record.finished_at = stamp
-            record.reason = f"replaced by version {target} before it became available"
-    if target_state is not None and target_state.available \
-            and current.phase != api.VersionPhase.STABLE:
+            record.reason = (f"replaced by version {target} during its canary" if was_canary
+                             else f"replaced by version {target} before it became available")
+    if canary and not promoted:
+        if current.phase == api.VersionPhase.PENDING:
+            current.phase = api.VersionPhase.CANARY
+            current.reason = "canary in progress"
+        return records
+    done = promoted or (target_state is not None and target_state.available)
+    if done and current.phase != api.VersionPhase.STABLE:
         current.phase = api.VersionPhase.STABLE
-        current.reason = f"all {target_state.desired} replicas ready"
+        ready = target_state.ready if target_state else 0
+        current.reason = "promoted after its canary" if promoted else f"all {ready} replicas ready"
         events.append(Event("Normal", "RolloutComplete",
-                            f"version {target} is serving with {target_state.ready} replicas"))
+                            f"version {target} is serving with {ready} replicas"))
     if current.phase == api.VersionPhase.STABLE:
         for record in records:
             if record is not current and record.phase == api.VersionPhase.STABLE:

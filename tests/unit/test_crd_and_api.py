@@ -53,7 +53,7 @@ def test_crd_has_subresources_short_names_and_printer_columns() -> None:
         "labelSelectorPath": ".status.selector"}
     assert "status" in version["subresources"]
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Version", "Target", "Ready", "Replicas", "GPU", "URL", "Age"]
+    assert columns == ["Version", "Target", "Canary", "Ready", "Replicas", "GPU", "URL", "Age"]
     assert crd.crd()["spec"]["names"]["shortNames"] == ["md", "mds"]
 
 

@@ -1,0 +1,117 @@
+"""Canary rollouts on the real control plane: steps, the GPU budget, capacity, promotion."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import yaml
+from support import Kube, wait_for
+
+GPUS = 2
+REPLICAS = 4
+
+
+def canary(name: str, version: str, steps: list[dict[str, Any]]) -> str:
+    return yaml.safe_dump({
+        "apiVersion": "modelyard.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"version": version, "uri": f"s3://models/{name}/{version}/model.pt"},
+            "resources": {"gpu": {"count": GPUS, "product": "NVIDIA-H100-80GB-HBM3"}},
+            "replicas": REPLICAS,
+            "rollout": {"strategy": "Canary", "steps": steps},
+        },
+    })
+
+
+def status(kube: Kube, name: str) -> dict[str, Any]:
+    return dict((kube.get("md", name) or {}).get("status", {}))
+
+
+class Sampler(threading.Thread):
+    """Records, while a rollout runs, the GPUs the model's Deployments ask for and the
+    ready pods behind its stable Service."""
+
+    def __init__(self, kube: Kube, name: str):
+        super().__init__(daemon=True)
+        self.kube, self.name = kube, name
+        self.gpus: list[int] = []
+        self.ready_endpoints: list[int] = []
+        self.progress: set[str] = set()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            deps = self.kube.get("deployments",
+                                 selector=f"modelyard.dev/model-deployment={self.name}") or []
+            self.gpus.append(sum(d["spec"]["replicas"] for d in deps) * GPUS)
+            # What the stable Service's EndpointSlices would list: its selector's ready,
+            # non-terminating pods. (The API server refuses loopback addresses in
+            # EndpointSlices, and this cluster's pods have loopback IPs: see
+            # docs/local-cluster.md.)
+            pods = self.kube.get("pods",
+                                 selector=f"modelyard.dev/model-deployment={self.name}") or []
+            self.ready_endpoints.append(sum(
+                1 for p in pods if not p["metadata"].get("deletionTimestamp")
+                and any(c["type"] == "Ready" and c["status"] == "True"
+                        for c in p["status"].get("conditions", []))))
+            progress = status(self.kube, self.name).get("canary", {}).get("progress")
+            if progress:
+                self.progress.add(progress)
+            time.sleep(0.2)
+
+
+def _stable(kube: Kube, name: str, version: str) -> bool:
+    st = status(kube, name)
+    return st.get("stableVersion") == version and not st.get("canary") \
+        and st.get("readyReplicas") == REPLICAS \
+        and kube.get("deployment", f"{name}-v{'1' if version == '2' else '2'}") is None
+
+
+def test_canary_walks_its_steps_within_the_gpu_budget(kube: Kube, operator: Any) -> None:
+    steps = [{"weight": 25, "pauseSeconds": 2}, {"weight": 50, "pauseSeconds": 2}]
+    kube.apply(canary("cnr", "1", steps))
+    wait_for(lambda: status(kube, "cnr").get("readyReplicas") == REPLICAS, what="v1 ready")
+
+    sampler = Sampler(kube, "cnr")
+    sampler.start()
+    kube.apply(canary("cnr", "2", steps))
+    wait_for(lambda: status(kube, "cnr").get("canary"), what="canary started")
+    wait_for(lambda: kube.get("service", "cnr-v2") and kube.get("service", "cnr-v1"),
+             what="a Service per live version")
+    wait_for(lambda: _stable(kube, "cnr", "2"), timeout=120, what="v2 promoted")
+    sampler.stop.set()
+    sampler.join()
+
+    steady = REPLICAS * GPUS
+    assert max(sampler.gpus) <= steady + GPUS, sampler.gpus  # one replica of surge
+    assert {"25% (step 1/2)", "50% (step 2/2)"} <= sampler.progress, sampler.progress
+    assert min(sampler.ready_endpoints[1:]) >= REPLICAS, sampler.ready_endpoints
+    st = status(kube, "cnr")
+    assert [(v["version"], v["phase"]) for v in st["versions"]] == [("2", "Stable"),
+                                                                  ("1", "Superseded")]
+    assert st["versions"][0]["reason"] == "promoted after its canary"
+    assert kube.get("service", "cnr-v1") is None
+    assert kube.condition("cnr", "Progressing")["reason"] == "Complete"  # type: ignore[index]
+
+
+def test_a_step_without_pause_waits_for_a_manual_promote(kube: Kube, operator: Any) -> None:
+    kube.apply(canary("held", "1", [{"weight": 50}]))
+    wait_for(lambda: status(kube, "held").get("readyReplicas") == REPLICAS, what="v1 ready")
+    kube.apply(canary("held", "2", [{"weight": 50}]))
+
+    def holding() -> bool:
+        progressing = kube.condition("held", "Progressing") or {}
+        return "waiting for promote" in progressing.get("message", "")
+
+    wait_for(holding, what="holding at 50%")
+    time.sleep(3)
+    assert status(kube, "held")["canary"]["progress"] == "50% (step 1/1)"
+    deps = {d["metadata"]["name"]: d["spec"]["replicas"] for d in kube.get("deployments")}
+    assert deps == {"held-v1": 2, "held-v2": 2}
+    assert [v["phase"] for v in status(kube, "held")["versions"]] == ["Canary", "Stable"]
+
+    kube.run("annotate", "md", "held", "modelyard.dev/promote=2")
+    wait_for(lambda: _stable(kube, "held", "2"), timeout=90, what="promoted by annotation")

@@ -1,0 +1,100 @@
+"""The canary step machine, driven through whole rollouts against a simulated cluster."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from modelyard.operator import api, rollout
+from modelyard.operator.status import VersionState
+
+T0 = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
+
+
+def spec(steps: list[dict[str, Any]], replicas: int = 4, gpus: int = 2,
+         surge_gpus: int | None = None) -> api.ModelDeploymentSpec:
+    return api.parse_spec({
+        "model": {"version": "2", "uri": "s3://m/2"}, "replicas": replicas,
+        "resources": {"gpu": {"count": gpus}},
+        "rollout": {"strategy": "Canary", "steps": steps, "maxSurgeGPUs": surge_gpus},
+    })
+
+
+def simulate(s: api.ModelDeploymentSpec, *, action_at: int | None = None,
+             max_passes: int = 200) -> tuple[list[dict[str, int]], int, rollout.CanaryDecision]:
+    """Each pass: decide, then the 'cluster' makes the requested pods exist and be ready."""
+    n = s.replicas
+    stable = VersionState("1", "m-v1", desired=n, replicas=n, ready=n, updated=n)
+    target: VersionState | None = None
+    canary: api.CanaryStatus | None = None
+    history: list[dict[str, int]] = []
+    now = T0
+    for i in range(max_passes):
+        action = rollout.PROMOTE if action_at is not None and i >= action_at else None
+        decision = rollout.step_canary(spec=s, total=n, stable=stable, target=target,
+                                       current=canary, action=action, now=now)
+        history.append(dict(decision.replicas))
+        if decision.promoted:
+            return history, i, decision
+        canary = decision.canary
+        want_t = decision.replicas["2"]
+        want_s = decision.replicas["1"]
+        # pods go away at once; new pods are ready by the next pass
+        stable = VersionState("1", "m-v1", want_s, want_s, min(stable.ready, want_s), want_s)
+        ready_t = min(target.desired, want_t) if target else 0
+        target = VersionState("2", "m-v2", want_t, want_t, ready_t, want_t)
+        now += dt.timedelta(seconds=1)
+    raise AssertionError(f"not promoted after {max_passes} passes: {history[-3:]}")
+
+
+@pytest.mark.parametrize("steps", [
+    [{"weight": 25, "pauseSeconds": 3}, {"weight": 50, "pauseSeconds": 3}],
+    [{"weight": 10, "pauseSeconds": 0}, {"weight": 100, "pauseSeconds": 2}],
+    [{"weight": 75, "pauseSeconds": 1}],
+])
+@pytest.mark.parametrize("surge_gpus", [None, 2, 4])
+def test_gpu_budget_and_capacity_hold_through_a_whole_canary(
+        steps: list[dict[str, Any]], surge_gpus: int | None) -> None:
+    s = spec(steps, replicas=4, gpus=2, surge_gpus=surge_gpus)
+    surge = rollout.surge_replicas(s)
+    history, _, final = simulate(s)
+    for replicas in history:
+        assert sum(replicas.values()) <= 4 + surge, history  # never over the GPU budget
+    assert final.replicas == {"2": 4, "1": 0}
+    assert max(sum(r.values()) for r in history) == 4 + surge  # the surge is used
+
+
+def test_steps_hold_their_pause_then_advance() -> None:
+    s = spec([{"weight": 25, "pauseSeconds": 5}, {"weight": 50, "pauseSeconds": 5}])
+    history, passes, _ = simulate(s)
+    at_25 = [r for r in history if r == {"1": 3, "2": 1}]
+    at_50 = [r for r in history if r == {"1": 2, "2": 2}]
+    assert len(at_25) >= 5  # held for its pause
+    assert len(at_50) >= 5
+    assert passes > 10
+
+
+def test_a_step_without_pause_waits_for_promote() -> None:
+    s = spec([{"weight": 50}])
+    with pytest.raises(AssertionError, match="not promoted"):
+        simulate(s, max_passes=60)
+    history, passes, decision = simulate(s, action_at=30)
+    assert decision.promoted
+    assert passes >= 30
+    assert history[29] == {"1": 2, "2": 2}  # holding at 50% until the promote
+
+
+def test_split_is_at_least_one_canary_replica() -> None:
+    assert rollout.split(4, 10) == (3, 1)
+    assert rollout.split(4, 50) == (2, 2)
+    assert rollout.split(4, 100) == (0, 4)
+    assert rollout.split(4, 0) == (4, 0)
+    assert rollout.split(1, 10) == (0, 1)
+
+
+def test_surge_defaults_to_one_replica() -> None:
+    assert rollout.surge_replicas(spec([{"weight": 10}], gpus=2)) == 1
+    assert rollout.surge_replicas(spec([{"weight": 10}], gpus=2, surge_gpus=4)) == 2
+    assert rollout.surge_replicas(spec([{"weight": 10}], gpus=0)) == 1
