@@ -6,6 +6,7 @@ python bench/servers/kserve_server.py MODEL_PATH PORT
 from __future__ import annotations
 
 import sys
+import uuid
 
 import torch
 from common import load, log_batch
@@ -32,7 +33,7 @@ class ResNet(Model):  # type: ignore[misc]
         output = InferOutput(name="output", shape=list(y.shape), datatype="FP32")
         output.set_data_from_numpy(y, binary_data=binary)
         return InferResponse(
-            response_id=payload.id,
+            response_id=payload.id or str(uuid.uuid4()),
             model_name=self.name,
             infer_outputs=[output],
             use_binary_outputs=binary,

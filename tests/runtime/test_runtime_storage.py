@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port
+from runtime_support import free_port
 
 from modelyard.runtime.errors import ChecksumMismatch, StorageError
 from modelyard.runtime.storage import fetch, sha256_of
