@@ -1,76 +1,11 @@
-"""The benchmark model: ResNet-18 in plain torch, fixed random weights, as TorchScript.
+"""The benchmark model: the demo ResNet-18 (plain torch, fixed random weights, TorchScript).
 
-Called by ``bench/runtime.py``. Every server under test loads the same file.
+Called by ``bench/runtime.py``; every server under test loads the same file. The
+model itself lives in :mod:`modelyard.runtime.demo` (``make run`` serves it too).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from modelyard.runtime.demo import ResNet18, build
 
-import torch
-from torch import nn
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or inplanes != planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return torch.relu(out + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    def __init__(self, classes: int = 1000) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, 64, 7, 2, 3, bias=False),
-            nn.BatchNorm2d(64),
-            nn.ReLU(),
-            nn.MaxPool2d(3, 2, 1),
-        )
-        layers: list[nn.Module] = []
-        inplanes = 64
-        for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            layers += [BasicBlock(inplanes, planes, stride), BasicBlock(planes, planes)]
-            inplanes = planes
-        self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(512, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.layers(self.stem(x))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(features, 1), 1))
-
-
-def build(path: Path, size: int) -> Path:
-    """Write the TorchScript ResNet-18 for ``size``x``size`` inputs (metadata embedded)."""
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    model = ResNet18().eval()
-    with torch.no_grad():
-        for module in model.modules():  # non-trivial batch-norm statistics
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-        traced = torch.jit.trace(model, torch.zeros(1, 3, size, size))
-    metadata = {
-        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 3, size, size]}],
-        "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 1000]}],
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.jit.save(traced, str(tmp), _extra_files={"modelyard.json": json.dumps(metadata)})
-    tmp.replace(path)
-    return path
+__all__ = ["ResNet18", "build"]
