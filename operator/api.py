@@ -332,6 +332,14 @@ class VersionPhase(StrEnum):
     FAILED = "Failed"
 
 
+class AnalysisFigures(_Model):
+    """What the canary analysis measured when it decided."""
+
+    requests: int = Field(..., description="Requests in the judged window.")
+    error_rate: float | None = Field(None, description="Share of 5xx answers.")
+    p99_ms: float | None = Field(None, description="99th percentile latency, milliseconds.")
+
+
 class VersionRecord(_Model):
     """One entry of the version ledger."""
 
@@ -342,6 +350,8 @@ class VersionRecord(_Model):
     deployed_at: str = Field(..., description="When this version was first deployed.")
     finished_at: str | None = Field(None, description="When it stopped serving.")
     reason: str | None = Field(None, description="Why it is in this phase.")
+    analysis: AnalysisFigures | None = Field(
+        None, description="The canary analysis figures that decided this phase.")
 
 
 class CanaryStatus(_Model):

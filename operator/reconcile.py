@@ -22,22 +22,25 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import pydantic
 
-from . import api, diff, render, rollout
+from . import analysis, api, diff, render, rollout
 from .kube import GoneError, Writer
 from .status import (
     DEGRADED,
     Event,
+    RollBack,
     VersionPlan,
     VersionState,
     compute_status,
     observe,
     plan_versions,
+    rolled_back_record,
     status_payload,
 )
 
@@ -46,12 +49,16 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
 
 
+Scraper = Callable[[str, int], Awaitable[str | None]]
+
+
 @dataclass(frozen=True)
 class _Step:
     plan: VersionPlan
     target_replicas: int
     scale: dict[str, int]  # version -> replicas, for versions we do not re-render
     canary: rollout.CanaryDecision | None
+    rolled_back: RollBack | None = None
 
 
 @dataclass(frozen=True)
@@ -65,8 +72,11 @@ class Observed:
 
 
 class Reconciler:
-    def __init__(self, writer: Writer, clock: Callable[[], dt.datetime] | None = None):
+    def __init__(self, writer: Writer, clock: Callable[[], dt.datetime] | None = None,
+                 scraper: Scraper | None = None):
         self.writer = writer
+        self._scrape = scraper or scrape_metrics
+        self._baselines: dict[tuple[str, ...], analysis.Counts] = {}
         self._clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self._locks: dict[Key, asyncio.Lock] = {}
         self._known: dict[Key, Callable[[], Observed | None]] = {}
@@ -77,6 +87,8 @@ class Reconciler:
         """The resource is gone: drop what we remembered of it."""
         self._locks.pop(key, None)
         self._known.pop(key, None)
+        for k in [k for k in self._baselines if k[:2] == key]:
+            del self._baselines[k]
         for k in [k for k in self._written if k[1:3] == key]:
             del self._written[k]
 
@@ -111,7 +123,7 @@ class Reconciler:
 
         states = observe(o.deployments, o.pods)
         log.debug("%s/%s observed %s", *key, states)
-        step = self._plan(spec, states, previous, meta.get("annotations") or {})
+        step = await self._plan(o, spec, states, previous, meta.get("annotations") or {})
         live = {(obj["kind"], obj["metadata"]["name"]): obj
                 for obj in [*_with_kind(o.deployments, "Deployment"),
                             *_with_kind(o.services, "Service")]}
@@ -133,30 +145,60 @@ class Reconciler:
             canary=_with_progress(decision.canary, len(spec.rollout.steps)) if decision else None,
             canary_message=decision.message if decision else "",
             promoted=bool(decision and decision.promoted),
+            rolled_back=step.rolled_back,
         )
         await self._write_status(o, key, status_payload(status), events)
 
-    def _plan(self, spec: api.ModelDeploymentSpec, states: Mapping[str, VersionState],
-              previous: api.ModelDeploymentStatus, annotations: Mapping[str, str]) -> _Step:
+    async def _plan(self, o: Observed, spec: api.ModelDeploymentSpec,
+                    states: Mapping[str, VersionState], previous: api.ModelDeploymentStatus,
+                    annotations: Mapping[str, str]) -> _Step:
         """Which versions run with how many replicas: a canary, or a plain replacement."""
         target = spec.model.version
         stable = rollout.stable_of(states, previous.stable_version, target)
         if spec.rollout.strategy != api.RolloutStrategy.CANARY or stable is None:
             return _Step(plan_versions(spec, states), render.replicas_wanted(spec), {}, None)
-        action = rollout.PROMOTE if annotations.get(api.PROMOTE_ANNOTATION) == target else None
-        decision = rollout.step_canary(
-            spec=spec, total=rollout.wanted_total(spec), stable=stable,
-            target=states.get(target), current=previous.canary, action=action,
-            now=self._clock())
+        total = rollout.wanted_total(spec)
         others = frozenset(v for v in states if v not in (target, stable.version))
-        if decision.promoted:
-            done = others | {stable.version}
-            plan = VersionPlan(target, frozenset({target}), done, dict.fromkeys(done, target))
-            return _Step(plan, decision.replicas[target], {}, decision)
-        plan = VersionPlan(target, frozenset({target, stable.version}), others,
+        both = VersionPlan(target, frozenset({target, stable.version}), others,
                            dict.fromkeys(others, target))
+        done = rolled_back_record(previous.versions, target)
+        if done is not None:  # stays rolled back until the spec asks for another version
+            return _Step(both, 0, {stable.version: total}, None,
+                         RollBack(done.reason or "rolled back", done.analysis))
+        action = rollout.PROMOTE if annotations.get(api.PROMOTE_ANNOTATION) == target else None
+        current = previous.canary if previous.canary and previous.canary.version == target \
+            else None
+        verdict = await self._analyse(o, spec, target, current.step if current else 1)
+        decision = rollout.step_canary(
+            spec=spec, total=total, stable=stable, target=states.get(target), current=current,
+            action=action, now=self._clock(), verdict=verdict)
+        if decision.rolled_back is not None:
+            log.warning("%s", decision.message)
+            return _Step(both, 0, {stable.version: total}, None,
+                         RollBack(decision.rolled_back.reason, decision.rolled_back.figures()))
+        if decision.promoted:
+            retire = others | {stable.version}
+            plan = VersionPlan(target, frozenset({target}), retire, dict.fromkeys(retire, target))
+            return _Step(plan, decision.replicas[target], {}, decision)
         scale = {stable.version: decision.replicas[stable.version]}
-        return _Step(plan, decision.replicas[target], scale, decision)
+        return _Step(both, decision.replicas[target], scale, decision)
+
+    async def _analyse(self, o: Observed, spec: api.ModelDeploymentSpec, version: str,
+                       step: int) -> analysis.Verdict | None:
+        """Judge the canary's window of this step from its ready pods' /metrics."""
+        thresholds = spec.rollout.analysis
+        if thresholds is None:
+            return None
+        addresses = [p["status"]["podIP"] for p in o.pods
+                     if p["metadata"].get("labels", {}).get(render.VERSION_LABEL) == version
+                     and not p["metadata"].get("deletionTimestamp")
+                     and p.get("status", {}).get("podIP") and _pod_ready(p)]
+        texts = await asyncio.gather(*(self._scrape(ip, spec.runtime.port) for ip in addresses))
+        counts = analysis.total(analysis.parse_metrics(t) for t in texts if t)
+        meta = o.resource["metadata"]
+        baseline = self._baselines.setdefault(
+            (meta["namespace"], meta["name"], version, str(step)), counts)
+        return analysis.judge(counts.since(baseline), thresholds)
 
     async def _apply(self, desired: list[dict[str, Any]],
                      live: Mapping[tuple[str, str], Mapping[str, Any]], key: Key) -> None:
@@ -266,6 +308,21 @@ class Reconciler:
         key = (owner.namespace, owner.name)
         await self._write_status(o, key, status_payload(status),
                                  [Event("Warning", "InvalidSpec", message)])
+
+
+async def scrape_metrics(ip: str, port: int) -> str | None:
+    """GET a runtime pod's /metrics; None when it does not answer."""
+    try:
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            response = await client.get(f"http://{ip}:{port}/metrics")
+    except httpx.HTTPError:
+        return None
+    return response.text if response.status_code == 200 else None
+
+
+def _pod_ready(pod: Mapping[str, Any]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in pod.get("status", {}).get("conditions", []) or [])
 
 
 def _with_progress(canary: api.CanaryStatus | None, steps: int) -> api.CanaryStatus | None:

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from . import api
+from .analysis import Verdict
 from .status import VersionState
 
 PROMOTE = "promote"
@@ -40,9 +41,10 @@ class CanaryDecision:
     """What the canary wants now."""
 
     replicas: dict[str, int]  # version -> desired replicas
-    canary: api.CanaryStatus | None  # None once promoted
+    canary: api.CanaryStatus | None  # None once promoted or rolled back
     promoted: bool
     message: str
+    rolled_back: Verdict | None = None  # the failed analysis that rolled it back
 
 
 def surge_replicas(spec: api.ModelDeploymentSpec) -> int:
@@ -70,13 +72,20 @@ def step_canary(
     current: api.CanaryStatus | None,
     action: str | None,
     now: dt.datetime,
+    verdict: Verdict | None = None,
 ) -> CanaryDecision:
+    """The next move. ``verdict`` is the analysis of the current step's window (None
+    without ``rollout.analysis``): a failure rolls back at once, and a step's pause
+    completes only once the analysis passes."""
     version = spec.model.version
     steps = spec.rollout.steps
     stamp = _stamp(now)
     if current is None or current.version != version:
         current = api.CanaryStatus(version=version, weight=steps[0].weight, step=1,
                                    started_at=stamp, step_started_at=stamp)
+    if verdict is not None and verdict.outcome == "fail":
+        return CanaryDecision({stable.version: total, version: 0}, None, False,
+                              f"version {version} rolled back: {verdict.reason}", verdict)
     promote = action == PROMOTE or current.step > len(steps)
     weight = 100 if promote else steps[current.step - 1].weight
     want_stable, want_canary = split(total, weight)
@@ -117,6 +126,11 @@ def step_canary(
             update={"weight": weight, "reached_at": reached_at}), False,
             f"step {current.step}/{len(steps)}: {weight}% of traffic, "
             f"{step.pause_seconds - held:.0f} s left")
+    if verdict is not None and verdict.outcome == "wait":
+        return CanaryDecision(replicas, current.model_copy(
+            update={"weight": weight, "reached_at": reached_at}), False,
+            f"step {current.step}/{len(steps)}: {weight}% of traffic; analysis: "
+            f"{verdict.reason}")
     following = current.step + 1
     next_weight = 100 if following > len(steps) else steps[following - 1].weight
     return CanaryDecision(replicas, current.model_copy(update={

@@ -59,6 +59,22 @@ class VersionState:
 
 
 @dataclass(frozen=True)
+class RollBack:
+    """Why the target version was rolled back, and what analysis measured."""
+
+    reason: str
+    figures: api.AnalysisFigures | None = None
+
+
+def rolled_back_record(versions: list[api.VersionRecord], target: str) -> api.VersionRecord | None:
+    """The target's ledger entry, if its latest rollout ended in a rollback."""
+    if versions and versions[0].version == target \
+            and versions[0].phase == api.VersionPhase.ROLLED_BACK:
+        return versions[0]
+    return None
+
+
+@dataclass(frozen=True)
 class VersionPlan:
     target: str
     keep: frozenset[str]  # versions whose Deployments should exist
@@ -128,6 +144,7 @@ def compute_status(
     canary: api.CanaryStatus | None = None,
     canary_message: str = "",
     promoted: bool = False,
+    rolled_back: RollBack | None = None,
 ) -> tuple[api.ModelDeploymentStatus, list[Event]]:
     """The status for this pass. With a canary in progress (``canary``) the target version
     stays in phase Canary until ``promoted``."""
@@ -138,8 +155,12 @@ def compute_status(
     live = [s for s in observed.values() if s.version not in plan.retire]
     events: list[Event] = []
 
-    versions = _ledger(previous.versions, spec=spec, target=target, target_state=target_state,
-                       stamp=stamp, events=events, canary=canary is not None, promoted=promoted)
+    if rolled_back is not None:
+        versions = _roll_back(previous.versions, target, rolled_back, stamp, events)
+    else:
+        versions = _ledger(previous.versions, spec=spec, target=target,
+                           target_state=target_state, stamp=stamp, events=events,
+                           canary=canary is not None, promoted=promoted)
     stable = next((r.version for r in versions if r.phase == api.VersionPhase.STABLE), None)
 
     ready_count = sum(s.ready for s in serving)
@@ -153,7 +174,10 @@ def compute_status(
         ready = (api.ConditionStatus.FALSE, "NoReadyReplicas",
                  f"no replica of version {target} is ready yet")
 
-    if canary is not None:
+    if rolled_back is not None:
+        progressing = (api.ConditionStatus.FALSE, "RolledBack",
+                       f"version {target} was rolled back: {rolled_back.reason}")
+    elif canary is not None:
         progressing = (api.ConditionStatus.TRUE, "Canary", canary_message)
     elif target_state is None:
         progressing = (api.ConditionStatus.TRUE, "Creating", f"creating version {target}")
@@ -169,6 +193,10 @@ def compute_status(
         progressing = (api.ConditionStatus.FALSE, "Complete", f"version {target} is rolled out")
 
     problem = _problem(live, target)
+    if rolled_back is not None:
+        problem = (api.ConditionStatus.TRUE, "RolledBack",
+                   f"version {target} was rolled back: {rolled_back.reason}; "
+                   "change spec.model.version to roll out again")
     degraded = problem or (api.ConditionStatus.FALSE, "AsExpected", "")
 
     conditions = [
@@ -253,6 +281,20 @@ def _ledger(
                 record.phase = api.VersionPhase.SUPERSEDED
                 record.finished_at = stamp
                 record.reason = f"replaced by version {target}"
+    return records
+
+
+def _roll_back(previous: Sequence[api.VersionRecord], target: str, why: RollBack, stamp: str,
+               events: list[Event]) -> list[api.VersionRecord]:
+    records = [r.model_copy() for r in previous]
+    current = records[0] if records and records[0].version == target else None
+    if current is None or current.phase == api.VersionPhase.ROLLED_BACK:
+        return records  # already recorded
+    current.phase = api.VersionPhase.ROLLED_BACK
+    current.finished_at = stamp
+    current.reason = why.reason
+    current.analysis = why.figures
+    events.append(Event("Warning", "RolledBack", f"version {target} rolled back: {why.reason}"))
     return records
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from modelyard.runtime.errors import (
-    InferenceRejected,
+    InferenceFailed,
     RuntimeServingError,
     ServiceUnavailable,
 )
@@ -202,5 +202,5 @@ class Batcher:
         except torch.OutOfMemoryError:
             return ServiceUnavailable("out of device memory; retry later")
         except Exception as error:
-            return InferenceRejected(f"the model rejected this input: {type(error).__name__}: "
-                                     f"{str(error)[:500]}")
+            return InferenceFailed(f"the model failed on this input: {type(error).__name__}: "
+                                   f"{str(error)[:500]}")

@@ -8,11 +8,12 @@ Hierarchy::
 
     RuntimeServingError
     ├── InvalidInput          400  malformed body, bad tensor, wrong shape / datatype
-    │   └── InferenceRejected 400  the model raised on this request's input alone
     ├── ModelNotFound         404  unknown model name or version
     ├── PayloadTooLarge       413  body over the configured limit
     ├── ServiceUnavailable    503  model not loaded / warmed up yet, or draining
-    ├── InferenceFailed       500  the model failed and the input is not to blame
+    ├── InferenceFailed       500  the model raised on a request that passed validation
+    │                              (a model that breaks on valid input is the server's
+    │                              failure: canary analysis must see it as an error)
     └── StartupError               never served: the process exits
         ├── ConfigError            bad flags / environment
         ├── StorageError           the model could not be fetched
@@ -27,7 +28,6 @@ __all__ = [
     "ChecksumMismatch",
     "ConfigError",
     "InferenceFailed",
-    "InferenceRejected",
     "InvalidInput",
     "ModelLoadError",
     "ModelNotFound",
@@ -46,10 +46,6 @@ class RuntimeServingError(Exception):
 
 class InvalidInput(RuntimeServingError):
     """The request is malformed or does not match the model's inputs."""
-
-
-class InferenceRejected(InvalidInput):
-    """The model raised on this request's input, run on its own."""
 
 
 class ModelNotFound(RuntimeServingError):

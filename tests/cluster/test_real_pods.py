@@ -3,12 +3,17 @@ model answers, and a model that cannot load crash-loops and degrades instead of 
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from support import Kube, as_operator, install_crd, wait_for
 
@@ -100,3 +105,113 @@ def test_a_model_that_cannot_load_crash_loops_and_degrades(real: Kube,
     assert status["ready"] is False
     logs = "\n".join(p.read_text() for p in (real_cluster.pods.log_dir).glob("*broken*"))
     assert "sha256" in logs.lower()  # the runtime said why it refused the model
+
+
+class _Faulty(torch.nn.Module):
+    """Passes the runtime's warm-up (zeros) and fails on every real input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x.abs().sum() > 0):
+            raise RuntimeError("this model is broken")
+        return torch.zeros(x.shape[0], 10)
+
+
+def _faulty_model(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]}],
+                "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 10]}]}
+    torch.jit.save(torch.jit.script(_Faulty()), str(path),
+                   _extra_files={"modelyard.json": json.dumps(metadata)})
+
+
+class _Traffic(threading.Thread):
+    """Plays the model's Service: requests spread over every ready pod, whatever its version."""
+
+    def __init__(self, kube: Kube, name: str):
+        super().__init__(daemon=True)
+        self.kube, self.name = kube, name
+        self.ok: collections.Counter[str] = collections.Counter()
+        self.failed: collections.Counter[str] = collections.Counter()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        targets: list[tuple[str, str]] = []
+        refreshed = 0.0
+        turn = 0
+        while not self.stop.is_set():
+            if time.monotonic() - refreshed > 0.5:
+                pods = self.kube.get("pods", selector=f"modelyard.dev/model-deployment={self.name}")
+                targets = [(p["status"]["podIP"], p["metadata"]["labels"]["modelyard.dev/version"])
+                           for p in pods or [] if not p["metadata"].get("deletionTimestamp")
+                           and any(c["type"] == "Ready" and c["status"] == "True"
+                                   for c in p["status"].get("conditions", []))]
+                refreshed = time.monotonic()
+            if not targets:
+                time.sleep(0.1)
+                continue
+            ip, version = targets[turn % len(targets)]
+            turn += 1
+            try:
+                with Client(f"http://{ip}:8080", self.name, timeout=5) as client:
+                    client.infer({"input": rng.random((1, 3, 32, 32), dtype=np.float32)})
+                self.ok[version] += 1
+            except Exception:
+                self.failed[version] += 1
+
+
+def test_a_failing_canary_is_rolled_back_without_failing_stable_traffic(
+        real: Kube, real_cluster: Any) -> None:
+    _faulty_model(real_cluster.models_dir / "faulty" / "2" / "model.pt")
+
+    def guarded(version: str, folder: str) -> str:
+        return yaml.safe_dump({
+            "apiVersion": "modelyard.dev/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "guarded"},
+            "spec": {
+                "model": {"version": version, "uri": f"file:///models/{folder}/{version}/model.pt"},
+                "resources": {"gpu": {"count": 1}}, "replicas": 2,
+                "rollout": {"strategy": "Canary",
+                            "steps": [{"weight": 50, "pauseSeconds": 30}],
+                            "analysis": {"maxErrorRate": 0.05, "minRequests": 20}},
+            },
+        })
+
+    real.apply(guarded("1", "demo"))
+    wait_for(lambda: (real.get("md", "guarded") or {}).get("status", {}).get("readyReplicas")
+             == 2, timeout=120, what="v1 ready")
+    traffic = _Traffic(real, "guarded")
+    traffic.start()
+    real.apply(guarded("2", "faulty"))
+
+    def rolled_back() -> dict[str, Any] | None:
+        status = (real.get("md", "guarded") or {}).get("status", {})
+        newest = (status.get("versions") or [{}])[0]
+        return status if newest.get("phase") == "RolledBack" else None
+
+    status = wait_for(rolled_back, timeout=180, what="the canary rolled back")
+    wait_for(lambda: (real.get("deployment", "guarded-v1") or {}).get("status", {})
+             .get("readyReplicas") == 2, timeout=60, what="stable back at full size")
+    time.sleep(2)
+    traffic.stop.set()
+    traffic.join()
+
+    record = status["versions"][0]
+    assert record["version"] == "2"
+    assert "error rate" in record["reason"]
+    assert record["analysis"]["requests"] >= 20
+    assert record["analysis"]["errorRate"] > 0.05
+    assert status["stableVersion"] == "1"
+    assert status["versions"][1]["phase"] == "Stable"
+    assert not status.get("canary")
+    degraded = real.condition("guarded", "Degraded")
+    assert degraded is not None
+    assert degraded["reason"] == "RolledBack"
+    assert real.condition("guarded", "Ready")["status"] == "True"  # type: ignore[index]
+    assert real.get("deployment", "guarded-v2")["spec"]["replicas"] == 0
+    assert traffic.failed["2"] > 0  # the broken model was caught answering badly...
+    assert traffic.failed["1"] == 0, traffic.failed  # ...while the stable version lost nothing
+    assert traffic.ok["1"] > 0
+    assert any(e["reason"] == "RolledBack" for e in real.events("guarded"))

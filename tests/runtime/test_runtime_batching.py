@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from modelyard.runtime.batching import Batcher
-from modelyard.runtime.errors import InferenceRejected, ServiceUnavailable
+from modelyard.runtime.errors import InferenceFailed, ServiceUnavailable
 
 Tensors = dict[str, torch.Tensor]
 
@@ -154,7 +154,7 @@ def test_a_failing_request_fails_alone() -> None:
         return list(results)
 
     results = run(scenario())
-    assert isinstance(results[2], InferenceRejected)
+    assert isinstance(results[2], InferenceFailed)  # only the request that broke it fails
     assert "negative input" in str(results[2])
     assert torch.equal(results[1]["y"], torch.full((1, 2), 2.0))  # type: ignore[index]
     assert torch.equal(results[3]["y"], torch.full((1, 2), 6.0))  # type: ignore[index]
