@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from support import Kube, as_operator, install_crd
+from support import Kube, as_operator, fresh_namespace, install_crd
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,12 +41,8 @@ def cluster() -> Iterator[Any]:
 
 @pytest.fixture
 def namespace(cluster: Any) -> Iterator[str]:
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    cluster.kubectl("create", "namespace", name)
-    cluster.kubectl("wait", "--for=create", "serviceaccount/default", "-n", name,
-                    "--timeout=30s")
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    with fresh_namespace(cluster) as name:
+        yield name
 
 
 @pytest.fixture

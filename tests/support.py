@@ -22,6 +22,21 @@ def install_crd(cluster: Any) -> None:
 
 
 @contextlib.contextmanager
+def fresh_namespace(cluster: Any, prefix: str = "t") -> Iterator[str]:
+    """A new namespace, ready for pods (its default ServiceAccount exists), deleted after."""
+    import uuid
+
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name)
+    cluster.kubectl("wait", "--for=create", "serviceaccount/default", "-n", name,
+                    "--timeout=30s")
+    try:
+        yield name
+    finally:
+        cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@contextlib.contextmanager
 def as_operator(cluster: Any) -> Iterator[str]:
     """Point in-process operators at ``cluster`` under their own user (for audit counts)."""
     from modelyard.operator.devcluster.pki import OPERATOR_USER

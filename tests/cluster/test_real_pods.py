@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from support import Kube, as_operator, install_crd, wait_for
+from support import Kube, as_operator, fresh_namespace, install_crd, wait_for
 
 from modelyard.operator.devcluster import ClusterConfig, LocalCluster, NodePool
 from modelyard.operator.devcluster.pods import PodProcesses
@@ -43,19 +43,11 @@ def real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 @pytest.fixture
 def real(real_cluster: Any) -> Iterator[Kube]:
-    import uuid
-
     from modelyard.operator.runner import OperatorThread
 
-    namespace = f"r-{uuid.uuid4().hex[:6]}"
-    real_cluster.kubectl("create", "namespace", namespace)
-    real_cluster.kubectl("wait", "--for=create", "serviceaccount/default", "-n", namespace,
-                         "--timeout=30s")
-    try:
-        with as_operator(real_cluster), OperatorThread():
-            yield Kube(real_cluster, namespace)
-    finally:
-        real_cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+    with fresh_namespace(real_cluster, "r") as namespace, as_operator(real_cluster), \
+            OperatorThread():
+        yield Kube(real_cluster, namespace)
 
 
 def _manifest(name: str, sha256: str | None = None) -> str:
