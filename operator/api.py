@@ -262,6 +262,10 @@ class Analysis(_Model):
     max_error_rate: float = Field(0.01, ge=0, le=1, description="Highest acceptable error ratio.")
     max_latency_p99_ms: float | None = Field(None, gt=0, description="Highest acceptable p99.")
     min_requests: int = Field(0, ge=0, description="Requests needed before judging a step.")
+    max_wait_seconds: int = Field(
+        600, ge=0, le=86_400,
+        description="How long a step may wait for minRequests after its pause; past that the "
+                    "canary is rolled back as inconclusive.")
 
 
 class Rollout(_Model):

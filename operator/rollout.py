@@ -83,6 +83,9 @@ def step_canary(
     if current is None or current.version != version:
         current = api.CanaryStatus(version=version, weight=steps[0].weight, step=1,
                                    started_at=stamp, step_started_at=stamp)
+    if target is not None and target.pod_failure is not None:  # it cannot even serve
+        reason, message = target.pod_failure
+        verdict = Verdict("fail", f"its pods are failing ({reason}: {message})", 0)
     if verdict is not None and verdict.outcome == "fail":
         return CanaryDecision({stable.version: total, version: 0}, None, False,
                               f"version {version} rolled back: {verdict.reason}", verdict)
@@ -127,6 +130,12 @@ def step_canary(
             f"step {current.step}/{len(steps)}: {weight}% of traffic, "
             f"{step.pause_seconds - held:.0f} s left")
     if verdict is not None and verdict.outcome == "wait":
+        limit = spec.rollout.analysis.max_wait_seconds if spec.rollout.analysis else 0
+        if held - step.pause_seconds > limit:
+            failed = Verdict("fail", f"analysis inconclusive after waiting {limit} s "
+                                     f"({verdict.reason})", verdict.requests)
+            return CanaryDecision({stable.version: total, version: 0}, None, False,
+                                  f"version {version} rolled back: {failed.reason}", failed)
         return CanaryDecision(replicas, current.model_copy(
             update={"weight": weight, "reached_at": reached_at}), False,
             f"step {current.step}/{len(steps)}: {weight}% of traffic; analysis: "

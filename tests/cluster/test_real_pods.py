@@ -207,3 +207,35 @@ def test_a_failing_canary_is_rolled_back_without_failing_stable_traffic(
     assert traffic.failed["1"] == 0, traffic.failed  # ...while the stable version lost nothing
     assert traffic.ok["1"] > 0
     assert any(e["reason"] == "RolledBack" for e in real.events("guarded"))
+
+
+def test_a_canary_that_cannot_start_is_rolled_back(real: Kube, real_cluster: Any) -> None:
+    model = real_cluster.models_dir / "demo" / "1" / "model.pt"
+    wrong = hashlib.sha256(Path(model).read_bytes() + b"!").hexdigest()
+
+    def spec(version: str, sha256: str | None) -> str:
+        body: dict[str, Any] = {"version": version, "uri": "file:///models/demo/1/model.pt"}
+        if sha256:
+            body["sha256"] = sha256
+        return yaml.safe_dump({
+            "apiVersion": "modelyard.dev/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "nostart"},
+            "spec": {"model": body, "resources": {"gpu": {"count": 1}}, "replicas": 1,
+                     "rollout": {"strategy": "Canary",
+                                 "steps": [{"weight": 50, "pauseSeconds": 60}]}},
+        })
+
+    real.apply(spec("1", None))
+    wait_for(lambda: (real.get("md", "nostart") or {}).get("status", {}).get("readyReplicas")
+             == 1, timeout=120, what="v1 ready")
+    real.apply(spec("2", wrong))
+
+    def rolled_back() -> dict[str, Any] | None:
+        status = (real.get("md", "nostart") or {}).get("status", {})
+        newest = (status.get("versions") or [{}])[0]
+        return newest if newest.get("phase") == "RolledBack" else None
+
+    record = wait_for(rolled_back, timeout=120, what="the canary rolled back")
+    assert "CrashLoopBackOff" in record["reason"]
+    assert real.condition("nostart", "Ready")["status"] == "True"  # type: ignore[index]
+    assert real.get("deployment", "nostart-v2")["spec"]["replicas"] == 0

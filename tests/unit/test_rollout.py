@@ -98,3 +98,37 @@ def test_surge_defaults_to_one_replica() -> None:
     assert rollout.surge_replicas(spec([{"weight": 10}], gpus=2)) == 1
     assert rollout.surge_replicas(spec([{"weight": 10}], gpus=2, surge_gpus=4)) == 2
     assert rollout.surge_replicas(spec([{"weight": 10}], gpus=0)) == 1
+
+
+def _at_step(s: api.ModelDeploymentSpec, *, failure: tuple[str, str] | None = None,
+             verdict: Any = None, held_s: int = 0) -> rollout.CanaryDecision:
+    stable = VersionState("1", "m-v1", 2, 2, 2, 2)
+    target = VersionState("2", "m-v2", 2, 2, 2, 2, pod_failure=failure)
+    reached = T0 - dt.timedelta(seconds=held_s)
+    stamp = reached.strftime("%Y-%m-%dT%H:%M:%SZ")
+    current = api.CanaryStatus(version="2", weight=50, step=1, started_at=stamp,
+                               step_started_at=stamp, reached_at=stamp)
+    return rollout.step_canary(spec=s, total=4, stable=stable, target=target, current=current,
+                               action=None, now=T0, verdict=verdict)
+
+
+def test_a_crash_looping_canary_is_rolled_back() -> None:
+    s = spec([{"weight": 50, "pauseSeconds": 60}])
+    decision = _at_step(s, failure=("CrashLoopBackOff", "exit code 1"))
+    assert decision.rolled_back is not None
+    assert "CrashLoopBackOff" in decision.rolled_back.reason
+    assert decision.replicas == {"1": 4, "2": 0}
+
+
+def test_inconclusive_analysis_waits_then_rolls_back_at_its_deadline() -> None:
+    from modelyard.operator.analysis import Verdict
+
+    s = api.parse_spec({
+        "model": {"version": "2", "uri": "s3://m/2"}, "replicas": 4,
+        "rollout": {"strategy": "Canary", "steps": [{"weight": 50, "pauseSeconds": 10}],
+                    "analysis": {"minRequests": 100, "maxWaitSeconds": 30}}})
+    waiting = Verdict("wait", "3 of 100 requests needed to judge", 3)
+    assert _at_step(s, verdict=waiting, held_s=20).rolled_back is None  # still waiting
+    decision = _at_step(s, verdict=waiting, held_s=45)
+    assert decision.rolled_back is not None
+    assert "inconclusive after waiting 30 s" in decision.rolled_back.reason
