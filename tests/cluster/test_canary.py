@@ -115,3 +115,31 @@ def test_a_step_without_pause_waits_for_a_manual_promote(kube: Kube, operator: A
 
     kube.run("annotate", "md", "held", "modelyard.dev/promote=2")
     wait_for(lambda: _stable(kube, "held", "2"), timeout=90, what="promoted by annotation")
+
+
+def test_an_operator_restarted_mid_canary_resumes_at_the_same_step(
+        kube: Kube, operator_identity: str) -> None:
+    from modelyard.operator.runner import OperatorThread
+
+    steps = [{"weight": 25, "pauseSeconds": 3600}, {"weight": 50}]
+    with OperatorThread():
+        kube.apply(canary("resume", "1", steps))
+        wait_for(lambda: status(kube, "resume").get("readyReplicas") == REPLICAS,
+                 what="v1 ready")
+        kube.apply(canary("resume", "2", steps))
+        wait_for(lambda: (status(kube, "resume").get("canary") or {}).get("reachedAt"),
+                 what="step 1 reached")
+    before = status(kube, "resume")["canary"]
+    objects = sorted(f"{o['kind']}/{o['metadata']['name']}" for o in
+                     kube.get("deployments") + kube.get("services"))
+
+    with OperatorThread():
+        time.sleep(6)  # resume handlers and several resync passes
+        after = status(kube, "resume")["canary"]
+        assert after == before  # same step, same clocks: nothing restarted
+        assert sorted(f"{o['kind']}/{o['metadata']['name']}" for o in
+                      kube.get("deployments") + kube.get("services")) == objects
+        deps = {d["metadata"]["name"]: d["spec"]["replicas"] for d in kube.get("deployments")}
+        assert deps == {"resume-v1": 3, "resume-v2": 1}
+        kube.run("annotate", "md", "resume", "modelyard.dev/promote=2")
+        wait_for(lambda: _stable(kube, "resume", "2"), timeout=90, what="promoted")
