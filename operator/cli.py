@@ -6,6 +6,7 @@
 * ``modelyard dev cluster``: just the local cluster, until Ctrl-C.
 * ``modelyard operator``: run the operator (what the operator image runs).
 * ``modelyard build-binaries``: build and cache the cluster binaries now.
+* ``modelyard status|history|promote NAME -n NS``: look at and steer a ModelDeployment.
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     op.add_argument("--namespace", "-n", action="append", default=[],
                     help="watch only this namespace (repeatable); default all")
     sub.add_parser("build-binaries", help="build and cache the local cluster's binaries")
+    for name, text in (("status", "a ModelDeployment's state in a few lines"),
+                       ("history", "the versions a ModelDeployment has served"),
+                       ("promote", "promote the canary in progress now")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("name")
+        p.add_argument("--namespace", "-n", default="default")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
@@ -68,6 +75,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "operator":
         return _run_operator(args.namespace)
+    if args.command in ("status", "history", "promote"):
+        from . import usercli
+
+        command = {"status": usercli.show_status, "history": usercli.show_history,
+                   "promote": usercli.promote}[args.command]
+        try:
+            command(args.name, args.namespace)
+        except usercli.CommandError as exc:
+            print(f"modelyard: {exc}", file=sys.stderr)
+            return exc.code
+        return 0
     return _dev(args)
 
 

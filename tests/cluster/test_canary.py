@@ -113,8 +113,31 @@ def test_a_step_without_pause_waits_for_a_manual_promote(kube: Kube, operator: A
     assert deps == {"held-v1": 2, "held-v2": 2}
     assert [v["phase"] for v in status(kube, "held")["versions"]] == ["Canary", "Stable"]
 
-    kube.run("annotate", "md", "held", "modelyard.dev/promote=2")
-    wait_for(lambda: _stable(kube, "held", "2"), timeout=90, what="promoted by annotation")
+    shown = _cli(kube, "status", "held")
+    assert "canary: version 2 at 50% (step 1/1)" in shown.stdout
+    promoted = _cli(kube, "promote", "held")
+    assert promoted.returncode == 0, promoted.stderr
+    assert "promoting version 2" in promoted.stdout
+    wait_for(lambda: _stable(kube, "held", "2"), timeout=90, what="promoted")
+    history = _cli(kube, "history", "held").stdout.splitlines()
+    assert history[0].split()[:2] == ["VERSION", "PHASE"]
+    assert history[1].split()[:2] == ["2", "Stable"]
+    assert history[2].split()[:2] == ["1", "Superseded"]
+    nothing = _cli(kube, "promote", "held")
+    assert nothing.returncode == 1
+    assert "no canary in progress" in nothing.stderr
+    assert _cli(kube, "status", "missing").returncode == 2
+
+
+def _cli(kube: Kube, *args: str) -> Any:
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "modelyard.operator.cli", *args, "-n", kube.namespace],
+        env={**os.environ, "KUBECONFIG": str(kube.cluster.kubeconfig)},
+        capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_an_operator_restarted_mid_canary_resumes_at_the_same_step(
