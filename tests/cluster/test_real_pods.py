@@ -239,3 +239,41 @@ def test_a_canary_that_cannot_start_is_rolled_back(real: Kube, real_cluster: Any
     assert "CrashLoopBackOff" in record["reason"]
     assert real.condition("nostart", "Ready")["status"] == "True"  # type: ignore[index]
     assert real.get("deployment", "nostart-v2")["spec"]["replicas"] == 0
+
+
+def test_a_full_canary_under_real_traffic_loses_no_request(real: Kube,
+                                                            real_cluster: Any) -> None:
+    def smooth(version: str) -> str:
+        return yaml.safe_dump({
+            "apiVersion": "modelyard.dev/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "smooth"},
+            "spec": {
+                "model": {"version": version, "uri": "file:///models/demo/1/model.pt"},
+                "resources": {"gpu": {"count": 1}}, "replicas": 2,
+                "rollout": {"strategy": "Canary",
+                            "steps": [{"weight": 50, "pauseSeconds": 3}],
+                            "analysis": {"maxErrorRate": 0.0, "minRequests": 10}},
+            },
+        })
+
+    real.apply(smooth("1"))
+    wait_for(lambda: (real.get("md", "smooth") or {}).get("status", {}).get("readyReplicas")
+             == 2, timeout=120, what="v1 ready")
+    traffic = _Traffic(real, "smooth")
+    traffic.start()
+    real.apply(smooth("2"))
+
+    def promoted() -> bool:
+        status = (real.get("md", "smooth") or {}).get("status", {})
+        return status.get("stableVersion") == "2" and not status.get("canary") \
+            and real.get("deployment", "smooth-v1") is None
+    wait_for(promoted, timeout=180, what="v2 promoted")
+    time.sleep(2)
+    traffic.stop.set()
+    traffic.join()
+
+    assert traffic.ok["1"] > 0
+    assert traffic.ok["2"] > 10  # the canary really served, and analysis saw it
+    assert sum(traffic.failed.values()) == 0, traffic.failed
+    ledger = real.get("md", "smooth")["status"]["versions"]
+    assert [(v["version"], v["phase"]) for v in ledger] == [("2", "Stable"), ("1", "Superseded")]
