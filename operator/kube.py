@@ -3,8 +3,7 @@
 Every change the operator makes goes through :class:`Writer`: server-side apply of
 child objects under the fixed field manager ``modelyard-operator``, merge patches
 of the ModelDeployment *status* subresource (never its spec), deletes that treat
-NotFound as done, and core/v1 Events. It counts what it writes, which the
-operator exports as a metric. The client is the official ``kubernetes`` package;
+NotFound as done, and core/v1 Events. The client is the official ``kubernetes`` package;
 its calls block, so :mod:`.reconcile` runs them in a worker thread.
 """
 
@@ -14,9 +13,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
-import threading
 import uuid
-from collections import Counter
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -54,16 +51,9 @@ class Writer:
         self._custom = client.CustomObjectsApi(api_client)
         self._core = client.CoreV1Api(api_client)
         self._apps = client.AppsV1Api(api_client)
-        self._lock = threading.Lock()
-        self.writes: Counter[str] = Counter()
-
-    def _count(self, verb: str, kind: str) -> None:
-        with self._lock:
-            self.writes[f"{verb} {kind}"] += 1
 
     def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         resource = self._dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
-        self._count("apply", obj["kind"])
         try:
             result = self._dynamic.server_side_apply(
                 resource, body=dict(obj), namespace=obj["metadata"].get("namespace"),
@@ -78,7 +68,6 @@ class Writer:
 
     def scale(self, namespace: str, deployment: str, replicas: int) -> None:
         """Set a Deployment's replicas through its scale subresource (nothing else changes)."""
-        self._count("patch", "Deployment/scale")
         try:
             self._apps.patch_namespaced_deployment_scale(
                 deployment, namespace, {"spec": {"replicas": replicas}},
@@ -90,7 +79,6 @@ class Writer:
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         resource = self._dynamic.resources.get(api_version=api_version, kind=kind)
-        self._count("delete", kind)
         with contextlib.suppress(NotFoundError):
             self._dynamic.delete(resource, name=name, namespace=namespace,
                                  body={"propagationPolicy": "Background"})
@@ -103,7 +91,6 @@ class Writer:
         A JSON Patch ``add /status`` replaces every field; a merge patch would keep any
         field the new status leaves out (a finished canary would never disappear)."""
         body: list[dict[str, Any]] = [{"op": "add", "path": "/status", "value": dict(status)}]
-        self._count("patch", "ModelDeployment/status")
         try:
             result = self._custom.patch_namespaced_custom_object_status(
                 api.GROUP, api.VERSION, namespace, api.PLURAL, name, body,
@@ -130,7 +117,6 @@ class Writer:
             source=client.V1EventSource(component=COMPONENT),
             reporting_component=COMPONENT, reporting_instance=os.environ.get("HOSTNAME", "local"),
         )
-        self._count("create", "Event")
         try:
             self._core.create_namespaced_event(meta["namespace"], body)
         except ApiException as exc:  # an Event is best effort: never fail a pass on it

@@ -159,8 +159,7 @@ class Reconciler:
             return _Step(plan_versions(spec, states), render.replicas_wanted(spec), {}, None)
         total = rollout.wanted_total(spec)
         others = frozenset(v for v in states if v not in (target, stable.version))
-        both = VersionPlan(target, frozenset({target, stable.version}), others,
-                           dict.fromkeys(others, target))
+        both = VersionPlan(target, frozenset({target, stable.version}), others)
         done = rolled_back_record(previous.versions, target)
         if done is not None:  # stays rolled back until the spec asks for another version
             return _Step(both, 0, {stable.version: total}, None,
@@ -178,7 +177,7 @@ class Reconciler:
                          RollBack(decision.rolled_back.reason, decision.rolled_back.figures()))
         if decision.promoted:
             retire = others | {stable.version}
-            plan = VersionPlan(target, frozenset({target}), retire, dict.fromkeys(retire, target))
+            plan = VersionPlan(target, frozenset({target}), retire)
             return _Step(plan, decision.replicas[target], {}, decision)
         scale = {stable.version: decision.replicas[stable.version]}
         return _Step(both, decision.replicas[target], scale, decision)

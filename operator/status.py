@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from . import api
@@ -79,7 +79,6 @@ class VersionPlan:
     target: str
     keep: frozenset[str]  # versions whose Deployments should exist
     retire: frozenset[str]  # versions whose Deployments are to be deleted
-    superseded_by: dict[str, str] = field(default_factory=dict)
 
 
 def observe(
@@ -127,7 +126,7 @@ def plan_versions(
         target_state.available or (wanted == 0 and target_state.up_to_date)
     )
     if target_done:
-        return VersionPlan(target, frozenset({target}), others, dict.fromkeys(others, target))
+        return VersionPlan(target, frozenset({target}), others)
     return VersionPlan(target, frozenset({target}) | others, frozenset())
 
 

@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-sync_api = pytest.importorskip("playwright.sync_api",
-                               reason="the playwright package is not installed (dev extra)")
-if not Path(CHROMIUM).exists():
-    pytest.skip("Debian's chromium browser is absent (apt-get install chromium; "
-                "see scripts/system-packages.txt)", allow_module_level=True)
+from playwright import sync_api  # noqa: E402 - the dev extra; `make test` installs it
+
+if not Path(CHROMIUM).exists():  # scripts/bootstrap installs it: absent means a broken setup
+    pytest.fail("Debian's chromium browser is absent: run scripts/bootstrap "
+                "(scripts/system-packages.txt)", pytrace=False)
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--no-first-run", "--disable-sync"]
