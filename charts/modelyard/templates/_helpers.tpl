@@ -1,0 +1,87 @@
+{{/*
+Names and labels shared by every template, and the operator's RBAC rules (one list, used by
+the cluster-wide ClusterRole and by each namespaced Role alike).
+*/}}
+
+{{- define "modelyard.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "modelyard.fullname" -}}
+{{- if contains .Chart.Name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "modelyard.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "modelyard.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "modelyard.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "modelyard.labels" -}}
+helm.sh/chart: {{ include "modelyard.chart" . }}
+{{ include "modelyard.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: modelyard
+{{- end }}
+
+{{- define "modelyard.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "modelyard.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "modelyard.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/*
+What the operator does to the objects it manages, wherever it watches them. Every rule is
+explained in docs/operations.md ("RBAC"); tests/cluster/test_rbac.py proves that the
+operator needs each one and nothing more.
+*/}}
+{{- define "modelyard.operatorRules" -}}
+- apiGroups: [modelyard.dev]
+  resources: [modeldeployments]
+  verbs: [list, watch, patch]
+- apiGroups: [modelyard.dev]
+  resources: [modeldeployments/status]
+  verbs: [patch]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [list, watch, create, patch, delete]
+- apiGroups: [apps]
+  resources: [deployments/scale]
+  verbs: [patch]
+- apiGroups: [""]
+  resources: [services]
+  verbs: [list, watch, create, patch, delete]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list, watch]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- end }}
+
+{{/* kopf's own machinery: it follows CRDs (and, limited to namespaces, the namespaces). */}}
+{{- define "modelyard.discoveryRules" -}}
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [list, watch]
+{{- if .Values.watchNamespaces }}
+- apiGroups: [""]
+  resources: [namespaces]
+  verbs: [list, watch]
+{{- end }}
+{{- end }}
