@@ -1,0 +1,234 @@
+"""The Helm chart ``charts/modelyard``, with a Helm built from its pinned source, against
+the real local control plane: lint, schema, a server-side dry run of every rendered object
+(cluster-wide and namespaced), then install, upgrade and uninstall as a platform team would.
+
+kwok plays the kubelet, so the operator's pods are scheduled and reported Ready without
+running the image; these tests check the objects, test_rbac.py checks the permissions.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from support import CRD_PATH, ROOT, fresh_namespace
+
+CHART = ROOT / "charts" / "modelyard"
+CHART_CRD = CHART / "crds" / CRD_PATH.name
+
+
+class Chart:
+    """``helm`` on the chart, with Helm's home folders kept in a temporary folder."""
+
+    def __init__(self, helm: Any, home: Path, kubeconfig: Path):
+        self.helm, self.home, self.kubeconfig = helm, home, kubeconfig
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.helm.run(*args, kubeconfig=self.kubeconfig, home=self.home,  # type: ignore[no-any-return]
+                             check=check)
+
+    def template(self, release: str, namespace: str, values: dict[str, Any] | None = None,
+                 *extra: str) -> list[dict[str, Any]]:
+        out = self.run("template", release, str(CHART), f"--namespace={namespace}",
+                       *self._values(values), *extra)
+        return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+    def _values(self, values: dict[str, Any] | None) -> list[str]:
+        if not values:
+            return []
+        path = self.home / f"values-{uuid.uuid4().hex[:8]}.yaml"
+        path.write_text(yaml.safe_dump(values))
+        return [f"--values={path}"]
+
+
+@pytest.fixture(scope="module")
+def chart(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Chart:
+    from modelyard.operator.devcluster.helm import ensure_helm
+
+    return Chart(ensure_helm(), tmp_path_factory.mktemp("helm-home"), cluster.kubeconfig)
+
+
+@pytest.fixture
+def release_namespace(cluster: Any) -> Iterator[str]:
+    with fresh_namespace(cluster, prefix="helm") as name:
+        yield name
+
+
+def _kinds(objs: list[dict[str, Any]]) -> list[tuple[str, str | None, str]]:
+    return sorted((o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"])
+                  for o in objs)
+
+
+def _get(cluster: Any, *args: str) -> dict[str, Any] | None:
+    proc = cluster.kubectl("get", *args, "-o", "json", check=False)
+    if proc.returncode != 0:
+        assert "NotFound" in proc.stderr, proc.stderr
+        return None
+    return dict(json.loads(proc.stdout))
+
+
+def test_the_charts_crd_is_the_generated_crd() -> None:
+    assert CHART_CRD.read_bytes() == CRD_PATH.read_bytes(), (
+        f"{CHART_CRD.relative_to(ROOT)} differs from {CRD_PATH.relative_to(ROOT)}; after "
+        f"regenerating the CRD (python -m modelyard.operator.crd) refresh the chart's copy: "
+        f"cp {CRD_PATH.relative_to(ROOT)} {CHART_CRD.relative_to(ROOT)}")
+
+
+@pytest.mark.parametrize("values", [
+    {},
+    {"watchNamespaces": ["team-a", "team-b"], "replicaCount": 3,
+     "monitoring": {"podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}},
+], ids=["cluster-wide", "namespaced-with-monitoring"])
+def test_helm_lint_strict_passes(chart: Chart, values: dict[str, Any]) -> None:
+    linted = chart.run("lint", "--strict", str(CHART), *chart._values(values), check=False)
+    assert linted.returncode == 0, linted.stdout + linted.stderr
+    assert "1 chart(s) linted, 0 chart(s) failed" in linted.stdout
+
+
+def test_the_values_schema_rejects_unknown_and_mistyped_values(chart: Chart) -> None:
+    for bad, message in [
+        ({"replicas": 2}, "additional properties 'replicas' not allowed"),
+        ({"replicaCount": "two"}, "replicaCount"),
+        ({"watchNamespaces": ["Not_A_Namespace"]}, "watchNamespaces"),
+        ({"leaderElection": {"enabled": True, "lease": "x"}}, "'lease' not allowed"),
+    ]:
+        proc = chart.run("template", "r", str(CHART), *chart._values(bad), check=False)
+        assert proc.returncode != 0, bad
+        assert message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
+def test_every_rendered_object_passes_a_server_side_dry_run(
+        cluster: Any, chart: Chart, release_namespace: str, mode: str) -> None:
+    with fresh_namespace(cluster, prefix="team") as team_a, \
+            fresh_namespace(cluster, prefix="team") as team_b:
+        values = {"watchNamespaces": [team_a, team_b]} if mode == "namespaced" else {}
+        objs = chart.template("dry", release_namespace, values)
+        kinds = {o["kind"] for o in objs}
+        assert {"ServiceAccount", "Deployment", "PodDisruptionBudget", "ClusterRole",
+                "ClusterRoleBinding", "Role", "RoleBinding"} <= kinds
+        if mode == "namespaced":
+            roles = {(o["kind"], o["metadata"].get("namespace")) for o in objs}
+            assert {("Role", team_a), ("Role", team_b), ("RoleBinding", team_a),
+                    ("RoleBinding", team_b)} <= roles
+        applied = cluster.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-",
+                                  input=yaml.safe_dump_all(objs), check=False)
+        assert applied.returncode == 0, applied.stderr
+        assert applied.stdout.count("(server dry run)") == len(objs), applied.stdout
+
+
+def test_the_prometheus_rules_are_valid_promql(chart: Chart, tmp_path: Path) -> None:
+    import shutil
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool (Prometheus) is needed to check the chart's alert rules; "
+                    "`make test` installs it")
+    objs = chart.template("r", "ops", {"monitoring": {"prometheusRule": {"enabled": True},
+                                                      "podMonitor": {"enabled": True}}})
+    rule = next(o for o in objs if o["kind"] == "PrometheusRule")
+    alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert alerts == {"ModelyardModelNotReady", "ModelyardModelErrors", "ModelyardOperatorDown"}
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    checked = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True,
+                             text=True, check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    monitor = next(o for o in objs if o["kind"] == "PodMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/managed-by": "modelyard",
+        "app.kubernetes.io/component": "model-server"}
+
+
+def test_install_upgrade_and_uninstall(cluster: Any, chart: Chart,
+                                       release_namespace: str) -> None:
+    ns = release_namespace
+    release = f"my-{uuid.uuid4().hex[:6]}"
+    name = f"{release}-modelyard"
+    installed = chart.run("install", release, str(CHART), f"--namespace={ns}", "--wait",
+                          "--timeout=120s", check=False)
+    assert installed.returncode == 0, installed.stderr
+    assert "watches every namespace" in installed.stdout  # NOTES.txt
+    _check_installed(cluster, ns, name)
+
+    with fresh_namespace(cluster, prefix="team") as team:
+        upgraded = chart.run("upgrade", release, str(CHART), f"--namespace={ns}",
+                             "--reuse-values", "--set=replicaCount=3",
+                             f"--set=watchNamespaces={{{team}}}", "--wait", "--timeout=120s",
+                             check=False)
+        assert upgraded.returncode == 0, upgraded.stderr
+        _check_upgraded(cluster, ns, name, team)
+        history = json.loads(chart.run("history", release, f"--namespace={ns}",
+                                       "--output=json").stdout)
+        assert [h["revision"] for h in history] == [1, 2]
+        assert history[-1]["status"] == "deployed"
+
+        uninstalled = chart.run("uninstall", release, f"--namespace={ns}", "--wait",
+                                check=False)
+        assert uninstalled.returncode == 0, uninstalled.stderr
+        assert _get(cluster, "deployment", name, "-n", ns) is None
+        assert _get(cluster, "clusterrole", name) is None
+        assert _get(cluster, "clusterrolebinding", name) is None
+        assert _get(cluster, "role", name, "-n", team) is None
+        assert _get(cluster, "serviceaccount", name, "-n", ns) is None
+    # Helm never deletes what it installed from crds/: the ModelDeployments survive.
+    assert _get(cluster, "crd", CRD_PATH.name.removesuffix(".yaml")) is not None
+
+
+def _check_installed(cluster: Any, ns: str, name: str) -> None:
+    deployment = _get(cluster, "deployment", name, "-n", ns)
+    assert deployment is not None
+    assert deployment["status"].get("availableReplicas") == 2
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == "modelyard-operator:0.1.0"
+    assert container["command"] == ["modelyard", "operator"]
+    assert "args" not in container  # cluster-wide
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+    assert env["MODELYARD_LEADER_ELECTION"] == "true"
+    assert env["MODELYARD_LEASE_NAME"] == "modelyard-operator"
+    assert env["POD_NAME"] == {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}
+    assert env["POD_NAMESPACE"] == {"fieldRef": {"apiVersion": "v1",
+                                                 "fieldPath": "metadata.namespace"}}
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["allowPrivilegeEscalation"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["serviceAccountName"] == name
+    assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
+    pdb = _get(cluster, "pdb", name, "-n", ns)
+    assert pdb is not None
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["status"]["currentHealthy"] == 2
+    assert _get(cluster, "serviceaccount", name, "-n", ns) is not None
+    binding = _get(cluster, "clusterrolebinding", name)
+    assert binding is not None
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": name, "namespace": ns}]
+    role = _get(cluster, "clusterrole", name)
+    assert role is not None
+    assert any("modeldeployments" in r["resources"] for r in role["rules"])
+    assert _get(cluster, "role", f"{name}-leader-election", "-n", ns) is not None
+
+
+def _check_upgraded(cluster: Any, ns: str, name: str, team: str) -> None:
+    deployment = _get(cluster, "deployment", name, "-n", ns)
+    assert deployment is not None
+    assert deployment["spec"]["replicas"] == 3
+    assert deployment["status"].get("availableReplicas") == 3
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == [f"--namespace={team}"]
+    # Namespaced now: the operator's rules moved from the ClusterRole to a Role in `team`.
+    role = _get(cluster, "clusterrole", name)
+    assert role is not None
+    assert not any("modeldeployments" in r["resources"] for r in role["rules"])
+    team_role = _get(cluster, "role", name, "-n", team)
+    assert team_role is not None
+    assert any("modeldeployments" in r["resources"] for r in team_role["rules"])
