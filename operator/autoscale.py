@@ -1,0 +1,497 @@
+"""The autoscaling algorithm: pure functions of (metric samples, clock, replicas, state).
+
+Called by the operator's autoscaler loop once per tick for each ModelDeployment with
+``spec.autoscaling``: it scrapes the ready runtime pods, feeds the scrapes to a
+:class:`Window`, and hands :attr:`Window.samples` to :func:`decide`, which returns the
+replicas to set and the :class:`State` to keep in the resource's status, so that a
+restarted (or newly elected) operator carries on where the last one stopped. Nothing
+here reads a clock, the network or Kubernetes; docs/autoscaling.md explains the
+algorithm with its formulas and the traces the unit tests replay.
+
+In short (Knative's KPA, with the HPA's tolerance):
+
+* ``desired = ceil(load / target)``, the load averaged over the *stable window* (60 s);
+* a *panic window* (10 % of it, 6 s) reacts to spikes: when its load reaches the panic
+  threshold (200 %) of what the ready replicas are meant to carry, the autoscaler panics
+  for a stable window: it follows the larger of the two recommendations and never scales
+  down;
+* no change while the load is within the tolerance (10 %) of what ``current`` replicas
+  are meant to carry;
+* scale-up is limited per decision (x10, or +4), scale-down waits ``scaleDownDelay``
+  of lower recommendations, goes to the highest of them, and at most halves per decision;
+* zero only with ``minReplicas: 0`` after the load has been nil for the idle delay;
+  from zero, any demand (requests waiting outside the pods) wakes one replica at once;
+* pods still loading their model are not evidence of idleness, and no samples means
+  no change.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from . import api
+from .analysis import quantile
+
+# Metrics whose sample value is the total over the ready pods: the load they measure is
+# spread over the replicas, so ``replicas = total / target``.
+TOTAL_METRICS = frozenset({"concurrency", "rps", "queueDepth"})
+# Metrics whose sample value is already per replica (an average, or a percentile over
+# all pods): the load is ``value * ready replicas`` (the HPA's ``ratio * current``).
+AVERAGE_METRICS = frozenset({"latencyP95", "gpuUtilization"})
+
+INFLIGHT = "modelyard_inflight_requests"
+QUEUE_DEPTH = "modelyard_queue_depth"
+REQUESTS = "modelyard_requests_total"
+LATENCY = "modelyard_request_duration_seconds_bucket"
+GPU_UTILIZATION = "modelyard_gpu_utilization_ratio"
+
+_EPSILON = 1e-9
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The knobs of the algorithm. ``target`` is per replica, in the metric's unit:
+    requests in flight (concurrency), requests/s (rps), queued items (queueDepth),
+    milliseconds (latencyP95) or percent (gpuUtilization)."""
+
+    target: float
+    min_replicas: int = 1
+    max_replicas: int = 10
+    metric: str = "concurrency"
+    stable_window_seconds: float = 60.0
+    panic_window_percentage: float = 10.0
+    panic_threshold: float = 2.0  # load / what the ready replicas carry at target
+    tolerance: float = 0.1
+    scale_down_delay_seconds: float = 300.0
+    scale_to_zero_delay_seconds: float = 300.0
+    max_scale_up_rate: float = 10.0  # a decision may go to current x rate ...
+    max_scale_up_step: int = 4  # ... or current + step, whichever is more
+    max_scale_down_rate: float = 2.0  # a decision may go down to current / rate ...
+    max_scale_down_step: int | None = None  # ... and at most this many fewer (None: any)
+    startup_grace_seconds: float = 600.0  # how long starting pods are protected
+    min_history: float = 0.5  # share of the stable window observed before scaling down
+
+    def __post_init__(self) -> None:
+        if self.metric not in TOTAL_METRICS | AVERAGE_METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}")
+        if self.target <= 0:
+            raise ValueError("target must be above 0")
+        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+            raise ValueError("need 0 <= min_replicas <= max_replicas and max_replicas >= 1")
+        if self.max_scale_up_rate < 1 or self.max_scale_down_rate < 1:
+            raise ValueError("scale rates must be at least 1")
+        if not 0 < self.panic_window_percentage <= 100:
+            raise ValueError("panic_window_percentage must be in (0, 100]")
+
+    @property
+    def aggregate(self) -> Literal["total", "average"]:
+        return "total" if self.metric in TOTAL_METRICS else "average"
+
+    @property
+    def panic_window_seconds(self) -> float:
+        return self.stable_window_seconds * self.panic_window_percentage / 100
+
+    @classmethod
+    def from_spec(cls, spec: api.Autoscaling, **overrides: Any) -> Policy:
+        """The policy of a ModelDeployment's ``spec.autoscaling``; other knobs default."""
+        return cls(target=spec.target, min_replicas=spec.min_replicas,
+                   max_replicas=spec.max_replicas, metric=str(spec.metric),
+                   scale_down_delay_seconds=spec.scale_down_delay_seconds, **overrides)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """The metric of one model at one time. ``value`` is the total over the ready pods
+    for :data:`TOTAL_METRICS` and the per-replica value for :data:`AVERAGE_METRICS`.
+    ``waiting`` counts requests held outside the pods (an activator, a gateway queue):
+    demand that no ready pod reports yet, the signal that wakes a model from zero."""
+
+    time: float
+    ready_replicas: int
+    value: float
+    waiting: float = 0.0
+
+    @property
+    def busy(self) -> bool:
+        return self.value > 0 or self.waiting > 0
+
+
+@dataclass(frozen=True)
+class State:
+    """What survives between decisions and across operator restarts (kept in status).
+
+    Only transitions change it (times when a phase began), never a per-tick stamp, so
+    that a steady model costs no status writes. Times are seconds on the caller's clock.
+    """
+
+    desired: int | None = None  # the last decision; None: never decided
+    panic_until: float | None = None  # panic mode holds until then
+    panic_peak: int = 0  # the most replicas decided in this panic
+    low_since: float | None = None  # every recommendation since then was below desired
+    low_peak: int = 0  # the highest of those recommendations
+    idle_since: float | None = None  # the load has been nil since then
+    starting_since: float | None = None  # some replicas have not been ready since then
+    last_scale_time: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """camelCase keys, None values left out; JSON-serialisable."""
+        return {_camel(f.name): getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> State:
+        """Tolerates missing and unknown keys (older or newer operators)."""
+        data = data or {}
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = data.get(_camel(f.name))
+            if raw is None:
+                continue
+            is_count = f.name in {"desired", "panic_peak", "low_peak"}
+            values[f.name] = int(raw) if is_count else float(raw)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Decision:
+    replicas: int
+    state: State
+    reason: str
+    metric_value: float | None  # the metric over the stable window, in the sample's terms
+    panic: bool
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """One decision's reading of the window."""
+
+    value: float  # mean sample value (the metric in its own terms)
+    stable_load: float  # mean load over the stable window
+    panic_load: float  # mean load over the panic window
+    demand: bool  # any demand in the panic window
+    ready: int  # ready replicas in the newest sample
+    history: float  # seconds the window covers
+
+
+def decide(samples: Sequence[Sample], now: float, current: int, state: State,
+           policy: Policy) -> Decision:
+    """The replicas the model should have now. ``current`` is what is set today (the
+    Deployments' replicas); ``samples`` may span more than the stable window."""
+    window = sorted((s for s in samples
+                     if now - policy.stable_window_seconds < s.time <= now),
+                    key=lambda s: s.time)
+    if state.desired is None and current > 1:
+        # Nothing remembered (first sight, or status lost): hold what runs for a stable
+        # window, as if panicking, rather than judge from a window not yet filled.
+        state = replace(state, panic_until=now + policy.stable_window_seconds,
+                        panic_peak=current)
+    seen = _read(window, now, policy)
+    if seen is None:
+        wake = current == 0 and any(s.busy for s in window)
+        replicas = _bound(1 if wake else current, policy)
+        reason = "demand while at zero: waking one replica" if wake else "no metrics: holding"
+        return _finish(replicas, current, now, state, reason=reason, value=None)
+
+    # Replicas still loading their model are not evidence of idleness and are never
+    # scaled away, until startup_grace_seconds: then they count as stuck, not starting.
+    starting = seen.ready < current
+    starting_since = (None if not starting else
+                      state.starting_since if state.starting_since is not None else now)
+    protected = (starting_since is not None
+                 and now - starting_since < policy.startup_grace_seconds)
+    idle_since = _idle_since(window, state, protected, now)
+
+    over = seen.panic_load / (max(seen.ready, 1) * policy.target) >= policy.panic_threshold
+    was_panicking = _panicking(state, now)
+    panic_until = (now + policy.stable_window_seconds if over
+                   else state.panic_until if was_panicking else None)
+    state = replace(state, panic_until=panic_until, starting_since=starting_since,
+                    idle_since=idle_since, panic_peak=state.panic_peak if was_panicking else 0)
+    want = _recommend(seen, current, state, policy)
+    lower = max(policy.min_replicas, 1) if current > 0 or seen.demand else policy.min_replicas
+    want = min(max(want, lower), policy.max_replicas)
+    what = (f"{policy.metric} {seen.value:.3g} over {policy.stable_window_seconds:.0f} s "
+            f"(target {policy.target:g} per replica)")
+    may_lower = state.panic_until is None and not protected
+    observed = seen.history >= policy.stable_window_seconds * policy.min_history
+
+    if (policy.min_replicas == 0 and current > 0 and idle_since is not None and may_lower
+            and observed and now - idle_since >= policy.scale_to_zero_delay_seconds):
+        replicas, reason = 0, f"idle for {now - idle_since:.0f} s: scaling to zero"
+        state = replace(state, low_since=None, low_peak=0)
+    elif want > current:
+        replicas = _up(current, want, policy)
+        verb = ("waking" if current == 0 else
+                "panic: scaling up" if state.panic_until is not None else "scaling up")
+        reason = f"{what}: {verb} to {replicas}"
+        state = replace(state, low_since=None, low_peak=0)
+    elif want < current and may_lower:
+        replicas, state, reason = _down(current, want, lower, observed=observed, now=now,
+                                       state=state, policy=policy)
+        reason = f"{what}: {reason}"
+    else:
+        replicas = current
+        why = "panic" if state.panic_until is not None else "replicas starting"
+        reason = f"{what}: {why}, no scale-down" if want < current else f"{what}: holding"
+        state = replace(state, low_since=None, low_peak=0)
+    if state.panic_until is not None:
+        state = replace(state, panic_peak=max(state.panic_peak, replicas))
+    return _finish(_bound(replicas, policy), current, now, state, reason=reason,
+                   value=seen.value)
+
+
+def _read(window: list[Sample], now: float, policy: Policy) -> _Seen | None:
+    known = [(s, load) for s in window if (load := _load(s, policy)) is not None]
+    if not known:
+        return None
+    start = now - policy.panic_window_seconds
+    recent = [load for s, load in known if s.time > start]
+    latest = window[-1]
+    return _Seen(
+        value=sum(s.value for s in window) / len(window),
+        stable_load=sum(load for _, load in known) / len(known),
+        panic_load=sum(recent) / len(recent) if recent else known[-1][1],
+        demand=latest.busy or any(s.busy for s in window if s.time > start),
+        ready=latest.ready_replicas,
+        history=now - window[0].time,
+    )
+
+
+def _recommend(seen: _Seen, current: int, state: State, policy: Policy) -> int:
+    """ceil(load / target) over the stable window, within tolerance of ``current``; in
+    panic the largest of that, the panic window's, this panic's peak and ``current``."""
+    stable = _ceil(seen.stable_load / policy.target)
+    if current > 0 and abs(seen.stable_load / (current * policy.target) - 1) <= policy.tolerance:
+        stable = current
+    if state.panic_until is None:
+        return stable
+    return max(stable, _ceil(seen.panic_load / policy.target), state.panic_peak, current)
+
+
+def _up(current: int, want: int, policy: Policy) -> int:
+    base = max(current, 1)
+    limit = max(math.ceil(base * policy.max_scale_up_rate), base + policy.max_scale_up_step)
+    return min(want, limit)
+
+
+def _down(current: int, want: int, lower: int, *, observed: bool, now: float, state: State,
+          policy: Policy) -> tuple[int, State, str]:
+    """Hold until every recommendation for scaleDownDelay was lower, then go to the
+    highest of them (at most current / rate, or current - step, per decision)."""
+    low_since = state.low_since if state.low_since is not None else now
+    low_peak = max(state.low_peak if state.low_since is not None else 0, want)
+    state = replace(state, low_since=low_since, low_peak=low_peak)
+    held = now - low_since
+    if not observed:
+        return current, state, f"{want} wanted, too little history to scale down"
+    if held < policy.scale_down_delay_seconds:
+        left = policy.scale_down_delay_seconds - held
+        return current, state, f"{want} wanted, scale-down delayed {left:.0f} s more"
+    limit = math.floor(current / policy.max_scale_down_rate)
+    if policy.max_scale_down_step is not None:
+        limit = max(limit, current - policy.max_scale_down_step)
+    replicas = max(low_peak, limit, lower)
+    if replicas <= low_peak:  # the evidence is used up: observe afresh
+        state = replace(state, low_since=None, low_peak=0)
+    return replicas, state, f"low for {held:.0f} s, scaling down to {replicas}"
+
+
+def provisioning(trace: Sequence[tuple[float, float]], replicas: Sequence[tuple[float, int]],
+                 target: float) -> tuple[float, float]:
+    """(over, under) replica-seconds of ``replicas`` (ready replicas as (time, count)
+    steps) against the load of ``trace`` ((time, load) steps, each replica serving
+    ``target``), from the trace's first to its last time. A step holds its value
+    until the next one; before its first step ``replicas`` is 0."""
+    if len(trace) < 2:
+        return 0.0, 0.0
+    start, end = trace[0][0], trace[-1][0]
+    times = sorted({t for t, _ in trace} | {t for t, _ in replicas if start < t < end})
+    over = under = 0.0
+    load_at, count_at = _stepper(trace), _stepper(replicas)
+    for begin, finish in itertools.pairwise(times):
+        needed = _ceil(load_at(begin) / target)
+        have = count_at(begin)
+        span = finish - begin
+        over += max(0.0, have - needed) * span
+        under += max(0.0, needed - have) * span
+    return over, under
+
+
+# ----------------------------------------------------------------- scrapes → samples
+
+
+@dataclass(frozen=True)
+class Scrape:
+    """One runtime pod's ``/metrics`` at one time, reduced to what autoscaling reads."""
+
+    pod: str
+    time: float
+    ready: bool
+    inflight: float = 0.0
+    queue_depth: float = 0.0
+    requests: float = 0.0  # the counter: answered requests since the process started
+    latency: tuple[tuple[float, float], ...] = ()  # (upper bound s, cumulative count)
+    gpu_utilization: float | None = None  # 0..1, mean over the pod's devices
+
+
+def parse_scrape(pod: str, time: float, text: str, *, ready: bool) -> Scrape:
+    """Read the runtime's exposition text (``runtime/metrics.py`` names)."""
+    inflight = queue = requests = 0.0
+    buckets: dict[float, float] = {}
+    gpus: list[float] = []
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == INFLIGHT:
+                inflight += s.value
+            elif s.name == QUEUE_DEPTH:
+                queue += s.value
+            elif s.name == REQUESTS:
+                requests += s.value
+            elif s.name == LATENCY:
+                bound = float(s.labels["le"])
+                buckets[bound] = buckets.get(bound, 0.0) + s.value
+            elif s.name == GPU_UTILIZATION:
+                gpus.append(s.value)
+    return Scrape(pod, time, ready, inflight, queue, requests, tuple(sorted(buckets.items())),
+                  sum(gpus) / len(gpus) if gpus else None)
+
+
+@dataclass
+class Window:
+    """Accumulates scrapes into samples for one model; keeps ``seconds`` of them.
+
+    Gauges (in-flight, queue depth, GPU utilisation) need one scrape; rates (rps) and
+    latency percentiles need two scrapes of a pod (counter deltas over the interval).
+    Only ready pods count. A pod with no previous scrape yet is assumed to carry the
+    average of the others (a fresh pod's counters say nothing about its rate).
+    """
+
+    metric: str
+    seconds: float = 60.0
+    _previous: dict[str, Scrape] = field(default_factory=dict)
+    _samples: deque[Sample] = field(default_factory=deque)
+
+    @property
+    def samples(self) -> tuple[Sample, ...]:
+        return tuple(self._samples)
+
+    def add(self, time: float, scrapes: Iterable[Scrape], *, waiting: float = 0.0
+            ) -> Sample | None:
+        """Add one round of scrapes (a pod that could not be scraped is left out, and so
+        counts as not ready); returns the sample it made, if the metric is known yet."""
+        ready = [s for s in scrapes if s.ready]
+        value = self._value(ready)
+        self._previous = {s.pod: s for s in ready}
+        if value is None:
+            return None
+        sample = Sample(time, len(ready), value, waiting)
+        self._samples.append(sample)
+        while self._samples and self._samples[0].time <= time - self.seconds:
+            self._samples.popleft()
+        return sample
+
+    def _value(self, ready: list[Scrape]) -> float | None:
+        if self.metric == "concurrency":
+            return sum(s.inflight for s in ready)
+        if self.metric == "queueDepth":
+            return sum(s.queue_depth for s in ready)
+        if self.metric == "gpuUtilization":
+            known = [s.gpu_utilization for s in ready if s.gpu_utilization is not None]
+            return 100 * sum(known) / len(known) if known else (0.0 if not ready else None)
+        pairs = [(self._previous[s.pod], s) for s in ready
+                 if s.pod in self._previous and s.time > self._previous[s.pod].time]
+        if not ready:
+            return 0.0
+        if not pairs:
+            return None
+        if self.metric == "rps":
+            rates = [_since(now.requests, before.requests) / (now.time - before.time)
+                     for before, now in pairs]
+            return sum(rates) * len(ready) / len(pairs)
+        merged: dict[float, float] = {}  # latencyP95: the window's histogram, all pods
+        for before, now in pairs:
+            old = dict(before.latency)
+            reset = now.requests < before.requests
+            for bound, count in now.latency:
+                delta = count if reset else count - old.get(bound, 0.0)
+                merged[bound] = merged.get(bound, 0.0) + delta
+        p95 = quantile(tuple(sorted(merged.items())), 0.95)
+        return 0.0 if p95 is None else p95 * 1000
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+def _load(sample: Sample, policy: Policy) -> float | None:
+    """The sample's load in 'total' terms, or None when it says nothing about load."""
+    if policy.aggregate == "total":
+        return sample.value + sample.waiting
+    if sample.ready_replicas == 0:
+        return None  # an average over no pods: unknown (waiting requests still wake)
+    return sample.value * sample.ready_replicas
+
+
+def _idle_since(window: list[Sample], state: State, protected: bool,
+                now: float) -> float | None:
+    """Since when the load has been nil: a transition time, kept as it is while idle."""
+    if protected:
+        return None
+    busy = [s.time for s in window if s.busy]
+    if busy and (state.idle_since is None or busy[-1] >= state.idle_since):
+        after = [s.time for s in window if s.time > busy[-1]]
+        return after[0] if after else None
+    if state.idle_since is not None:
+        return state.idle_since
+    # Idle throughout: evidence from the first sample, or from now if pods were
+    # starting until now (their zeros were not evidence).
+    return now if state.starting_since is not None else window[0].time
+
+
+def _panicking(state: State, now: float) -> bool:
+    return state.panic_until is not None and now <= state.panic_until
+
+
+def _bound(replicas: int, policy: Policy) -> int:
+    return min(max(replicas, policy.min_replicas), policy.max_replicas)
+
+
+def _finish(replicas: int, current: int, now: float, state: State, *, reason: str,
+            value: float | None) -> Decision:
+    scaled = now if replicas != current else state.last_scale_time
+    return Decision(replicas, replace(state, desired=replicas, last_scale_time=scaled),
+                    reason, value, _panicking(state, now))
+
+
+def _ceil(x: float) -> int:
+    return max(0, math.ceil(x - _EPSILON))
+
+
+def _since(now: float, before: float) -> float:
+    """A counter's increase; one that went down restarted from zero."""
+    return now if now < before else now - before
+
+
+def _stepper(steps: Sequence[tuple[float, float]]) -> Callable[[float], float]:
+    """The step function through ``steps``: 0 before the first, then each value until
+    the next step."""
+    ordered = sorted(steps)
+    times = [t for t, _ in ordered]
+
+    def at(t: float) -> float:
+        index = bisect.bisect_right(times, t)
+        return ordered[index - 1][1] if index else 0.0
+
+    return at
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
