@@ -4,8 +4,10 @@
 kube-scheduler and kwok as child processes (each in its own process group, logging
 to ``<data_dir>/logs/<component>.log``), waits for each to report healthy, creates
 the nodes of the topology and waits for them to be Ready. Scheduling, garbage
-collection, Deployment rollouts and RBAC are the real upstream code; only the
-kubelet is simulated.
+collection, Deployment rollouts, EndpointSlices and RBAC are the real upstream code;
+only the kubelet is simulated. Pods get addresses of a private pod network
+(:mod:`.podnet`) that only this machine can reach, so Services get real endpoints and
+a real process can serve a pod's address.
 
 Failures are loud: if a component exits or does not become healthy, start()
 stops whatever it had started and raises :class:`ClusterStartError` naming the
@@ -41,6 +43,7 @@ import yaml
 
 from .binaries import Binaries, ensure_binaries
 from .pki import ADMIN_USER, OPERATOR_USER, Pki, create_pki
+from .podnet import PodNetwork
 from .stages import real_pod_stages
 from .topology import DEFAULT_TOPOLOGY, NodePool, node_manifests
 
@@ -100,6 +103,7 @@ class LocalCluster:
         self._components: list[_Component] = []
         self.ports: dict[str, int] = {}
         self.started_in_s: float | None = None
+        self.pod_network: PodNetwork | None = None
 
     # -- public surface -------------------------------------------------------------
 
@@ -170,7 +174,8 @@ class LocalCluster:
             stages = real_pod_stages(stages)
         (self.data_dir / "kwok-stages.yaml").write_text(stages)
         try:
-            for component in self._plan(binaries, pki):
+            self.pod_network = PodNetwork.create()
+            for component in self._plan(binaries, pki, self.pod_network):
                 self._launch(component)
                 self._await_healthy(component)
             self._create_nodes()
@@ -180,10 +185,13 @@ class LocalCluster:
         self.started_in_s = time.monotonic() - started
 
     def stop(self) -> None:
-        """Stop every component (newest first) and remove the data directory."""
+        """Stop every component (newest first), the pod network and the data directory."""
         for component in reversed(self._components):
             _terminate(component.process)
         self._components.clear()
+        if self.pod_network is not None:
+            self.pod_network.delete()
+            self.pod_network = None
         if not self.config.keep_data:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
@@ -208,7 +216,7 @@ class LocalCluster:
 
     # -- start-up -------------------------------------------------------------------
 
-    def _plan(self, b: Binaries, pki: Pki) -> list[_Component]:
+    def _plan(self, b: Binaries, pki: Pki, pods: PodNetwork) -> list[_Component]:
         p = self.ports
         kc = str(self.kubeconfig)
         data = self.data_dir
@@ -269,7 +277,7 @@ class LocalCluster:
             "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
             f"--node-ip={LOOPBACK}", f"--node-port={p['kwok']}",
             f"--server-address={LOOPBACK}:{p['kwok']}",
-            "--cidr=127.0.128.0/17",  # only used for nodes without a podCIDR
+            f"--cidr={pods.spare_cidr}",  # only used for nodes without a podCIDR
             # The heartbeat stage refreshes node status only every ~10 minutes and relies on
             # node Leases, which kwok renews only when given a lease duration. Without one,
             # nodes expire after the controller-manager's grace period and their pods turn
@@ -311,7 +319,8 @@ class LocalCluster:
         return _http_ok(f"{self.server}/readyz", context=context)
 
     def _create_nodes(self) -> None:
-        nodes = node_manifests(self.config.topology)
+        assert self.pod_network is not None
+        nodes = node_manifests(self.config.topology, self.pod_network.node_cidr)
         if not nodes:
             return
         manifest = yaml.safe_dump_all(nodes)

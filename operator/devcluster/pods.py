@@ -4,8 +4,8 @@ kwok simulates pods without running anything. For the main job (and later the
 rollout and autoscaling tests) a model must really answer, so :class:`PodProcesses`
 plays the part of a kubelet for modelyard's runtime pods: it watches the pods the
 operator manages and, for each running pod, starts ``python -m modelyard.runtime``
-with the container's environment, bound to the pod's own IP (a loopback address:
-see ``topology.py``) and port. When the pod goes away, the process is stopped with
+with the container's environment, inside the cluster's pod network and bound to the
+pod's own IP (see ``podnet.py``) and port. When the pod goes away, the process is stopped with
 SIGTERM (the runtime drains). Each process logs to ``<dir>/<namespace>_<pod>.log``.
 
 On a cluster started with ``real_pods=True`` (kwok then leaves runtime pods
@@ -199,9 +199,11 @@ class PodProcesses:
                         logfile=self.log_dir / f"{key.replace('/', '_')}.log")
 
     def _spawn(self, key: str, running: _Running) -> None:
+        network = self.cluster.pod_network
+        assert network is not None, "the cluster is not running"
         with running.logfile.open("ab") as out:
             running.process = subprocess.Popen(
-                [sys.executable, "-m", "modelyard.runtime"],
+                network.command([sys.executable, "-m", "modelyard.runtime"]),
                 env={**os.environ, **running.env}, stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )

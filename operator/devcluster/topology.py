@@ -8,10 +8,9 @@ GPU Operator / GPU feature discovery label real GPU pools:
 * taint ``nvidia.com/gpu=present:NoSchedule`` on GPU nodes, so only pods that
   tolerate it land there.
 
-Pod addresses are on loopback: node *i* gets ``spec.podCIDR: 127.1.<i>.0/24`` and
-kwok hands its pods addresses from it. A test can therefore start a real process
-listening on a pod's own IP and send it real traffic, without any network
-namespace or traffic leaving the machine.
+Node *i* gets ``spec.podCIDR`` from the caller's ``pod_cidr(i)`` (the cluster passes its
+private pod network's /24 for that node, see ``podnet.py``), and kwok hands the node's
+pods addresses from it.
 
 Used by :mod:`.cluster`; the pool file format is what ``modelyard dev cluster
 --topology FILE`` reads.
@@ -19,7 +18,7 @@ Used by :mod:`.cluster`; the pool file format is what ``modelyard dev cluster
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 GPU_TAINT = {"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}
 KWOK_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
 POOL_LABEL = "modelyard.dev/pool"
-MAX_NODES = 250  # one /24 of 127.1.0.0/16 per node
+MAX_NODES = 128  # one /24 of the pod network's /16 per node, the upper half spare
 
 
 @dataclass(frozen=True)
@@ -84,15 +83,15 @@ def load_topology(path: Path) -> tuple[NodePool, ...]:
     return tuple(result)
 
 
-def node_manifests(pools: Sequence[NodePool]) -> list[dict[str, Any]]:
-    """The Node objects for ``pools``, in a stable order."""
-    nodes = [
-        _node(pool, f"{pool.name}-{i}", index)
-        for index, (pool, i) in enumerate(_expand(pools))
-    ]
-    if len(nodes) > MAX_NODES:
-        raise ValueError(f"at most {MAX_NODES} nodes are supported, topology has {len(nodes)}")
-    return nodes
+def node_manifests(pools: Sequence[NodePool],
+                   pod_cidr: Callable[[int], str]) -> list[dict[str, Any]]:
+    """The Node objects for ``pools``, in a stable order; node *i* gets ``pod_cidr(i)``."""
+    expanded = list(_expand(pools))
+    if len(expanded) > MAX_NODES:
+        raise ValueError(f"at most {MAX_NODES} nodes are supported, topology has "
+                         f"{len(expanded)}")
+    return [_node(pool, f"{pool.name}-{i}", pod_cidr(index))
+            for index, (pool, i) in enumerate(expanded)]
 
 
 def _expand(pools: Iterable[NodePool]) -> Iterable[tuple[NodePool, int]]:
@@ -101,7 +100,7 @@ def _expand(pools: Iterable[NodePool]) -> Iterable[tuple[NodePool, int]]:
             yield pool, i
 
 
-def _node(pool: NodePool, name: str, index: int) -> dict[str, Any]:
+def _node(pool: NodePool, name: str, pod_cidr: str) -> dict[str, Any]:
     labels = {
         "type": "kwok",
         "kubernetes.io/hostname": name,
@@ -122,7 +121,6 @@ def _node(pool: NodePool, name: str, index: int) -> dict[str, Any]:
         capacity[GPU_RESOURCE] = str(pool.gpus)
         if pool.taints is None:
             taints = [dict(GPU_TAINT)]
-    pod_cidr = f"127.1.{index}.0/24"
     return {
         "apiVersion": "v1",
         "kind": "Node",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from typing import Any
 
 import pytest
@@ -56,11 +57,25 @@ def test_custom_topology_then_clean_teardown(binaries: Any) -> None:
         assert len(pids) == 5  # etcd, apiserver, controller-manager, scheduler, kwok
         ports = list(local.ports.values())
         assert local.started_in_s is not None
+        assert local.pod_network is not None
+        netns, link = local.pod_network.namespace, local.pod_network.host_link
+        assert local.kubectl("get", "node", "a100-0", "-o", "jsonpath={.spec.podCIDR}").stdout \
+            == local.pod_network.node_cidr(0)
+        assert netns in _netns()
     finally:
         local.stop()
     assert not any(_alive(pid) for pid in pids)
     assert all(_port_free(p) for p in ports)
     assert not local.data_dir.exists()
+    assert netns not in _netns()  # the pod network, its link and route are gone too
+    shown = subprocess.run(["ip", "link", "show", link], capture_output=True, check=False)
+    assert shown.returncode != 0
+
+
+def _netns() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                         check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
 def test_a_component_that_fails_is_named_with_its_log(binaries: Any) -> None:

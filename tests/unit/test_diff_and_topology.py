@@ -38,7 +38,7 @@ def test_server_defaults_and_quantity_rewrites_are_not_drift() -> None:
 
 
 def test_default_topology_matches_the_brief() -> None:
-    nodes = topology.node_manifests(topology.DEFAULT_TOPOLOGY)
+    nodes = topology.node_manifests(topology.DEFAULT_TOPOLOGY, lambda i: f"10.9.{i}.0/24")
     gpu = [n for n in nodes if "nvidia.com/gpu" in n["status"]["capacity"]]
     h100 = [n for n in gpu if n["metadata"]["labels"]["nvidia.com/gpu.product"]
             == "NVIDIA-H100-80GB-HBM3"]
@@ -50,7 +50,7 @@ def test_default_topology_matches_the_brief() -> None:
     assert cpu[0]["spec"]["taints"] == []
     cidrs = [n["spec"]["podCIDR"] for n in nodes]
     assert len(set(cidrs)) == len(nodes)
-    assert all(c.startswith("127.1.") for c in cidrs)
+    assert cidrs == [f"10.9.{i}.0/24" for i in range(len(nodes))]
 
 
 def test_topology_file(tmp_path: Path) -> None:
