@@ -5,7 +5,7 @@
 -- reads back `hs.status` and `hs.message`. Decided in this order:
 --   1. status not yet written for metadata.generation   -> Progressing
 --   2. condition Degraded=True (e.g. RolledBack)         -> Degraded
---   3. a canary paused for a manual promote              -> Suspended
+--   3. a canary or preview paused for a manual promote   -> Suspended
 --   4. condition Progressing=True, or a canary          -> Progressing
 --   5. condition Ready=True, or scaled to zero on purpose -> Healthy
 --   6. anything else                                     -> Progressing
@@ -49,6 +49,9 @@ local function describe(c)
 end
 
 local function canaryText(canary)
+  if canary.strategy == "BlueGreen" then
+    return "Blue-green preview of version " .. tostring(canary.version)
+  end
   local where = canary.progress
   if where == nil or where == "" then
     where = tostring(canary.weight or 0) .. "%"
@@ -84,7 +87,7 @@ end
 local canary = status.canary
 if canary ~= nil and canary.paused == true then
   hs.status = "Suspended"
-  hs.message = canaryText(canary) .. " waits for a manual promote"
+  hs.message = canaryText(canary) .. ": waiting for a manual promote"
   return hs
 end
 
