@@ -1,8 +1,8 @@
 -- Argo CD health check for modelyard.dev/ModelDeployment.
 --
--- Argo CD runs it in gopher-lua (Lua 5.1) with `obj` set to the live resource and only the
--- base, table and os.date/os.time functions available (no string or math library), and
--- reads back `hs.status` and `hs.message`. Decided in this order:
+-- Argo CD runs it in gopher-lua (Lua 5.1) with `obj` set to the live resource and only
+-- the base, table and os.date/os.time functions available (no string or math library),
+-- and reads back `hs.status` and `hs.message`. Decided in this order:
 --   1. status not yet written for metadata.generation   -> Progressing
 --   2. condition Degraded=True (e.g. RolledBack)         -> Degraded
 --   3. a canary or preview paused for a manual promote   -> Suspended
@@ -63,11 +63,13 @@ hs = {}
 local status = obj.status
 local generation = obj.metadata.generation
 
-local observed = nil
-if status ~= nil then
-  observed = tonumber(status.observedGeneration)
+-- A status written for an older spec says nothing about the new one: check this first.
+local stale = status == nil
+if not stale and generation ~= nil then
+  local observed = tonumber(status.observedGeneration)
+  stale = observed == nil or observed < tonumber(generation)
 end
-if status == nil or (generation ~= nil and (observed == nil or observed < tonumber(generation))) then
+if stale then
   hs.status = "Progressing"
   if generation ~= nil then
     hs.message = "Waiting for the operator to observe generation " .. tostring(generation)
@@ -112,7 +114,7 @@ if ready ~= nil and ready.status == "True" then
     " replicas ready"
   return hs
 end
--- Scaled to zero on purpose (autoscaling.minReplicas: 0) is a steady state, not a rollout.
+-- Scaled to zero on purpose (autoscaling.minReplicas: 0) is a steady state.
 if ready ~= nil and ready.reason == "ScaledToZero" then
   hs.status = "Healthy"
   hs.message = "version " .. tostring(version) .. " scaled to zero"

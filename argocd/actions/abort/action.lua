@@ -1,8 +1,8 @@
 -- Abort the rollout in progress: traffic goes back to the stable version and the new
 -- version is recorded RolledBack.
--- The operator treats modelyard.dev/abort as a new request when its value differs from
--- status.handledRequests.abort, so write a fresh token: the time (UTC, to the second), with
--- "-2", "-3"... appended while it equals the current or the handled value.
+-- The operator treats modelyard.dev/abort as a new request when its value differs
+-- from status.handledRequests.abort, so write a fresh token: the time (UTC, to the
+-- second), with "-2", "-3"... appended while it equals the current or the handled value.
 if obj.status == nil or obj.status.canary == nil then
   error("no rollout in progress: nothing to abort", 0)
 end

@@ -1,10 +1,11 @@
 -- Retry the rollout of status.targetVersion after it was rolled back or aborted.
--- The operator treats modelyard.dev/retry as a new request when its value differs from
--- status.handledRequests.retry, so write a fresh token: the time (UTC, to the second), with
--- "-2", "-3"... appended while it equals the current or the handled value.
+-- The operator treats modelyard.dev/retry as a new request when its value differs
+-- from status.handledRequests.retry, so write a fresh token: the time (UTC, to the
+-- second), with "-2", "-3"... appended while it equals the current or the handled value.
 local versions = (obj.status or {}).versions
 local newest = versions ~= nil and versions[1] or nil
-if newest == nil or newest.phase ~= "RolledBack" or newest.version ~= obj.status.targetVersion then
+if newest == nil or newest.phase ~= "RolledBack"
+    or newest.version ~= obj.status.targetVersion then
   error("nothing to retry: the target version was not rolled back", 0)
 end
 local os = require("os")
