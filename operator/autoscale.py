@@ -135,16 +135,19 @@ class State:
     desired: int | None = None  # the last decision; None: never decided
     panic_until: float | None = None  # panic mode holds until then
     panic_peak: int = 0  # the most replicas decided in this panic
-    low_since: float | None = None  # every recommendation since then was below desired
-    low_peak: int = 0  # the highest of those recommendations
+    # The scale-down evidence, a staircase of (level, since): every recommendation since
+    # ``since`` was at most ``level``. Levels rise as the times fall; all are below desired.
+    low: tuple[tuple[int, float], ...] = ()
     idle_since: float | None = None  # the load has been nil since then
     starting_since: float | None = None  # some replicas have not been ready since then
     last_scale_time: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """camelCase keys, None values left out; JSON-serialisable."""
-        return {_camel(f.name): getattr(self, f.name) for f in fields(self)
-                if getattr(self, f.name) is not None}
+        out = {_camel(f.name): getattr(self, f.name) for f in fields(self)
+               if getattr(self, f.name) is not None}
+        out["low"] = [[level, since] for level, since in self.low]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> State:
@@ -155,8 +158,12 @@ class State:
             raw = data.get(_camel(f.name))
             if raw is None:
                 continue
-            is_count = f.name in {"desired", "panic_peak", "low_peak"}
-            values[f.name] = int(raw) if is_count else float(raw)
+            if f.name == "low":
+                values[f.name] = tuple((int(level), float(since)) for level, since in raw)
+            elif f.name in {"desired", "panic_peak"}:
+                values[f.name] = int(raw)
+            else:
+                values[f.name] = float(raw)
         return cls(**values)
 
 
@@ -226,13 +233,13 @@ def decide(samples: Sequence[Sample], now: float, current: int, state: State,
     if (policy.min_replicas == 0 and current > 0 and idle_since is not None and may_lower
             and observed and now - idle_since >= policy.scale_to_zero_delay_seconds):
         replicas, reason = 0, f"idle for {now - idle_since:.0f} s: scaling to zero"
-        state = replace(state, low_since=None, low_peak=0)
+        state = replace(state, low=())
     elif want > current:
         replicas = _up(current, want, policy)
         verb = ("waking" if current == 0 else
                 "panic: scaling up" if state.panic_until is not None else "scaling up")
         reason = f"{what}: {verb} to {replicas}"
-        state = replace(state, low_since=None, low_peak=0)
+        state = replace(state, low=())
     elif want < current and may_lower:
         replicas, state, reason = _down(current, want, lower, observed=observed, now=now,
                                        state=state, policy=policy)
@@ -241,7 +248,7 @@ def decide(samples: Sequence[Sample], now: float, current: int, state: State,
         replicas = current
         why = "panic" if state.panic_until is not None else "replicas starting"
         reason = f"{what}: {why}, no scale-down" if want < current else f"{what}: holding"
-        state = replace(state, low_since=None, low_peak=0)
+        state = replace(state, low=())
     if state.panic_until is not None:
         state = replace(state, panic_peak=max(state.panic_peak, replicas))
     return _finish(_bound(replicas, policy), current, now, state, reason=reason,
@@ -266,14 +273,19 @@ def _read(window: list[Sample], now: float, policy: Policy) -> _Seen | None:
 
 
 def _recommend(seen: _Seen, current: int, state: State, policy: Policy) -> int:
-    """ceil(load / target) over the stable window, within tolerance of ``current``; in
-    panic the largest of that, the panic window's, this panic's peak and ``current``."""
-    stable = _ceil(seen.stable_load / policy.target)
-    if current > 0 and abs(seen.stable_load / (current * policy.target) - 1) <= policy.tolerance:
-        stable = current
+    """ceil(load / target) over the stable window; in panic the largest of that, the
+    panic window's, this panic's peak and ``current``. A load within the tolerance of
+    what ``current`` replicas carry recommends ``current``."""
+
+    def replicas(load: float) -> int:
+        if current > 0 and abs(load / (current * policy.target) - 1) <= policy.tolerance:
+            return current
+        return _ceil(load / policy.target)
+
+    stable = replicas(seen.stable_load)
     if state.panic_until is None:
         return stable
-    return max(stable, _ceil(seen.panic_load / policy.target), state.panic_peak, current)
+    return max(stable, replicas(seen.panic_load), state.panic_peak, current)
 
 
 def _up(current: int, want: int, policy: Policy) -> int:
@@ -284,24 +296,33 @@ def _up(current: int, want: int, policy: Policy) -> int:
 
 def _down(current: int, want: int, lower: int, *, observed: bool, now: float, state: State,
           policy: Policy) -> tuple[int, State, str]:
-    """Hold until every recommendation for scaleDownDelay was lower, then go to the
-    highest of them (at most current / rate, or current - step, per decision)."""
-    low_since = state.low_since if state.low_since is not None else now
-    low_peak = max(state.low_peak if state.low_since is not None else 0, want)
-    state = replace(state, low_since=low_since, low_peak=low_peak)
-    held = now - low_since
+    """Hold until the highest recommendation of the last scaleDownDelay is below
+    ``current``, then go to it (at most current / rate, or current - step, per decision)."""
+    low = _record(state.low, want, now, current)
+    state = replace(state, low=low)
     if not observed:
         return current, state, f"{want} wanted, too little history to scale down"
-    if held < policy.scale_down_delay_seconds:
-        left = policy.scale_down_delay_seconds - held
+    delay = policy.scale_down_delay_seconds
+    proven = next((level for level, since in low if now - since >= delay), None)
+    if proven is None:
+        left = delay - (now - low[-1][1])
         return current, state, f"{want} wanted, scale-down delayed {left:.0f} s more"
     limit = math.floor(current / policy.max_scale_down_rate)
     if policy.max_scale_down_step is not None:
         limit = max(limit, current - policy.max_scale_down_step)
-    replicas = max(low_peak, limit, lower)
-    if replicas <= low_peak:  # the evidence is used up: observe afresh
-        state = replace(state, low_since=None, low_peak=0)
-    return replicas, state, f"low for {held:.0f} s, scaling down to {replicas}"
+    replicas = max(proven, limit, lower)
+    state = replace(state, low=tuple(step for step in low if step[0] < replicas))
+    return replicas, state, f"at most {proven} wanted for {delay:.0f} s: scaling down to {replicas}"
+
+
+def _record(low: tuple[tuple[int, float], ...], want: int, now: float,
+            current: int) -> tuple[tuple[int, float], ...]:
+    """Add a recommendation below ``current`` to the staircase: levels below it are
+    broken, levels at or above it hold, and its own level starts now if it is new."""
+    kept = tuple(step for step in low if want <= step[0] < current)
+    if kept and kept[0][0] == want:
+        return kept
+    return ((want, now), *kept)
 
 
 def provisioning(trace: Sequence[tuple[float, float]], replicas: Sequence[tuple[float, int]],
