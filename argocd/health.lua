@@ -3,25 +3,13 @@
 -- Argo CD runs it in gopher-lua (Lua 5.1) with `obj` set to the live resource and only
 -- the base, table and os.date/os.time functions available (no string or math library),
 -- and reads back `hs.status` and `hs.message`. Decided in this order:
---   1. status not yet written for metadata.generation   -> Progressing
---   2. condition Degraded=True (e.g. RolledBack)         -> Degraded
---   3. a canary or preview paused for a manual promote   -> Suspended
---   4. condition Progressing=True, or a canary          -> Progressing
---   5. condition Ready=True, or scaled to zero on purpose -> Healthy
---   6. anything else                                     -> Progressing
+--   1. no status yet for metadata.generation          -> Progressing
+--   2. condition Degraded=True (e.g. RolledBack)      -> Degraded
+--   3. a canary or preview paused for a promote       -> Suspended
+--   4. condition Progressing=True, or a canary        -> Progressing
+--   5. condition Ready=True, or scaled to zero        -> Healthy
+--   6. anything else                                  -> Progressing
 -- The source of truth for argocd/argocd-cm.yaml and docs/gitops.md (argocd/generate.py).
-
-local function trueCondition(status, kind)
-  if status.conditions == nil then
-    return nil
-  end
-  for _, c in ipairs(status.conditions) do
-    if c.type == kind and c.status == "True" then
-      return c
-    end
-  end
-  return nil
-end
 
 local function findCondition(status, kind)
   if status.conditions == nil then
@@ -31,6 +19,14 @@ local function findCondition(status, kind)
     if c.type == kind then
       return c
     end
+  end
+  return nil
+end
+
+local function trueCondition(status, kind)
+  local c = findCondition(status, kind)
+  if c ~= nil and c.status == "True" then
+    return c
   end
   return nil
 end
