@@ -128,8 +128,10 @@ class Sample:
 class State:
     """What survives between decisions and across operator restarts (kept in status).
 
-    Only transitions change it (times when a phase began), never a per-tick stamp, so
-    that a steady model costs no status writes. Times are seconds on the caller's clock.
+    Outside panic mode only transitions change it (when a phase began, a recommendation
+    crossing a level), never a per-tick stamp, so that a steady model costs no status
+    writes; in panic, ``panic_until`` moves with every tick over the threshold. Times
+    are seconds on the caller's clock.
     """
 
     desired: int | None = None  # the last decision; None: never decided

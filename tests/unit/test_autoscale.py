@@ -235,6 +235,15 @@ def test_a_restart_changes_nothing(restart: float) -> None:
         plain.first_time(lambda d: d < 8, after=1800) + 30 + TICK
 
 
+def test_a_restart_during_silence_keeps_the_idle_clock() -> None:
+    policy = Policy(target=TARGET, min_replicas=0, max_replicas=20)
+    plain = simulate(SILENCE, 1800, policy)
+    restarted = simulate(SILENCE, 1800, policy, restart_at=(450.0,))
+    zero = plain.first_time(lambda d: d == 0, after=300)
+    assert restarted.first_time(lambda d: d == 0, after=300) == zero
+    assert restarted.desired_at(1500) >= 1
+
+
 def test_a_restart_without_state_holds_for_a_stable_window() -> None:
     run = simulate(STEP, 2700, POLICY, restart_at=(1000.0,), lose_state=True)
     assert all(d == 8 for t, d in run.desired if 1000 <= t < 1800)
