@@ -432,3 +432,22 @@ def test_runtime_metric_names_are_the_ones_read() -> None:
     names = {s.name for f in text_string_to_metric_families(metrics_text(m)) for s in f.samples}
     assert {autoscale.INFLIGHT, autoscale.QUEUE_DEPTH, autoscale.REQUESTS,
             autoscale.LATENCY} <= names
+
+
+def test_gpu_utilization_is_the_mean_over_ready_pods_in_percent() -> None:
+    def exposition(*ratios: float) -> str:  # the shape the runtime's GPU collector writes
+        lines = ["# HELP modelyard_gpu_utilization_ratio GPU utilisation",
+                 "# TYPE modelyard_gpu_utilization_ratio gauge"]
+        lines += [f'modelyard_gpu_utilization_ratio{{model="m",version="1",device="{i}"}} {r}'
+                  for i, r in enumerate(ratios)]
+        return "\n".join(lines) + "\n"
+
+    window = autoscale.Window("gpuUtilization")
+    sample = window.add(0.0, [
+        autoscale.parse_scrape("a", 0.0, exposition(0.9, 0.7), ready=True),  # 2 GPUs: 80 %
+        autoscale.parse_scrape("b", 0.0, exposition(0.4), ready=True),
+        autoscale.parse_scrape("c", 0.0, exposition(0.0), ready=False),  # loading: not counted
+    ])
+    assert sample is not None
+    assert (sample.ready_replicas, round(sample.value, 6)) == (2, 60.0)
+    assert window.add(1.0, [autoscale.parse_scrape("a", 1.0, "", ready=True)]) is None
