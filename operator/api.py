@@ -23,7 +23,10 @@ GROUP = "modelyard.dev"
 VERSION = "v1alpha1"
 KIND = "ModelDeployment"
 PLURAL = "modeldeployments"
-PROMOTE_ANNOTATION = "modelyard.dev/promote"  # value: the canary version to promote
+# Manual rollout controls: annotations, so plain kubectl, GitOps and Argo CD actions can set them.
+PROMOTE_ANNOTATION = "modelyard.dev/promote"  # value: the version whose rollout to promote
+ABORT_ANNOTATION = "modelyard.dev/abort"  # any new value: abort the rollout in progress
+RETRY_ANNOTATION = "modelyard.dev/retry"  # any new value: roll the target out again
 SINGULAR = "modeldeployment"
 SHORT_NAMES = ("md", "mds")
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -278,7 +281,12 @@ class Rollout(_Model):
     analysis: Analysis | None = Field(None, description="Metric thresholds judged at each step.")
     max_surge_gpus: int | None = Field(
         None, ge=0, le=1024, alias="maxSurgeGPUs",
-        description="GPUs a rollout may hold beyond steady state; default one replica's worth.")
+        description="GPUs a rollout may hold beyond steady state. Default: one replica's worth "
+                    "for Canary, a full second copy (replicas x GPUs) for BlueGreen.")
+    auto_promote_seconds: int | None = Field(
+        None, ge=0, le=86_400,
+        description="BlueGreen: promote once the preview has been fully ready this long (and "
+                    "its analysis passed); absent means wait for a manual promote.")
 
     model_config = ConfigDict(json_schema_extra=_rules(
         _cel("!has(self.strategy) || self.strategy != 'Canary' || "
@@ -352,6 +360,7 @@ class VersionRecord(_Model):
     sha256: str | None = Field(None, description="Expected digest, when given.")
     phase: VersionPhase = Field(..., description="Where this version stands.")
     deployed_at: str = Field(..., description="When this version was first deployed.")
+    promoted_at: str | None = Field(None, description="When it became the stable version.")
     finished_at: str | None = Field(None, description="When it stopped serving.")
     reason: str | None = Field(None, description="Why it is in this phase.")
     analysis: AnalysisFigures | None = Field(
@@ -359,9 +368,11 @@ class VersionRecord(_Model):
 
 
 class CanaryStatus(_Model):
-    """Where a canary rollout stands."""
+    """Where a rollout of a new version stands (a canary, or a blue-green preview)."""
 
-    version: str = Field(..., description="Version under canary.")
+    version: str = Field(..., description="Version being rolled out.")
+    strategy: Literal["Canary", "BlueGreen"] = Field(
+        "Canary", description="Canary (traffic moves in steps) or BlueGreen (a preview).")
     weight: int = Field(..., description="Traffic share the current step moves to, in percent.")
     step: int = Field(..., description="Current step (1-based); past the last step: promoting.")
     started_at: str = Field(..., description="When the canary started.")
@@ -369,6 +380,14 @@ class CanaryStatus(_Model):
     reached_at: str | None = Field(
         None, description="When the current step's weight was reached (its pause runs from here).")
     progress: str = Field("", description="Human summary, e.g. 50% (step 2/3).")
+    paused: bool = Field(False, description="Waiting for a manual promote.")
+
+
+class HandledRequests(_Model):
+    """The values of the control annotations the operator has acted on."""
+
+    abort: str | None = Field(None, description="Last modelyard.dev/abort value handled.")
+    retry: str | None = Field(None, description="Last modelyard.dev/retry value handled.")
 
 
 class ModelDeploymentStatus(_Model):
@@ -389,6 +408,8 @@ class ModelDeploymentStatus(_Model):
     gpus: int = Field(0, description="GPUs requested by the model's scheduled pods.")
     versions: list[VersionRecord] = Field(default_factory=list,
                                           description="Version history, newest first.")
+    handled_requests: HandledRequests | None = Field(
+        None, description="Control annotations already acted on (abort, retry).")
 
 
 def parse_spec(spec: dict[str, Any]) -> ModelDeploymentSpec:

@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,10 +59,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("build-binaries", help="build and cache the local cluster's binaries")
     for name, text in (("status", "a ModelDeployment's state in a few lines"),
                        ("history", "the versions a ModelDeployment has served"),
-                       ("promote", "promote the canary in progress now")):
+                       ("promote", "promote the rollout in progress now"),
+                       ("abort", "abort the rollout in progress: all traffic back to stable"),
+                       ("retry", "roll the rolled-back version out again"),
+                       ("rollback", "go back to a version that served before")):
         p = sub.add_parser(name, help=text)
         p.add_argument("name")
         p.add_argument("--namespace", "-n", default="default")
+        if name == "rollback":
+            p.add_argument("--to", help="the version to go back to (default: the last one "
+                                        "that served before the current)")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
@@ -75,11 +81,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "operator":
         return _run_operator(args.namespace)
-    if args.command in ("status", "history", "promote"):
+    if args.command in ("status", "history", "promote", "abort", "retry", "rollback"):
+        import functools
+
         from . import usercli
 
-        command = {"status": usercli.show_status, "history": usercli.show_history,
-                   "promote": usercli.promote}[args.command]
+        commands: dict[str, Callable[[str, str], None]] = {
+            "status": usercli.show_status, "history": usercli.show_history,
+            "promote": usercli.promote, "abort": usercli.abort, "retry": usercli.retry,
+            "rollback": functools.partial(usercli.rollback, to=getattr(args, "to", None)),
+        }
+        command = commands[args.command]
         try:
             command(args.name, args.namespace)
         except usercli.CommandError as exc:
@@ -268,9 +280,12 @@ def _print_next_steps(cluster: LocalCluster, with_models: bool) -> None:
     print("  kubectl get md -A")
     print("  kubectl describe md resnet -n vision")
     print("  kubectl get pods -A -o wide")
-    if with_models:
-        print("  curl http://127.1.0.1:8080/v2/models/resnet   # a pod's own address: its runtime")
-        print("  open http://127.1.0.1:8080/ in a browser      # try the model")
+    ip = cluster.kubectl("get", "pods", "-n", "vision", "-o", "jsonpath={.items[0].status.podIP}",
+                         check=False).stdout.strip() if with_models else ""
+    if ip:
+        print(f"  curl http://{ip}:8080/v2/models/resnet   # a pod's own address: its runtime")
+        print(f"  open http://{ip}:8080/ in a browser      # try the model")
+        print("  kubectl get endpointslices -n vision        # the Service's ready endpoints")
     print()
 
 

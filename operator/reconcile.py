@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ Key = tuple[str, str]  # (namespace, name)
 Scraper = Callable[[str, int], Awaitable[str | None]]
 
 
+ABORTED = "aborted by a user (modelyard.dev/abort)"
+
+
 @dataclass(frozen=True)
 class _Step:
     plan: VersionPlan
@@ -59,6 +63,9 @@ class _Step:
     scale: dict[str, int]  # version -> replicas, for versions we do not re-render
     canary: rollout.CanaryDecision | None
     rolled_back: RollBack | None = None
+    handled: api.HandledRequests | None = None
+    active: str | None = None  # the one version the stable Service selects (None: all)
+    preview: str | None = None  # the version the preview Service selects (blue-green)
 
 
 @dataclass(frozen=True)
@@ -127,15 +134,19 @@ class Reconciler:
         live = {(obj["kind"], obj["metadata"]["name"]): obj
                 for obj in [*_with_kind(o.deployments, "Deployment"),
                             *_with_kind(o.services, "Service")]}
+        preview = [render.render_preview_service(owner, step.preview)] if step.preview else []
         await self._apply([
-            render.render_service(owner, spec),
+            render.render_service(owner, step.active),
             render.render_deployment(owner, spec, step.target_replicas),
             *(render.render_version_service(owner, v) for v in sorted(step.plan.keep)),
+            *preview,
         ], live, key)
         for version, replicas in step.scale.items():
             await self._scale(states[version], replicas, live, key)
         for version in sorted(step.plan.retire):
             await self._retire(states[version].deployment, live, key)
+        if not preview:
+            await self._retire(render.preview_service_name(owner.name), live, key)
 
         decision = step.canary
         status, events = compute_status(
@@ -145,46 +156,69 @@ class Reconciler:
             canary=_with_progress(decision.canary, len(spec.rollout.steps)) if decision else None,
             canary_message=decision.message if decision else "",
             promoted=bool(decision and decision.promoted),
-            rolled_back=step.rolled_back,
+            rolled_back=step.rolled_back, handled=step.handled,
         )
         await self._write_status(o, key, status_payload(status), events)
 
     async def _plan(self, o: Observed, spec: api.ModelDeploymentSpec,
                     states: Mapping[str, VersionState], previous: api.ModelDeploymentStatus,
                     annotations: Mapping[str, str]) -> _Step:
-        """Which versions run with how many replicas: a canary, or a plain replacement."""
+        """Which versions run with how many replicas, and where the stable Service points:
+        a canary, a blue-green preview, or a plain replacement; and the manual controls."""
         target = spec.model.version
+        handled = previous.handled_requests or api.HandledRequests()
+        abort = _new_request(annotations, api.ABORT_ANNOTATION, handled.abort)
+        retry = _new_request(annotations, api.RETRY_ANNOTATION, handled.retry)
+        handled = handled.model_copy(update={
+            name: value for name, value in (("abort", abort), ("retry", retry)) if value})
         stable = rollout.stable_of(states, previous.stable_version, target)
-        if spec.rollout.strategy != api.RolloutStrategy.CANARY or stable is None:
-            return _Step(plan_versions(spec, states), render.replicas_wanted(spec), {}, None)
+        strategy = spec.rollout.strategy
+        if strategy == api.RolloutStrategy.ROLLING_UPDATE or stable is None:
+            return _Step(plan_versions(spec, states), render.replicas_wanted(spec), {}, None,
+                         handled=handled)
+        blue_green = strategy == api.RolloutStrategy.BLUE_GREEN
         total = rollout.wanted_total(spec)
         others = frozenset(v for v in states if v not in (target, stable.version))
         both = VersionPlan(target, frozenset({target, stable.version}), others)
+        back_to_stable = functools.partial(
+            _Step, both, 0, {stable.version: total}, None, handled=handled,
+            active=stable.version if blue_green else None)
         done = rolled_back_record(previous.versions, target)
-        if done is not None:  # stays rolled back until the spec asks for another version
-            return _Step(both, 0, {stable.version: total}, None,
-                         RollBack(done.reason or "rolled back", done.analysis))
-        action = rollout.PROMOTE if annotations.get(api.PROMOTE_ANNOTATION) == target else None
+        if done is not None and not retry:  # stays rolled back until a new version or a retry
+            return back_to_stable(rolled_back=RollBack(done.reason or "rolled back",
+                                                       done.analysis))
+        if abort:
+            log.warning("rollout of version %s aborted by a user", target)
+            return back_to_stable(rolled_back=RollBack(ABORTED))
         current = previous.canary if previous.canary and previous.canary.version == target \
-            else None
-        verdict = await self._analyse(o, spec, target, current.step if current else 1)
-        decision = rollout.step_canary(
+            and done is None else None
+        # Promote on request; and going back to a version that already served (a rollback
+        # to a recorded version) needs no canary steps, as Argo Rollouts' rollback window.
+        served_before = any(r.version == target and r.promoted_at for r in previous.versions)
+        asked = annotations.get(api.PROMOTE_ANNOTATION) == target
+        action = rollout.PROMOTE if asked or served_before else None
+        verdict = await self._analyse(o, spec, target, current) if current else None
+        step_rollout = rollout.step_blue_green if blue_green else rollout.step_canary
+        decision = step_rollout(
             spec=spec, total=total, stable=stable, target=states.get(target), current=current,
             action=action, now=self._clock(), verdict=verdict)
         if decision.rolled_back is not None:
             log.warning("%s", decision.message)
-            return _Step(both, 0, {stable.version: total}, None,
-                         RollBack(decision.rolled_back.reason, decision.rolled_back.figures()))
+            return back_to_stable(rolled_back=RollBack(decision.rolled_back.reason,
+                                                       decision.rolled_back.figures()))
         if decision.promoted:
-            retire = others | {stable.version}
-            plan = VersionPlan(target, frozenset({target}), retire)
-            return _Step(plan, decision.replicas[target], {}, decision)
+            plan = VersionPlan(target, frozenset({target}), others | {stable.version})
+            return _Step(plan, decision.replicas[target], {}, decision, handled=handled,
+                         active=target if blue_green else None)
         scale = {stable.version: decision.replicas[stable.version]}
-        return _Step(both, decision.replicas[target], scale, decision)
+        return _Step(both, decision.replicas[target], scale, decision, handled=handled,
+                     active=stable.version if blue_green else None,
+                     preview=target if blue_green else None)
 
     async def _analyse(self, o: Observed, spec: api.ModelDeploymentSpec, version: str,
-                       step: int) -> analysis.Verdict | None:
-        """Judge the canary's window of this step from its ready pods' /metrics."""
+                       current: api.CanaryStatus) -> analysis.Verdict | None:
+        """Judge the new version over the current step's window, from its ready pods'
+        /metrics (the window starts at the first pass that saw this step)."""
         thresholds = spec.rollout.analysis
         if thresholds is None:
             return None
@@ -195,8 +229,10 @@ class Reconciler:
         texts = await asyncio.gather(*(self._scrape(ip, spec.runtime.port) for ip in addresses))
         counts = analysis.total(analysis.parse_metrics(t) for t in texts if t)
         meta = o.resource["metadata"]
-        baseline = self._baselines.setdefault(
-            (meta["namespace"], meta["name"], version, str(step)), counts)
+        window = (meta["namespace"], meta["name"], version, current.started_at, str(current.step))
+        for stale in [k for k in self._baselines if k[:2] == window[:2] and k != window]:
+            del self._baselines[stale]
+        baseline = self._baselines.setdefault(window, counts)
         return analysis.judge(counts.since(baseline), thresholds)
 
     async def _apply(self, desired: list[dict[str, Any]],
@@ -319,6 +355,12 @@ async def scrape_metrics(ip: str, port: int) -> str | None:
     return response.text if response.status_code == 200 else None
 
 
+def _new_request(annotations: Mapping[str, str], name: str, handled: str | None) -> str | None:
+    """The value of control annotation ``name`` when it asks for something not yet done."""
+    value = annotations.get(name)
+    return value if value and value != handled else None
+
+
 def _pod_ready(pod: Mapping[str, Any]) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True"
                for c in pod.get("status", {}).get("conditions", []) or [])
@@ -327,8 +369,12 @@ def _pod_ready(pod: Mapping[str, Any]) -> bool:
 def _with_progress(canary: api.CanaryStatus | None, steps: int) -> api.CanaryStatus | None:
     if canary is None:
         return None
+    if canary.strategy == "BlueGreen":
+        return canary.model_copy(update={"progress": "preview (paused)" if canary.paused
+                                         else "preview"})
     where = "promoting" if canary.step > steps else f"step {canary.step}/{steps}"
-    return canary.model_copy(update={"progress": f"{canary.weight}% ({where})"})
+    paused = ", paused" if canary.paused else ""
+    return canary.model_copy(update={"progress": f"{canary.weight}% ({where}{paused})"})
 
 
 def _with_kind(objs: Iterable[Mapping[str, Any]], kind: str) -> Iterable[Mapping[str, Any]]:

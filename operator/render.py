@@ -256,8 +256,12 @@ def render_deployment(
     return with_hash(deployment)
 
 
-def render_service(owner: Owner, spec: api.ModelDeploymentSpec | None) -> dict[str, Any]:
-    """The stable Service: every ready runtime pod of the model, whatever its version."""
+def render_service(owner: Owner, active: str | None = None) -> dict[str, Any]:
+    """The stable Service: every ready runtime pod of the model, whatever its version (the
+    canary split is by replica ratio), or only version ``active`` (blue-green)."""
+    selector = selector_labels(owner.name)
+    if active is not None:
+        selector[VERSION_LABEL] = active
     service = {
         "apiVersion": "v1",
         "kind": "Service",
@@ -269,7 +273,7 @@ def render_service(owner: Owner, spec: api.ModelDeploymentSpec | None) -> dict[s
         },
         "spec": {
             "type": "ClusterIP",
-            "selector": selector_labels(owner.name),
+            "selector": selector,
             "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http",
                        "protocol": "TCP"}],
         },
@@ -283,11 +287,23 @@ def version_service_name(owner_name: str, version: str) -> str:
 
 def render_version_service(owner: Owner, version: str) -> dict[str, Any]:
     """A Service per live version, so each can be reached, scraped and compared alone."""
-    service = render_service(owner, None)
-    service["metadata"]["name"] = version_service_name(owner.name, version)
+    return _single_version_service(owner, version, version_service_name(owner.name, version))
+
+
+def preview_service_name(owner_name: str) -> str:
+    return f"{owner_name}-preview"
+
+
+def render_preview_service(owner: Owner, version: str) -> dict[str, Any]:
+    """The blue-green preview Service: the new version alone, before it is promoted."""
+    return _single_version_service(owner, version, preview_service_name(owner.name))
+
+
+def _single_version_service(owner: Owner, version: str, name: str) -> dict[str, Any]:
+    service = render_service(owner, version)
+    service["metadata"]["name"] = name
     service["metadata"]["labels"] = {**common_labels(owner.name), VERSION_LABEL: version}
     service["metadata"].pop("annotations", None)
-    service["spec"]["selector"] = {MODEL_LABEL: owner.name, VERSION_LABEL: version}
     return with_hash(service)
 
 

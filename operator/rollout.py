@@ -83,9 +83,7 @@ def step_canary(
     if current is None or current.version != version:
         current = api.CanaryStatus(version=version, weight=steps[0].weight, step=1,
                                    started_at=stamp, step_started_at=stamp)
-    if target is not None and target.pod_failure is not None:  # it cannot even serve
-        reason, message = target.pod_failure
-        verdict = Verdict("fail", f"its pods are failing ({reason}: {message})", 0)
+    verdict = _failing_pods(target) or verdict  # a version that cannot even serve fails
     if verdict is not None and verdict.outcome == "fail":
         return CanaryDecision({stable.version: total, version: 0}, None, False,
                               f"version {version} rolled back: {verdict.reason}", verdict)
@@ -119,32 +117,110 @@ def step_canary(
                               f"step {current.step}/{len(steps)}: moving to {weight}% "
                               f"({ready_canary}/{want_canary} canary replicas ready)")
     reached_at = current.reached_at or stamp
-    held = (now - _parse(reached_at)).total_seconds()
-    if step.pause_seconds is None:
-        return CanaryDecision(replicas, current.model_copy(
-            update={"weight": weight, "reached_at": reached_at}), False,
-            f"step {current.step}/{len(steps)}: {weight}% of traffic; waiting for promote")
-    if held < step.pause_seconds:
-        return CanaryDecision(replicas, current.model_copy(
-            update={"weight": weight, "reached_at": reached_at}), False,
-            f"step {current.step}/{len(steps)}: {weight}% of traffic, "
-            f"{step.pause_seconds - held:.0f} s left")
-    if verdict is not None and verdict.outcome == "wait":
-        limit = spec.rollout.analysis.max_wait_seconds if spec.rollout.analysis else 0
-        if held - step.pause_seconds > limit:
-            failed = Verdict("fail", f"analysis inconclusive after waiting {limit} s "
-                                     f"({verdict.reason})", verdict.requests)
-            return CanaryDecision({stable.version: total, version: 0}, None, False,
-                                  f"version {version} rolled back: {failed.reason}", failed)
-        return CanaryDecision(replicas, current.model_copy(
-            update={"weight": weight, "reached_at": reached_at}), False,
-            f"step {current.step}/{len(steps)}: {weight}% of traffic; analysis: "
-            f"{verdict.reason}")
+    holding = current.model_copy(update={"weight": weight, "reached_at": reached_at})
+    where = f"step {current.step}/{len(steps)}: {weight}% of traffic"
+    held = _hold(spec, step.pause_seconds, now - _parse(reached_at), verdict=verdict,
+                 holding=holding, where=where)
+    if isinstance(held, Verdict):
+        return CanaryDecision({stable.version: total, version: 0}, None, False,
+                              f"version {version} rolled back: {held.reason}", held)
+    if held is not None:
+        return CanaryDecision(replicas, held[0], False, held[1])
     following = current.step + 1
     next_weight = 100 if following > len(steps) else steps[following - 1].weight
     return CanaryDecision(replicas, current.model_copy(update={
         "step": following, "weight": next_weight, "step_started_at": stamp, "reached_at": None,
     }), False, f"step {current.step}/{len(steps)} done")
+
+
+def step_blue_green(
+    *,
+    spec: api.ModelDeploymentSpec,
+    total: int,
+    stable: VersionState,
+    target: VersionState | None,
+    current: api.CanaryStatus | None,
+    action: str | None,
+    now: dt.datetime,
+    verdict: Verdict | None = None,
+) -> CanaryDecision:
+    """The next move of a blue-green rollout: the new version comes up beside the stable
+    one with :func:`preview_replicas` replicas, reachable only through the preview
+    Service; promotion (manual, or ``autoPromoteSeconds`` after the preview is fully
+    ready with its analysis passed) points the stable Service at it in one step and
+    drains the old version."""
+    version = spec.model.version
+    stamp = _stamp(now)
+    if current is None or current.version != version:
+        current = api.CanaryStatus(version=version, strategy="BlueGreen", weight=0, step=1,
+                                   started_at=stamp, step_started_at=stamp)
+    verdict = _failing_pods(target) or verdict
+    if verdict is not None and verdict.outcome == "fail":
+        return CanaryDecision({stable.version: total, version: 0}, None, False,
+                              f"version {version} rolled back: {verdict.reason}", verdict)
+    preview = preview_replicas(spec, total)
+    ready = target.ready if target else 0
+    reached = target is not None and target.up_to_date and target.desired == preview \
+        and ready >= preview
+    replicas = {stable.version: total, version: preview}
+    if not reached:
+        return CanaryDecision(replicas, current.model_copy(update={"progress": "preview"}),
+                              False, f"preview of version {version}: {ready}/{preview} "
+                                     f"replicas ready")
+    if action == PROMOTE:
+        return _switched(version, stable, total)
+    reached_at = current.reached_at or stamp
+    holding = current.model_copy(update={"reached_at": reached_at})
+    where = f"preview of version {version} ready"
+    held = _hold(spec, spec.rollout.auto_promote_seconds, now - _parse(reached_at),
+                 verdict=verdict, holding=holding, where=where)
+    if isinstance(held, Verdict):
+        return CanaryDecision({stable.version: total, version: 0}, None, False,
+                              f"version {version} rolled back: {held.reason}", held)
+    if held is not None:
+        return CanaryDecision(replicas, held[0], False, held[1])
+    return _switched(version, stable, total)
+
+
+def preview_replicas(spec: api.ModelDeploymentSpec, total: int) -> int:
+    """Replicas of a blue-green preview: a full copy, unless ``maxSurgeGPUs`` caps it."""
+    if spec.rollout.max_surge_gpus is None:
+        return max(total, 1)
+    return max(1, min(total, surge_replicas(spec)))
+
+
+def _switched(version: str, stable: VersionState, total: int) -> CanaryDecision:
+    return CanaryDecision({version: total, stable.version: 0}, None, True,
+                          f"version {version} promoted: the stable Service now selects it")
+
+
+def _failing_pods(target: VersionState | None) -> Verdict | None:
+    if target is None or target.pod_failure is None:
+        return None
+    reason, message = target.pod_failure
+    return Verdict("fail", f"its pods are failing ({reason}: {message})", 0)
+
+
+def _hold(
+    spec: api.ModelDeploymentSpec, pause_seconds: int | None, held_for: dt.timedelta, *,
+    verdict: Verdict | None, holding: api.CanaryStatus, where: str,
+) -> tuple[api.CanaryStatus, str] | Verdict | None:
+    """Whether a reached step (or a ready preview) must still hold: ``(status, message)``
+    to keep holding, a failed :class:`Verdict` when the analysis waited too long, or None
+    when it may move on. No ``pause_seconds`` means hold until a manual promote."""
+    held = held_for.total_seconds()
+    if pause_seconds is None:
+        return (holding.model_copy(update={"paused": True}),
+                f"{where}; waiting for promote")
+    if held < pause_seconds:
+        return holding, f"{where}, {pause_seconds - held:.0f} s left"
+    if verdict is not None and verdict.outcome == "wait":
+        limit = spec.rollout.analysis.max_wait_seconds if spec.rollout.analysis else 0
+        if held - pause_seconds > limit:
+            return Verdict("fail", f"analysis inconclusive after waiting {limit} s "
+                                   f"({verdict.reason})", verdict.requests)
+        return holding, f"{where}; analysis: {verdict.reason}"
+    return None
 
 
 def wanted_total(spec: api.ModelDeploymentSpec) -> int:

@@ -144,6 +144,7 @@ def compute_status(
     canary_message: str = "",
     promoted: bool = False,
     rolled_back: RollBack | None = None,
+    handled: api.HandledRequests | None = None,
 ) -> tuple[api.ModelDeploymentStatus, list[Event]]:
     """The status for this pass. With a canary in progress (``canary``) the target version
     stays in phase Canary until ``promoted``."""
@@ -195,7 +196,8 @@ def compute_status(
     if rolled_back is not None:
         problem = (api.ConditionStatus.TRUE, "RolledBack",
                    f"version {target} was rolled back: {rolled_back.reason}; "
-                   "change spec.model.version to roll out again")
+                   "change spec.model.version, or ask for a retry (modelyard retry NAME), "
+                   "to roll out again")
     degraded = problem or (api.ConditionStatus.FALSE, "AsExpected", "")
 
     conditions = [
@@ -218,6 +220,7 @@ def compute_status(
         selector=selector,
         gpus=sum(s.gpus for s in observed.values()),
         versions=versions[: api.HISTORY_LIMIT],
+        handled_requests=handled if handled and (handled.abort or handled.retry) else None,
     )
     return status, events
 
@@ -270,6 +273,7 @@ def _ledger(
     done = promoted or (target_state is not None and target_state.available)
     if done and current.phase != api.VersionPhase.STABLE:
         current.phase = api.VersionPhase.STABLE
+        current.promoted_at = stamp
         ready = target_state.ready if target_state else 0
         current.reason = "promoted after its canary" if promoted else f"all {ready} replicas ready"
         events.append(Event("Normal", "RolloutComplete",

@@ -1,13 +1,19 @@
-"""``modelyard status|history|promote NAME``: a ModelDeployment as a person wants to see it.
+"""``modelyard status|history|promote|abort|retry|rollback NAME``: a ModelDeployment as a
+person wants to see and steer it.
 
 Thin commands over the Kubernetes API with the user's own kubeconfig (``$KUBECONFIG``
-or ``~/.kube/config``), called by :mod:`.cli`. ``promote`` sets the same annotation a
-GitOps user would commit (``modelyard.dev/promote=<version>``), so both paths behave
-the same. Exit codes: 0 done, 1 the resource is not in a state for it, 2 not found.
+or ``~/.kube/config``), called by :mod:`.cli`. ``promote``, ``abort`` and ``retry`` set
+the same annotations a GitOps user or an Argo CD action would
+(``modelyard.dev/promote=<version>``, ``modelyard.dev/abort=<new value>``,
+``modelyard.dev/retry=<new value>``), so every path behaves the same. ``rollback``
+changes ``spec.model`` back to a version from the ledger (with GitOps, revert the commit
+instead, or the sync will undo it). Exit codes: 0 done, 1 the resource is not in a state
+for it, 2 not found.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
 from typing import Any, TextIO, cast
 
@@ -67,7 +73,61 @@ def promote(name: str, namespace: str, out: TextIO = sys.stdout) -> None:
     status = api.parse_status(fetch(name, namespace).get("status"))
     if status.canary is None:
         raise CommandError(f"{namespace}/{name} has no canary in progress")
-    body = {"metadata": {"annotations": {api.PROMOTE_ANNOTATION: status.canary.version}}}
+    _annotate(name, namespace, api.PROMOTE_ANNOTATION, status.canary.version)
+    print(f"promoting version {status.canary.version} of {namespace}/{name}", file=out)
+
+
+def abort(name: str, namespace: str, out: TextIO = sys.stdout) -> None:
+    md = fetch(name, namespace)
+    status = api.parse_status(md.get("status"))
+    if status.canary is None:
+        raise CommandError(f"{namespace}/{name} has no rollout in progress")
+    _annotate(name, namespace, api.ABORT_ANNOTATION, _request_token(md, api.ABORT_ANNOTATION))
+    print(f"aborting the rollout of version {status.canary.version} of {namespace}/{name}; "
+          f"traffic goes back to version {status.stable_version}", file=out)
+
+
+def retry(name: str, namespace: str, out: TextIO = sys.stdout) -> None:
+    md = fetch(name, namespace)
+    status = api.parse_status(md.get("status"))
+    target = md["spec"]["model"]["version"]
+    last = status.versions[0] if status.versions else None
+    if last is None or last.version != target or last.phase != api.VersionPhase.ROLLED_BACK:
+        raise CommandError(f"{namespace}/{name}: version {target} was not rolled back; "
+                           "nothing to retry")
+    _annotate(name, namespace, api.RETRY_ANNOTATION, _request_token(md, api.RETRY_ANNOTATION))
+    print(f"rolling out version {target} of {namespace}/{name} again", file=out)
+
+
+def rollback(name: str, namespace: str, to: str | None = None,
+             out: TextIO = sys.stdout) -> None:
+    """Point ``spec.model`` back at a version that served before (the last one by default)."""
+    md = fetch(name, namespace)
+    status = api.parse_status(md.get("status"))
+    current = md["spec"]["model"]["version"]
+    served = [r for r in status.versions if r.promoted_at and r.version != current]
+    chosen = next((r for r in served if r.version == to), None) if to else \
+        (served[0] if served else None)
+    if chosen is None:
+        known = ", ".join(dict.fromkeys(r.version for r in served)) or "none"
+        wanted = f"version {to}" if to else "an earlier version"
+        raise CommandError(f"{namespace}/{name}: {wanted} never served; versions that served "
+                           f"before: {known}")
+    model = {"version": chosen.version, "uri": chosen.uri, "sha256": chosen.sha256}
+    _api().patch_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name,
+                                          {"spec": {"model": model}})
+    print(f"rolling {namespace}/{name} back from version {current} to {chosen.version} "
+          f"({chosen.uri}); it served before, so it skips the canary steps", file=out)
+
+
+def _annotate(name: str, namespace: str, key: str, value: str) -> None:
+    body = {"metadata": {"annotations": {key: value}}}
     _api().patch_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name,
                                           body)
-    print(f"promoting version {status.canary.version} of {namespace}/{name}", file=out)
+
+
+def _request_token(md: dict[str, Any], annotation: str) -> str:
+    """A value for a control annotation that differs from the one there now."""
+    token = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    current = (md.get("metadata", {}).get("annotations") or {}).get(annotation)
+    return token if token != current else f"{token}-1"

@@ -65,6 +65,20 @@ def wait_for(check: Callable[[], T], timeout: float = 60.0, interval: float = 0.
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
 
 
+def ready_endpoints(kube: Kube, service: str) -> list[str]:
+    """The ready addresses behind ``service``, from its EndpointSlices (what kube-proxy
+    would route to)."""
+    return sorted(ready_endpoint_pods(kube, service))
+
+
+def ready_endpoint_pods(kube: Kube, service: str) -> dict[str, str]:
+    """address -> pod name of the ready endpoints behind ``service``."""
+    slices = kube.get("endpointslices", selector=f"kubernetes.io/service-name={service}") or []
+    return {address: (e.get("targetRef") or {}).get("name", "")
+            for s in slices for e in s.get("endpoints") or []
+            if (e.get("conditions") or {}).get("ready") for address in e["addresses"]}
+
+
 class Kube:
     """kubectl against the test cluster, as a user would type it."""
 

@@ -3,12 +3,13 @@ versions, garbage collection, drift repair, restarts, and writes at rest."""
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from typing import Any
 
 import pytest
 import yaml
-from support import Kube, wait_for
+from support import Kube, ready_endpoints, wait_for
 
 from modelyard.operator.devcluster.pki import OPERATOR_USER
 
@@ -85,7 +86,8 @@ def test_gpu_model_is_scheduled_on_the_requested_gpu_product_and_reports_ready(
                        if len(pods(kube, "resnet")) == 3 else None, what="3 scheduled pods")
     nodes = {p["spec"]["nodeName"] for p in running}
     assert nodes <= {"gpu-h100-0", "gpu-h100-1"}, nodes  # never the L4 or the CPU node
-    assert all(p["status"]["podIP"].startswith("127.1.") for p in running)
+    network = kube.cluster.pod_network.pod_range
+    assert all(ipaddress.ip_address(p["status"]["podIP"]) in network for p in running)
 
     status = kube.get("md", "resnet")["status"]
     assert status["readyReplicas"] == 3
@@ -99,6 +101,10 @@ def test_gpu_model_is_scheduled_on_the_requested_gpu_product_and_reports_ready(
     assert status["versions"][0]["uri"] == "file:///models/resnet/1/model.pt"
     service = kube.get("service", "resnet")
     assert service["spec"]["selector"] == {"modelyard.dev/model-deployment": "resnet"}
+    # The Service's endpoints are the ready pods, as EndpointSlices (pods have routable IPs).
+    slices = wait_for(lambda: ready_endpoints(kube, "resnet") if len(
+        ready_endpoints(kube, "resnet")) == 3 else None, what="3 ready endpoints")
+    assert slices == sorted(p["status"]["podIP"] for p in running)
 
     meta = kube.get("md", "resnet")["metadata"]
     # kopf keeps its state under our group, and needs no finalizer (deletion never waits on us)

@@ -16,7 +16,14 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from support import Kube, as_operator, fresh_namespace, install_crd, wait_for
+from support import (
+    Kube,
+    as_operator,
+    fresh_namespace,
+    install_crd,
+    ready_endpoint_pods,
+    wait_for,
+)
 
 from modelyard.operator.devcluster import ClusterConfig, LocalCluster, NodePool
 from modelyard.operator.devcluster.pods import PodProcesses
@@ -118,11 +125,12 @@ def _faulty_model(path: Path) -> None:
 
 
 class _Traffic(threading.Thread):
-    """Plays the model's Service: requests spread over every ready pod, whatever its version."""
+    """Plays kube-proxy for the model's stable Service: requests spread over the ready
+    endpoints of its EndpointSlices (refreshed twice a second), counted by version."""
 
-    def __init__(self, kube: Kube, name: str):
+    def __init__(self, kube: Kube, name: str, service: str | None = None):
         super().__init__(daemon=True)
-        self.kube, self.name = kube, name
+        self.kube, self.name, self.service = kube, name, service or name
         self.ok: collections.Counter[str] = collections.Counter()
         self.failed: collections.Counter[str] = collections.Counter()
         self.stop = threading.Event()
@@ -137,10 +145,10 @@ class _Traffic(threading.Thread):
         while not self.stop.is_set():
             if time.monotonic() - refreshed > 0.5:
                 pods = self.kube.get("pods", selector=f"modelyard.dev/model-deployment={self.name}")
-                targets = [(p["status"]["podIP"], p["metadata"]["labels"]["modelyard.dev/version"])
-                           for p in pods or [] if not p["metadata"].get("deletionTimestamp")
-                           and any(c["type"] == "Ready" and c["status"] == "True"
-                                   for c in p["status"].get("conditions", []))]
+                versions = {p["metadata"]["name"]: p["metadata"]["labels"]["modelyard.dev/version"]
+                            for p in pods or []}
+                targets = [(ip, versions.get(pod, "?")) for ip, pod in
+                           ready_endpoint_pods(self.kube, self.service).items()]
                 refreshed = time.monotonic()
             if not targets:
                 time.sleep(0.1)

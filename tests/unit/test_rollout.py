@@ -132,3 +132,78 @@ def test_inconclusive_analysis_waits_then_rolls_back_at_its_deadline() -> None:
     decision = _at_step(s, verdict=waiting, held_s=45)
     assert decision.rolled_back is not None
     assert "inconclusive after waiting 30 s" in decision.rolled_back.reason
+
+
+def blue_green(replicas: int = 3, auto_promote: int | None = None,
+               surge_gpus: int | None = None) -> api.ModelDeploymentSpec:
+    return api.parse_spec({
+        "model": {"version": "2", "uri": "s3://m/2"}, "replicas": replicas,
+        "resources": {"gpu": {"count": 1}},
+        "rollout": {"strategy": "BlueGreen", "autoPromoteSeconds": auto_promote,
+                    "maxSurgeGPUs": surge_gpus},
+    })
+
+
+def run_blue_green(s: api.ModelDeploymentSpec, *, promote_at: int | None = None,
+                   passes: int = 30) -> list[rollout.CanaryDecision]:
+    n = s.replicas
+    stable = VersionState("1", "m-v1", desired=n, replicas=n, ready=n, updated=n)
+    target: VersionState | None = None
+    current: api.CanaryStatus | None = None
+    decisions = []
+    for i in range(passes):
+        action = rollout.PROMOTE if promote_at is not None and i >= promote_at else None
+        decision = rollout.step_blue_green(spec=s, total=n, stable=stable, target=target,
+                                           current=current, action=action,
+                                           now=T0 + dt.timedelta(seconds=i))
+        decisions.append(decision)
+        if decision.promoted or decision.rolled_back:
+            break
+        current = decision.canary
+        want = decision.replicas["2"]
+        target = VersionState("2", "m-v2", want, want, min(target.desired, want) if target
+                              else 0, want)
+    return decisions
+
+
+def test_blue_green_previews_a_full_copy_and_waits_for_a_manual_promote() -> None:
+    decisions = run_blue_green(blue_green(replicas=3))
+    last = decisions[-1]
+    assert not last.promoted
+    assert last.replicas == {"1": 3, "2": 3}  # stable keeps serving everything
+    assert last.canary is not None
+    assert last.canary.paused
+    assert last.canary.strategy == "BlueGreen"
+    assert all(d.replicas["1"] == 3 for d in decisions)
+
+
+def test_blue_green_promotes_at_once_on_request_once_the_preview_is_ready() -> None:
+    decisions = run_blue_green(blue_green(replicas=2), promote_at=0)
+    assert decisions[0].promoted is False  # nothing ready yet: the switch must wait
+    last = decisions[-1]
+    assert last.promoted
+    assert last.replicas == {"1": 0, "2": 2}
+
+
+def test_blue_green_auto_promotes_after_the_preview_held_ready() -> None:
+    decisions = run_blue_green(blue_green(replicas=2, auto_promote=5))
+    promoted_at = next(i for i, d in enumerate(decisions) if d.promoted)
+    ready_at = next(i for i, d in enumerate(decisions)
+                    if d.canary is not None and d.canary.reached_at)
+    assert promoted_at - ready_at >= 5
+
+
+def test_blue_green_preview_respects_a_gpu_cap() -> None:
+    decisions = run_blue_green(blue_green(replicas=4, surge_gpus=1))
+    assert max(d.replicas["2"] + d.replicas["1"] for d in decisions) == 5
+
+
+def test_blue_green_failing_preview_rolls_back() -> None:
+    s = blue_green(replicas=2)
+    stable = VersionState("1", "m-v1", desired=2, replicas=2, ready=2, updated=2)
+    broken = VersionState("2", "m-v2", 2, 2, 0, 2, pod_failure=("CrashLoopBackOff", "boom"))
+    decision = rollout.step_blue_green(spec=s, total=2, stable=stable, target=broken,
+                                       current=None, action=None, now=T0)
+    assert decision.rolled_back is not None
+    assert decision.replicas == {"1": 2, "2": 0}
+    assert "CrashLoopBackOff" in decision.message
