@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-from support import CRD_PATH, ROOT, fresh_namespace
+from support import CRD_PATH, ROOT, fresh_namespace, wait_for
 
 CHART = ROOT / "charts" / "modelyard"
 CHART_CRD = CHART / "crds" / CRD_PATH.name
@@ -204,10 +204,11 @@ def _check_installed(cluster: Any, ns: str, name: str) -> None:
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["serviceAccountName"] == name
     assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
-    pdb = _get(cluster, "pdb", name, "-n", ns)
-    assert pdb is not None
+    pdb = wait_for(lambda: (_get(cluster, "pdb", name, "-n", ns) or {}).get("status", {})
+                   .get("currentHealthy") == 2 and _get(cluster, "pdb", name, "-n", ns),
+                   what="the PDB counting both replicas")
     assert pdb["spec"]["minAvailable"] == 1
-    assert pdb["status"]["currentHealthy"] == 2
+    assert pdb["status"]["disruptionsAllowed"] == 1
     assert _get(cluster, "serviceaccount", name, "-n", ns) is not None
     binding = _get(cluster, "clusterrolebinding", name)
     assert binding is not None
