@@ -45,12 +45,15 @@ class Helm:
     def is_complete(self) -> bool:
         return self.path.is_file()
 
-    def run(self, *args: str, kubeconfig: Path, home: Path, input: str | None = None,
-            check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        """Run ``helm ARGS`` against ``kubeconfig``, keeping Helm's cache, config and data
-        (repositories, plugins, registry logins) under ``home`` rather than the user's."""
+    def run(self, *args: str, home: Path, kubeconfig: Path | None = None,
+            input: str | None = None, check: bool = True,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run ``helm ARGS`` (against ``kubeconfig`` when given: lint and template need no
+        cluster), keeping Helm's cache, config and data (repositories, plugins, registry
+        logins) under ``home`` rather than the user's."""
+        cluster = [f"--kubeconfig={kubeconfig}"] if kubeconfig else []
         proc = subprocess.run(
-            [str(self.path), f"--kubeconfig={kubeconfig}", *args],
+            [str(self.path), *cluster, *args],
             input=input, capture_output=True, text=True, check=False, timeout=timeout,
             env=helm_env(home),
         )

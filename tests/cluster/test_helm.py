@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import textwrap
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,12 +27,16 @@ CHART_CRD = CHART / "crds" / CRD_PATH.name
 class Chart:
     """``helm`` on the chart, with Helm's home folders kept in a temporary folder."""
 
-    def __init__(self, helm: Any, home: Path, kubeconfig: Path):
+    def __init__(self, helm: Any, home: Path, kubeconfig: Path | None = None):
         self.helm, self.home, self.kubeconfig = helm, home, kubeconfig
 
+    def on(self, cluster: Any) -> Chart:
+        return Chart(self.helm, self.home, cluster.kubeconfig)
+
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.helm.run(*args, kubeconfig=self.kubeconfig, home=self.home,  # type: ignore[no-any-return]
-                             check=check)
+        proc: subprocess.CompletedProcess[str] = self.helm.run(
+            *args, kubeconfig=self.kubeconfig, home=self.home, check=check)
+        return proc
 
     def template(self, release: str, namespace: str, values: dict[str, Any] | None = None,
                  *extra: str) -> list[dict[str, Any]]:
@@ -48,10 +53,11 @@ class Chart:
 
 
 @pytest.fixture(scope="module")
-def chart(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Chart:
+def chart(tmp_path_factory: pytest.TempPathFactory) -> Chart:
+    """Helm on the chart, with no cluster (lint, template); ``chart.on(cluster)`` for one."""
     from modelyard.operator.devcluster.helm import ensure_helm
 
-    return Chart(ensure_helm(), tmp_path_factory.mktemp("helm-home"), cluster.kubeconfig)
+    return Chart(ensure_helm(), tmp_path_factory.mktemp("helm-home"))
 
 
 @pytest.fixture
@@ -148,6 +154,7 @@ def test_the_prometheus_rules_are_valid_promql(chart: Chart, tmp_path: Path) -> 
 
 def test_install_upgrade_and_uninstall(cluster: Any, chart: Chart,
                                        release_namespace: str) -> None:
+    chart = chart.on(cluster)
     ns = release_namespace
     release = f"my-{uuid.uuid4().hex[:6]}"
     name = f"{release}-modelyard"
@@ -156,6 +163,10 @@ def test_install_upgrade_and_uninstall(cluster: Any, chart: Chart,
     assert installed.returncode == 0, installed.stderr
     assert "watches every namespace" in installed.stdout  # NOTES.txt
     _check_installed(cluster, ns, name)
+    example = installed.stdout.split("<<'YAML'\n", 1)[1].split("  YAML\n", 1)[0]
+    tried = cluster.kubectl("apply", "-n", ns, "--dry-run=server", "-f", "-",
+                            input=textwrap.dedent(example), check=False)
+    assert tried.returncode == 0, f"the example in NOTES.txt:\n{example}\n{tried.stderr}"
 
     with fresh_namespace(cluster, prefix="team") as team:
         upgraded = chart.run("upgrade", release, str(CHART), f"--namespace={ns}",

@@ -69,8 +69,7 @@ def install_rbac(cluster: Any, home: Path, release: str,
     values_file = home / f"{release}.yaml"
     values_file.write_text(yaml.safe_dump(values))
     rendered = ensure_helm().run("template", release, str(CHART), f"--namespace={OPERATOR_NS}",
-                                 f"--values={values_file}", kubeconfig=cluster.kubeconfig,
-                                 home=home)
+                                 f"--values={values_file}", home=home)
     objs = [o for o in yaml.safe_load_all(rendered.stdout) if o and o["kind"] in RBAC_KINDS]
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objs))
     account = next(o["metadata"]["name"] for o in objs if o["kind"] == "ServiceAccount")
