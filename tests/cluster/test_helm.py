@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tarfile
 import textwrap
 import uuid
 from collections.abc import Iterator
@@ -103,10 +104,23 @@ def test_the_values_schema_rejects_unknown_and_mistyped_values(chart: Chart) -> 
         ({"replicaCount": "two"}, "replicaCount"),
         ({"watchNamespaces": ["Not_A_Namespace"]}, "watchNamespaces"),
         ({"leaderElection": {"enabled": True, "lease": "x"}}, "'lease' not allowed"),
+        ({"leaderElection": {"enabled": False}}, "replicaCount > 1 needs leaderElection"),
     ]:
         proc = chart.run("template", "r", str(CHART), *chart._values(bad), check=False)
         assert proc.returncode != 0, bad
         assert message in proc.stderr, proc.stderr
+
+
+def test_the_packaged_chart_carries_the_crd(chart: Chart, tmp_path: Path) -> None:
+    packaged = chart.run("package", str(CHART), f"--destination={tmp_path}")
+    archive = tmp_path / "modelyard-0.1.0.tgz"
+    assert str(archive) in packaged.stdout
+    with tarfile.open(archive) as tar:
+        crd = tar.extractfile(f"modelyard/crds/{CRD_PATH.name}")
+        assert crd is not None
+        assert crd.read() == CRD_PATH.read_bytes()
+    rendered = chart.run("template", "r", str(archive), "--include-crds").stdout
+    assert "name: modeldeployments.modelyard.dev" in rendered
 
 
 @pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
