@@ -286,3 +286,73 @@ def test_a_full_canary_under_real_traffic_loses_no_request(real: Kube,
     assert sum(traffic.failed.values()) == 0, traffic.failed
     ledger = real.get("md", "smooth")["status"]["versions"]
     assert [(v["version"], v["phase"]) for v in ledger] == [("2", "Stable"), ("1", "Superseded")]
+
+
+def _demo(name: str, version: str, rollout: dict[str, Any]) -> str:
+    return yaml.safe_dump({
+        "apiVersion": "modelyard.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": name},
+        "spec": {"model": {"version": version, "uri": "file:///models/demo/1/model.pt"},
+                 "resources": {"gpu": {"count": 1}}, "replicas": 2, "rollout": rollout},
+    })
+
+
+def _cli(kube: Kube, *args: str) -> Any:
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "modelyard.operator.cli", *args, "-n", kube.namespace],
+        env={**os.environ, "KUBECONFIG": str(kube.cluster.kubeconfig)},
+        capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_a_blue_green_switch_under_real_traffic_loses_no_request(
+        real: Kube, real_cluster: Any) -> None:
+    rollout = {"strategy": "BlueGreen"}
+    real.apply(_demo("flip", "1", rollout))
+    wait_for(lambda: (real.get("md", "flip") or {}).get("status", {}).get("readyReplicas")
+             == 2, timeout=120, what="v1 ready")
+    traffic = _Traffic(real, "flip")
+    preview = _Traffic(real, "flip", service="flip-preview")
+    traffic.start()
+    preview.start()
+    real.apply(_demo("flip", "2", rollout))
+    wait_for(lambda: ((real.get("md", "flip") or {}).get("status", {}).get("canary") or {})
+             .get("paused"), timeout=120, what="the preview ready, waiting for promote")
+    wait_for(lambda: preview.ok["2"] > 10, what="the preview Service answering from v2")
+    assert traffic.ok["2"] == 0  # nothing reached the new version through the stable Service
+    assert _cli(real, "promote", "flip").returncode == 0
+    wait_for(lambda: traffic.ok["2"] > 10, timeout=120, what="stable traffic on v2")
+    wait_for(lambda: real.get("deployment", "flip-v1") is None, what="v1 retired")
+    time.sleep(2)
+    for t in (traffic, preview):
+        t.stop.set()
+        t.join()
+    assert traffic.ok["1"] > 0
+    assert sum(traffic.failed.values()) == 0, traffic.failed
+    assert sum(preview.failed.values()) == 0, preview.failed
+
+
+def test_an_abort_under_real_traffic_loses_no_request(real: Kube, real_cluster: Any) -> None:
+    rollout = {"strategy": "Canary", "steps": [{"weight": 50}]}
+    real.apply(_demo("halt", "1", rollout))
+    wait_for(lambda: (real.get("md", "halt") or {}).get("status", {}).get("readyReplicas")
+             == 2, timeout=120, what="v1 ready")
+    traffic = _Traffic(real, "halt")
+    traffic.start()
+    real.apply(_demo("halt", "2", rollout))
+    wait_for(lambda: traffic.ok["2"] > 10, timeout=120, what="the canary serving")
+    assert _cli(real, "abort", "halt").returncode == 0
+    wait_for(lambda: real.get("md", "halt")["status"]["versions"][0]["phase"] == "RolledBack",
+             what="rolled back")
+    wait_for(lambda: (real.get("deployment", "halt-v1") or {}).get("status", {})
+             .get("readyReplicas") == 2 and not real.get(
+                 "pods", selector="modelyard.dev/version=2"), timeout=90,
+             what="v1 at full size, the canary's pods gone")
+    served = traffic.ok["1"]
+    wait_for(lambda: traffic.ok["1"] > served + 10, what="traffic on v1 after the abort")
+    traffic.stop.set()
+    traffic.join()
+    assert sum(traffic.failed.values()) == 0, traffic.failed
