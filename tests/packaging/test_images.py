@@ -87,6 +87,18 @@ def test_the_final_stage_installs_the_wheel_its_build_stage_built(dockerfile: Do
     assert installs == [f"modelyard[{extra}] @ file://{Path(dest) / Path(wheel).name}"]
 
 
+def test_the_build_context_holds_only_what_builds_the_wheel() -> None:
+    from docker.utils.build import exclude_paths
+
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    sent = {p for p in exclude_paths(str(ROOT), patterns) if (ROOT / p).is_file()}
+    assert {"pyproject.toml", "README.md", "operator/cli.py", "runtime/__main__.py"} <= sent
+    assert {p.split("/")[0] for p in sent} <= {
+        "pyproject.toml", "README.md", "operator", "runtime", ".dockerignore"}
+    assert not [p for p in sent if "__pycache__" in p or p.endswith((".pyc", ".pyo"))]
+
+
 def test_the_image_runs_as_a_numeric_non_root_user_without_a_shell(
         dockerfile: Dockerfile) -> None:
     final = dockerfile.final
@@ -198,11 +210,12 @@ def test_the_installed_image_has_no_operator_package_shadowing_the_stdlib(
     site = next(Path(python).parent.parent.glob("lib/python3.11/site-packages"))
     assert not (site / "operator").exists()
     assert not (site / "operator.py").exists()
-    probe = ("import json, operator, modelyard.runtime, modelyard.operator; "
+    probe = (f"import json, operator, modelyard.{name}; "
              "print(operator.__file__, json.dumps(operator.add(1, 2)))")
-    done = subprocess.run(["setpriv", "--reuid=65532", "--regid=65532", "--clear-groups",
-                           python, "-c", probe], cwd=site, capture_output=True, text=True,
-                          check=False)
+    user = replay.user()  # as the image's USER, from site-packages itself (first on sys.path)
+    done = subprocess.run(["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}",
+                           "--clear-groups", python, "-c", probe],
+                          cwd=site, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     where, three = done.stdout.split()
     assert where.startswith("/usr/lib/python3.11/")
