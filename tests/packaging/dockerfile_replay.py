@@ -37,6 +37,7 @@ import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from docker.utils.build import exclude_paths
 from dockerfile_parse import DockerfileParser
@@ -133,15 +134,6 @@ class Dockerfile:
     @property
     def envs(self) -> dict[str, str]:
         return dict(self.parser.envs)
-
-    def global_arg(self, name: str) -> str | None:
-        value: str | None = self.parser.args.get(name)
-        for raw in self.parser.structure:
-            if raw["instruction"] == "FROM":
-                break
-            if raw["instruction"] == "ARG" and raw["value"].split("=", 1)[0] == name:
-                value = raw["value"].split("=", 1)[1] if "=" in raw["value"] else None
-        return value
 
     def copies_from(self, stage: Stage) -> list[tuple[str, list[str], str]]:
         """``(from, sources, dest)`` of each ``COPY --from=`` in ``stage``."""
@@ -297,6 +289,8 @@ class Replay:
             if opts.get("--python") != "3.11":
                 raise ReplayError(f"{where}: the venv should ask for Python 3.11")
             venv = self.host(root, _positional(rest[1:])[0])
+            # the interpreter is chosen here (a Debian 3.11 any uid can run), so the
+            # command's UV_PYTHON_* settings, for bases without Python, do not apply
             self._exec([self.uv, "venv", "-q", "--python", str(self.python), str(venv)], where)
         elif command[:3] == ["uv", "pip", "install"]:
             self._exec(self._pip_install(rest[2:], root), where)
@@ -393,7 +387,7 @@ class Replay:
         return [found, *argv[1:]]
 
     def launch(self, root: Path, args: Sequence[str] | None = None,
-               env: Mapping[str, str] | None = None, **popen: object) -> subprocess.Popen[bytes]:
+               env: Mapping[str, str] | None = None, **popen: Any) -> subprocess.Popen[bytes]:
         """Start the image's command like ``docker run [-e K=V] IMAGE [ARGS]`` would."""
         user = self.user()
         full_env = {"HOME": str(self.host(root, user.home)) if user.home != "/" else "/",
@@ -402,8 +396,9 @@ class Replay:
         cwd = self.host(root, workdir.words()[0] if workdir else "/")
         prefix = [] if user.uid == 0 else [
             "setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups"]
-        return subprocess.Popen([*prefix, *self.argv(root, args)], env=full_env, cwd=cwd,
-                                **popen)  # type: ignore[call-overload]
+        process: subprocess.Popen[bytes] = subprocess.Popen(
+            [*prefix, *self.argv(root, args)], env=full_env, cwd=cwd, **popen)
+        return process
 
 
 def _split_and(words: list[str]) -> Iterator[list[str]]:
