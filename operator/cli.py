@@ -56,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     op = sub.add_parser("operator", help="run the operator")
     op.add_argument("--namespace", "-n", action="append", default=[],
                     help="watch only this namespace (repeatable); default all")
+    op.add_argument("--liveness", default=os.environ.get("MODELYARD_LIVENESS"),
+                    help="serve a liveness probe at this URL, e.g. http://0.0.0.0:8081/healthz")
     sub.add_parser("build-binaries", help="build and cache the local cluster's binaries")
     for name, text in (("status", "a ModelDeployment's state in a few lines"),
                        ("history", "the versions a ModelDeployment has served"),
@@ -80,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(ensure_binaries().root)
         return 0
     if args.command == "operator":
-        return _run_operator(args.namespace)
+        return _run_operator(args.namespace, args.liveness)
     if args.command in ("status", "history", "promote", "abort", "retry", "rollback"):
         import functools
 
@@ -101,10 +103,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _dev(args)
 
 
-def _run_operator(namespaces: list[str]) -> int:
+def _run_operator(namespaces: list[str], liveness: str | None) -> int:
+    """Leader election follows MODELYARD_LEADER_ELECTION & co. (see leader.py)."""
+    from kubernetes.config import ConfigException
+
+    from .kube import load_api_client
     from .runner import OperatorThread
 
-    with _stop_on_signals() as stop, OperatorThread(namespaces):
+    try:
+        load_api_client()
+    except (ConfigException, OSError) as exc:
+        print(f"modelyard: no Kubernetes credentials: not in a pod, and no usable kubeconfig "
+              f"($KUBECONFIG or ~/.kube/config): {exc}", file=sys.stderr)
+        return 1
+
+    with _stop_on_signals() as stop, OperatorThread(namespaces, liveness=liveness):
         stop.wait()
     return 0
 

@@ -30,6 +30,7 @@ import kopf
 
 from . import api
 from .kube import Writer, load_api_client
+from .leader import ElectionConfig, Elector
 from .reconcile import Observed, Reconciler
 from .render import MANAGED_BY, MANAGER, MODEL_LABEL
 
@@ -52,19 +53,35 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.execution.max_workers = 8
-    reconciler = Reconciler(Writer(load_api_client()))
+    writer = Writer(load_api_client())
+    loop = asyncio.get_running_loop()
+    election: ElectionConfig | None = memo.get("election") or ElectionConfig.from_env()
+    elector = None
+
+    def take_over() -> None:  # act at once on what the previous leader left
+        memo["takeover"] = loop.create_task(reconciler.resync_once(), name="modelyard-takeover")
+
+    if election is not None:
+        elector = Elector(writer, election, on_started=take_over)
+        memo["elector"] = elector
+        memo["election_task"] = loop.create_task(elector.run(), name="modelyard-election")
+    reconciler = Reconciler(writer, leading=lambda: elector is None or elector.leading)
     memo["reconciler"] = reconciler
-    memo["resync"] = asyncio.get_running_loop().create_task(
-        reconciler.resync_forever(SAFETY_INTERVAL_S), name="modelyard-resync")
+    memo["resync"] = loop.create_task(reconciler.resync_forever(SAFETY_INTERVAL_S),
+                                      name="modelyard-resync")
 
 
 @kopf.on.cleanup()
 async def shutdown(memo: kopf.Memo, **_: Any) -> None:
-    task: asyncio.Task[None] | None = memo.get("resync")
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    for name in ("election_task", "resync"):
+        task: asyncio.Task[None] | None = memo.get(name)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    elector: Elector | None = memo.get("elector")
+    if elector is not None:
+        await elector.release()
 
 
 @kopf.on.login()

@@ -23,6 +23,7 @@ from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ForbiddenError, NotFoundError
 
 from . import api
+from .leader import LeaseRecord
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class Writer:
         self._custom = client.CustomObjectsApi(api_client)
         self._core = client.CoreV1Api(api_client)
         self._apps = client.AppsV1Api(api_client)
+        self._coordination = client.CoordinationV1Api(api_client)
 
     def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         resource = self._dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
@@ -121,3 +123,50 @@ class Writer:
             self._core.create_namespaced_event(meta["namespace"], body)
         except ApiException as exc:  # an Event is best effort: never fail a pass on it
             log.warning("could not post event %s for %s: %s", reason, meta["name"], exc.reason)
+
+    # -- leader election (see leader.py) ----------------------------------------------
+
+    def read_lease(self, namespace: str, name: str) -> LeaseRecord | None:
+        try:
+            lease = self._coordination.read_namespaced_lease(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        spec, meta = lease.spec, lease.metadata
+        assert spec is not None
+        assert meta is not None
+        return LeaseRecord(
+            holder=spec.holder_identity or None, duration_s=int(spec.lease_duration_seconds or 1),
+            acquired=spec.acquire_time, renewed=spec.renew_time,
+            transitions=int(spec.lease_transitions or 0),
+            resource_version=meta.resource_version)
+
+    def write_lease(self, namespace: str, name: str, record: LeaseRecord) -> bool:
+        """Create the Lease, or replace it at ``record.resource_version``; False on a race."""
+        body = client.V1Lease(
+            metadata=client.V1ObjectMeta(name=name, namespace=namespace,
+                                         resource_version=record.resource_version),
+            spec=client.V1LeaseSpec(
+                holder_identity=record.holder or "", lease_duration_seconds=record.duration_s,
+                acquire_time=_micro(record.acquired), renew_time=_micro(record.renewed),
+                lease_transitions=record.transitions))
+        try:
+            if record.resource_version is None:
+                self._coordination.create_namespaced_lease(namespace, body,
+                                                           field_manager=FIELD_MANAGER)
+            else:
+                self._coordination.replace_namespaced_lease(name, namespace, body,
+                                                            field_manager=FIELD_MANAGER)
+        except ApiException as exc:
+            if exc.status in (409, 404):  # someone else wrote (or deleted) it first
+                return False
+            raise
+        return True
+
+
+def _micro(stamp: dt.datetime | None) -> str | None:
+    """A MicroTime, as the Lease API wants it (the client would send seconds only)."""
+    if stamp is None:
+        return None
+    return stamp.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -80,8 +80,9 @@ class Observed:
 
 class Reconciler:
     def __init__(self, writer: Writer, clock: Callable[[], dt.datetime] | None = None,
-                 scraper: Scraper | None = None):
+                 scraper: Scraper | None = None, leading: Callable[[], bool] = lambda: True):
         self.writer = writer
+        self.leading = leading  # only the leader acts (see leader.py); others keep track
         self._scrape = scraper or scrape_metrics
         self._baselines: dict[tuple[str, ...], analysis.Counts] = {}
         self._clock = clock or (lambda: dt.datetime.now(dt.UTC))
@@ -103,6 +104,8 @@ class Reconciler:
         """Run one pass for ``key``. ``snapshot`` reads the indexes; it is called under the
         resource's lock, so a pass never acts on a view older than the previous pass's."""
         self._known[key] = snapshot
+        if not self.leading():
+            return
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             observed = snapshot()
@@ -279,11 +282,16 @@ class Reconciler:
         missed events. One task for the whole operator, so resources need no finalizer."""
         while True:
             await asyncio.sleep(interval_s)
-            for key, snapshot in list(self._known.items()):
-                try:
-                    await self.reconcile(key, snapshot)
-                except Exception:
-                    log.exception("resync of %s/%s failed; the next one retries", *key)
+            await self.resync_once()
+
+    async def resync_once(self) -> None:
+        """A full pass for every known resource (also run when this replica starts leading,
+        so a takeover acts at once on what the previous leader left)."""
+        for key, snapshot in list(self._known.items()):
+            try:
+                await self.reconcile(key, snapshot)
+            except Exception:
+                log.exception("resync of %s/%s failed; the next one retries", *key)
 
     def _fresh_enough(self, cache_key: tuple[str, ...], live: Mapping[str, Any] | None,
                       desired_hash: str | None) -> bool:

@@ -15,10 +15,19 @@ from typing import Self
 
 import kopf
 
+from .leader import ElectionConfig
+
 
 class OperatorThread:
-    def __init__(self, namespaces: Sequence[str] = (), *, start_timeout_s: float = 60.0):
+    """``election``: take part in leader election with these settings (default: from the
+    environment, see :class:`~.leader.ElectionConfig`; off unless asked for).
+    ``liveness``: serve kopf's health probe at this URL, e.g. http://0.0.0.0:8081/healthz."""
+
+    def __init__(self, namespaces: Sequence[str] = (), *, start_timeout_s: float = 60.0,
+                 election: ElectionConfig | None = None, liveness: str | None = None):
         self.namespaces = list(namespaces)
+        self.election = election
+        self.liveness = liveness
         self._timeout = start_timeout_s
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -62,6 +71,8 @@ class OperatorThread:
                 standalone=True,
                 stop_flag=self._stop,
                 ready_flag=self._ready,
+                memo=kopf.Memo(election=self.election),
+                liveness_endpoint=self.liveness,
             ))
         except BaseException as exc:  # surfaced by start()
             self._error = exc
