@@ -29,7 +29,11 @@ from support import Kube, fresh_namespace, wait_for
 from modelyard.operator import analysis, api, promql, render
 from modelyard.operator.devcluster import ClusterConfig, LocalCluster, NodePool
 from modelyard.operator.devcluster.pods import PodProcesses
-from modelyard.operator.devcluster.prometheus import LocalPrometheus, PrometheusConfig
+from modelyard.operator.devcluster.prometheus import (
+    LocalPrometheus,
+    PrometheusConfig,
+    StaticTargets,
+)
 from modelyard.runtime.client import Client, InferenceServerError
 
 NAME = "flaky"
@@ -75,17 +79,25 @@ spec:
 
 
 @dataclass
+class Source:
+    """A Prometheus and the version to ask it about."""
+
+    url: str
+    ref: promql.VersionRef
+
+    def client(self) -> promql.Prometheus:
+        return promql.Prometheus(self.url)
+
+
+@dataclass
 class Setup:
     kube: Kube
     prometheus: LocalPrometheus
     pods: dict[str, str]  # pod name -> IP
 
     @property
-    def ref(self) -> promql.VersionRef:
-        return promql.VersionRef(self.kube.namespace, NAME, VERSION)
-
-    def client(self) -> promql.Prometheus:
-        return promql.Prometheus(self.prometheus.url)
+    def source(self) -> Source:
+        return Source(self.prometheus.url, promql.VersionRef(self.kube.namespace, NAME, VERSION))
 
 
 @pytest.fixture(scope="module")
@@ -149,19 +161,19 @@ def _direct(ips: list[str]) -> analysis.Counts:
     return analysis.total(analysis.parse_metrics(t) for t in texts)
 
 
-def _query(setup: Setup, expr: str) -> dict[str, Any]:
+def _query(source: Source, expr: str) -> dict[str, Any]:
     async def run() -> dict[str, Any]:
-        async with setup.client() as prom:
+        async with source.client() as prom:
             return await prom.query(expr, time.time())
     return asyncio.run(run())
 
 
-def _scraped_after(setup: Setup, moment: float) -> float:
+def _scraped_after(source: Source, moment: float) -> float:
     """Wait until Prometheus scraped every runtime pod after ``moment``; the last scrape time."""
-    sel = f'{{namespace="{setup.kube.namespace}",model_deployment="{NAME}"}}'
+    sel = f'{{namespace="{source.ref.namespace}",model_deployment="{source.ref.name}"}}'
 
     def stamps() -> list[float] | None:
-        result = _query(setup, f"timestamp(up{sel})")["result"]
+        result = _query(source, f"timestamp(up{sel})")["result"]
         found = [float(r["value"][1]) for r in result]
         return found if len(found) == 2 and min(found) > moment else None
 
@@ -169,10 +181,10 @@ def _scraped_after(setup: Setup, moment: float) -> float:
     return max(found)
 
 
-def _load(setup: Setup, **kwargs: Any) -> promql.Load:
+def _load(source: Source, **kwargs: Any) -> promql.Load:
     async def run() -> promql.Load:
-        async with setup.client() as prom:
-            return await prom.load(setup.ref, **kwargs)
+        async with source.client() as prom:
+            return await prom.load(source.ref, **kwargs)
     return asyncio.run(run())
 
 
@@ -198,7 +210,7 @@ def test_prometheus_discovers_the_runtime_pods_with_their_labels(setup: Setup) -
     assert any(t["discoveredLabels"].get("__meta_kubernetes_pod_name") == "bystander"
                for t in dropped)
     # The runtime's own version label is not doubled as exported_version.
-    series = _query(setup, f'modelyard_model_ready{{namespace="{setup.kube.namespace}"}}')
+    series = _query(setup.source, f'modelyard_model_ready{{namespace="{setup.kube.namespace}"}}')
     assert len(series["result"]) == 2
     assert all("exported_version" not in s["metric"] for s in series["result"])
 
@@ -207,17 +219,17 @@ def test_window_counts_equal_the_direct_scrapes(setup: Setup) -> None:
     ips = sorted(setup.pods.values())
     _drive(ips, 12)  # before the window: must not count
     settled = time.time()
-    _scraped_after(setup, settled)
+    _scraped_after(setup.source, settled)
     start = time.time()
     before = _direct(ips)
     ok, failed = _drive(ips, 40)
     after = _direct(ips)
     end = time.time()
-    last_scrape = _scraped_after(setup, end)
+    last_scrape = _scraped_after(setup.source, end)
 
     async def window() -> analysis.Counts:
-        async with setup.client() as prom:
-            return await prom.window(setup.ref, start)
+        async with setup.source.client() as prom:
+            return await prom.window(setup.source.ref, start)
 
     from_prometheus = asyncio.run(window())
     from_pods = after.since(before)
@@ -235,7 +247,7 @@ def test_window_counts_equal_the_direct_scrapes(setup: Setup) -> None:
     # is at least 40/range (extrapolation only stretches) and at most 40 over the range
     # less the two edge gaps, each under a scrape interval and a poll.
     span = last_scrape - settled
-    load = _load(setup, at=last_scrape, rate_window_s=span)
+    load = _load(setup.source, at=last_scrape, rate_window_s=span)
     assert load.rps is not None
     assert 40 / span <= load.rps * (1 + 1e-9)
     assert load.rps <= 40 / max(span - 2.5, 0.5)
@@ -260,7 +272,7 @@ def test_inflight_counts_requests_held_open(setup: Setup) -> None:
             conn.endheaders()
             conn.send(body[:10])  # the rest later: the request stays in flight meanwhile
             held.append(conn)
-        load = wait_for(lambda: (x := _load(setup)).inflight == 3 and x, timeout=60,
+        load = wait_for(lambda: (x := _load(setup.source)).inflight == 3 and x, timeout=60,
                         what="3 requests in flight")
         assert load.queue_depth == 0  # not yet decoded, so not queued for a batch
         assert load.ready_replicas == 2
@@ -272,17 +284,42 @@ def test_inflight_counts_requests_held_open(setup: Setup) -> None:
     finally:
         for conn in held:
             conn.close()
-    wait_for(lambda: _load(setup).inflight == 0, timeout=60, what="nothing in flight")
+    wait_for(lambda: _load(setup.source).inflight == 0, timeout=60, what="nothing in flight")
 
 
 def test_unreachable_prometheus_and_bad_queries_are_metrics_unavailable(setup: Setup) -> None:
     async def window(url: str) -> analysis.Counts:
         async with promql.Prometheus(url, timeout_s=2) as prom:
-            return await prom.window(setup.ref, time.time() - 60)
+            return await prom.window(setup.source.ref, time.time() - 60)
 
     with pytest.raises(promql.PrometheusUnreachable):
         asyncio.run(window("http://127.0.0.1:9"))  # nothing listens on the discard port
     with pytest.raises(promql.MetricsUnavailable):
         asyncio.run(window("http://no-such-host.invalid:9090"))
     with pytest.raises(promql.QueryFailed, match="bad_data"):
-        _query(setup, "sum(")
+        _query(setup.source, "sum(")
+
+
+def test_static_targets_give_the_same_counts(setup: Setup) -> None:
+    """Without discovery (runtime-only tests, benchmarks): fixed targets, labels given here,
+    the version from the runtime's own label. Debian's Prometheus 2 when installed, whose
+    range selectors include their left edge (3's do not): the counts must not care."""
+    ips = sorted(setup.pods.values())
+    labels = {"namespace": "static", "model_deployment": NAME}
+    with LocalPrometheus(static=[StaticTargets([f"{ip}:8080" for ip in ips], labels)],
+                         config=PrometheusConfig(scrape_interval_s=1)) as prom:
+        source = Source(prom.url, promql.VersionRef("static", NAME, VERSION))
+        _scraped_after(source, time.time())
+        start = time.time()
+        before = _direct(ips)
+        _drive(ips, 20)
+        after = _direct(ips)
+        _scraped_after(source, time.time())
+
+        async def window() -> analysis.Counts:
+            async with source.client() as client:
+                return await client.window(source.ref, start)
+
+        assert asyncio.run(window()) == after.since(before)
+        assert after.since(before).requests == 20
+        assert _load(source).ready_replicas == 2
