@@ -2,9 +2,13 @@
 
 Used by ``server.py``: each inference request calls :meth:`Batcher.submit`
 with its validated input tensors (any batch size of its own) and awaits its
-slice of the outputs. One worker coroutine drains the queue; the model runs on
-one dedicated inference thread, so the event loop keeps accepting requests
-while a batch runs.
+slice of the outputs. The model runs on one dedicated inference thread, so the
+event loop keeps accepting requests while a batch runs. There is no worker
+coroutine: the batcher is a small state machine driven by loop callbacks
+(a request arrives, a batch finishes, a window timer fires); a batch goes to
+the thread through a ``SimpleQueue`` and comes back with one
+``call_soon_threadsafe``, so each forward pass costs two thread wake-ups and
+no task switches.
 
 Policy (no polling: the worker sleeps on an event, or a timer):
 - when the model is idle and a request arrives, it is dispatched at once;
@@ -27,10 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -76,12 +82,15 @@ class Batcher:
         self._on_batch = on_batch
         self._queue: collections.deque[_Pending] = collections.deque()
         self._queued_items = 0
-        self._wakeup = asyncio.Event()
         self._closing = False
         self._expected = 0
         self._window_end = 0.0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-        self._worker: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._scheduled = False
+        self._drained: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._jobs: queue.SimpleQueue[list[_Pending] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
         self.busy = False
 
     @property
@@ -90,25 +99,38 @@ class Batcher:
         return self._queued_items
 
     def start(self) -> None:
-        self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+        """Start the inference thread (call from the event loop that will submit)."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._serve, name="inference", daemon=True)
+        self._thread.start()
 
     async def stop(self) -> None:
-        """Finish every queued request, then stop the worker and the thread."""
+        """Finish every queued request, then stop the inference thread."""
         self._closing = True
-        self._wakeup.set()
-        if self._worker is not None:
-            await self._worker
-        self._executor.shutdown(wait=True)
+        if self._loop is None or self._thread is None:
+            return
+        self._dispatch()  # a batch window in progress ends now
+        while self.busy or self._queue:
+            self._drained = self._loop.create_future()
+            await self._drained
+        self._jobs.put(None)
+        await asyncio.to_thread(self._thread.join)
 
     async def submit(self, inputs: Tensors) -> Tensors:
         """Queue one request's inputs; return its outputs."""
         if self._closing:
             raise ServiceUnavailable("the server is shutting down")
+        loop = self._loop
+        assert loop is not None, "Batcher.start() was not called"
         size = next(iter(inputs.values())).shape[0]
-        future: asyncio.Future[Tensors] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Tensors] = loop.create_future()
         self._queue.append(_Pending(inputs, size, _key(inputs), future))
         self._queued_items += size
-        self._wakeup.set()
+        if not self.busy and not self._scheduled:
+            # dispatch after the callbacks already due: requests that arrived in the same
+            # loop iteration join this batch
+            self._scheduled = True
+            loop.call_soon(self._dispatch)
         return await future
 
     def _take(self) -> list[_Pending]:
@@ -126,50 +148,72 @@ class Batcher:
         self._queued_items -= items
         return batch
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+    # on the event loop ----------------------------------------------------------------
+    def _dispatch(self) -> None:
+        """Send the next batch to the thread, unless busy or inside a batch window."""
+        self._scheduled = False
+        loop = self._loop
+        assert loop is not None
+        while not self.busy and self._queue:
+            waiting = self._queued_items < self._expected and not self._closing
+            if waiting and loop.time() < self._window_end:
+                if self._timer is None:
+                    self._timer = loop.call_at(self._window_end, self._window_over)
+                return
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            batch = [p for p in self._take() if not p.future.cancelled()]
+            if batch:
+                self.busy = True
+                self._jobs.put(batch)
+        drained = self._drained
+        if not self.busy and not self._queue and drained is not None and not drained.done():
+            drained.set_result(None)
+
+    def _window_over(self) -> None:
+        self._timer = None
+        self._window_end = 0.0
+        self._dispatch()
+
+    def _finished(
+        self, batch: list[_Pending], results: list[Tensors | BaseException], elapsed: float
+    ) -> None:
+        """A batch came back from the thread: answer its requests, dispatch the next."""
+        self.busy = False
+        items = sum(p.size for p in batch)
+        if self._on_batch is not None:
+            self._on_batch(items, elapsed)
+        for pending, result in zip(batch, results, strict=True):
+            if pending.future.done():
+                continue
+            if isinstance(result, BaseException):
+                pending.future.set_exception(result)
+            else:
+                pending.future.set_result(result)
+        # the clients just answered plus those already queued are likely to be
+        # waiting for the next forward pass: worth up to max_delay to gather them
+        assert self._loop is not None
+        self._expected = min(items + self._queued_items, self._max_batch)
+        self._window_end = self._loop.time() + self._max_delay
+        self._dispatch()
+
+    # on the inference thread ----------------------------------------------------------
+    def _serve(self) -> None:
+        loop = self._loop
+        assert loop is not None
         while True:
-            if not self._queue:
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            remaining = self._window_end - loop.time()
-            if self._queued_items < self._expected and remaining > 0 and not self._closing:
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except TimeoutError:
-                    self._window_end = 0.0
-                continue
-            batch = self._take()
-            batch = [p for p in batch if not p.future.cancelled()]
-            if not batch:
-                continue
-            self.busy = True
+            batch = self._jobs.get()
+            if batch is None:
+                return
             started = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, self._run_batch, batch)
-            except BaseException as error:  # the thread pool itself failed
+                results = self._run_batch(batch)
+            except BaseException as error:  # reaches every request
                 results = [error] * len(batch)
-            finally:
-                self.busy = False
             elapsed = time.perf_counter() - started
-            items = sum(p.size for p in batch)
-            if self._on_batch is not None:
-                self._on_batch(items, elapsed)
-            for pending, result in zip(batch, results, strict=True):
-                if pending.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    pending.future.set_exception(result)
-                else:
-                    pending.future.set_result(result)
-            # the clients just answered plus those already queued are likely to be
-            # waiting for the next forward pass: worth up to max_delay to gather them
-            self._expected = min(items + self._queued_items, self._max_batch)
-            self._window_end = loop.time() + self._max_delay
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(self._finished, batch, results, elapsed)
 
     def _run_batch(self, batch: list[_Pending]) -> list[Tensors | BaseException]:
         """On the inference thread: one forward pass, or one per request on failure."""
