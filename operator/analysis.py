@@ -108,7 +108,9 @@ def quantile(buckets: tuple[tuple[float, float], ...], q: float) -> float | None
     return None
 
 
-def judge(window: Counts, analysis: api.Analysis) -> Verdict:
+def judge(window: Counts, analysis: api.Analysis, stable: Counts | None = None) -> Verdict:
+    """The verdict on the new version's ``window``; ``stable`` is the stable version's window
+    over the same interval, for the relative thresholds (canary versus stable)."""
     needed = max(analysis.min_requests, 1)
     requests = int(window.requests)
     if requests < needed:
@@ -116,6 +118,12 @@ def judge(window: Counts, analysis: api.Analysis) -> Verdict:
     error_rate = window.errors / window.requests
     p99 = quantile(window.buckets, 0.99)
     p99_ms = None if p99 is None else p99 * 1000
+    relative = analysis.max_error_rate_increase is not None \
+        or analysis.max_latency_p99_ratio is not None
+    if relative and (stable is None or int(stable.requests) < needed):
+        seen = int(stable.requests) if stable else 0
+        return Verdict("wait", f"the stable version served {seen} of {needed} requests needed "
+                               "to compare with it", requests)
 
     def verdict(outcome: Literal["pass", "fail"], reason: str) -> Verdict:
         return Verdict(outcome, f"{reason} over {requests} requests", requests,
@@ -127,5 +135,19 @@ def judge(window: Counts, analysis: api.Analysis) -> Verdict:
     limit = analysis.max_latency_p99_ms
     if limit is not None and p99_ms is not None and p99_ms > limit:
         return verdict("fail", f"p99 latency {p99_ms:.0f} ms above {limit:.0f} ms")
+    compared = ""
+    if relative and stable is not None:
+        stable_rate = stable.errors / stable.requests
+        increase = analysis.max_error_rate_increase
+        if increase is not None and error_rate > stable_rate + increase:
+            return verdict("fail", f"error rate {error_rate:.1%} above the stable version's "
+                                   f"{stable_rate:.1%} + {increase:.1%}")
+        stable_p99 = quantile(stable.buckets, 0.99)
+        ratio = analysis.max_latency_p99_ratio
+        if ratio is not None and p99 is not None and stable_p99 and p99 > stable_p99 * ratio:
+            return verdict("fail", f"p99 latency {p99_ms:.0f} ms above {ratio:g}x the "
+                                   f"stable version's {stable_p99 * 1000:.0f} ms")
+        shown_stable = "n/a" if stable_p99 is None else f"{stable_p99 * 1000:.0f} ms"
+        compared = f" (stable: {stable_rate:.1%}, p99 {shown_stable})"
     shown = "n/a" if p99_ms is None else f"{p99_ms:.0f} ms"
-    return verdict("pass", f"error rate {error_rate:.1%}, p99 {shown}")
+    return verdict("pass", f"error rate {error_rate:.1%}, p99 {shown}{compared}")

@@ -264,11 +264,32 @@ class Analysis(_Model):
 
     max_error_rate: float = Field(0.01, ge=0, le=1, description="Highest acceptable error ratio.")
     max_latency_p99_ms: float | None = Field(None, gt=0, description="Highest acceptable p99.")
-    min_requests: int = Field(0, ge=0, description="Requests needed before judging a step.")
+    max_error_rate_increase: float | None = Field(
+        None, ge=0, le=1,
+        description="Canary versus stable: the new version's error ratio may exceed the stable "
+                    "version's, over the same window, by at most this (e.g. 0.01).")
+    max_latency_p99_ratio: float | None = Field(
+        None, ge=1, le=100,
+        description="Canary versus stable: the new version's p99 may be at most this multiple "
+                    "of the stable version's over the same window (e.g. 1.5).")
+    min_requests: int = Field(0, ge=0, description="Requests needed before judging a step "
+                              "(from each version, when comparing with stable).")
     max_wait_seconds: int = Field(
         600, ge=0, le=86_400,
         description="How long a step may wait for minRequests after its pause; past that the "
                     "canary is rolled back as inconclusive.")
+    source: Literal["pods", "prometheus"] = Field(
+        "pods", description="pods: scrape each ready runtime pod's /metrics; prometheus: query "
+                            "prometheusUrl (targets labelled namespace, model_deployment, "
+                            "version: see docs/operations.md).")
+    prometheus_url: str | None = Field(
+        None, max_length=2048, pattern=r"^https?://.+",
+        description="Prometheus HTTP API base URL, e.g. http://prometheus.monitoring:9090.")
+
+    model_config = ConfigDict(json_schema_extra=_rules(
+        _cel("!has(self.source) || self.source != 'prometheus' || has(self.prometheusUrl)",
+             "analysis.source prometheus needs prometheusUrl", ".prometheusUrl"),
+    ))
 
 
 class Rollout(_Model):

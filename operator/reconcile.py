@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 import pydantic
 
-from . import analysis, api, diff, render, rollout
+from . import analysis, api, diff, promql, render, rollout
 from .kube import GoneError, Writer
 from .status import (
     DEGRADED,
@@ -200,7 +200,8 @@ class Reconciler:
         served_before = any(r.version == target and r.promoted_at for r in previous.versions)
         asked = annotations.get(api.PROMOTE_ANNOTATION) == target
         action = rollout.PROMOTE if asked or served_before else None
-        verdict = await self._analyse(o, spec, target, current) if current else None
+        verdict = await self._analyse(o, spec, target, stable.version, current) \
+            if current else None
         step_rollout = rollout.step_blue_green if blue_green else rollout.step_canary
         decision = step_rollout(
             spec=spec, total=total, stable=stable, target=states.get(target), current=current,
@@ -218,25 +219,50 @@ class Reconciler:
                      active=stable.version if blue_green else None,
                      preview=target if blue_green else None)
 
-    async def _analyse(self, o: Observed, spec: api.ModelDeploymentSpec, version: str,
-                       current: api.CanaryStatus) -> analysis.Verdict | None:
-        """Judge the new version over the current step's window, from its ready pods'
-        /metrics (the window starts at the first pass that saw this step)."""
+    async def _analyse(self, o: Observed, spec: api.ModelDeploymentSpec, target: str,
+                       stable: str, current: api.CanaryStatus) -> analysis.Verdict | None:
+        """Judge the new version over the current step's window (and, for the relative
+        thresholds, the stable version over the same window), from the ready pods' /metrics.
+        A pod's window starts at the first pass of this step that scraped it."""
         thresholds = spec.rollout.analysis
         if thresholds is None:
             return None
+        meta = o.resource["metadata"]
+        window = (meta["namespace"], meta["name"], current.started_at, str(current.step))
+        for stale in [k for k in self._baselines if k[:2] == window[:2] and k[:4] != window]:
+            del self._baselines[stale]
+        relative = thresholds.max_error_rate_increase is not None \
+            or thresholds.max_latency_p99_ratio is not None
+        versions = [target, stable] if relative else [target]
+        try:
+            if thresholds.source == "prometheus":
+                assert thresholds.prometheus_url is not None  # the CRD's rule
+                async with promql.Prometheus(thresholds.prometheus_url) as prometheus:
+                    start = _epoch(current.step_started_at)
+                    counts = [await prometheus.window(
+                        promql.VersionRef(meta["namespace"], meta["name"], v), start)
+                        for v in versions]
+            else:
+                counts = [await self._window(o, spec, v, window) for v in versions]
+        except promql.MetricsUnavailable as exc:
+            return analysis.Verdict("wait", f"metrics unavailable: {exc}", 0)
+        return analysis.judge(counts[0], thresholds, counts[1] if relative else None)
+
+    async def _window(self, o: Observed, spec: api.ModelDeploymentSpec, version: str,
+                      window: tuple[str, ...]) -> analysis.Counts:
         addresses = [p["status"]["podIP"] for p in o.pods
                      if p["metadata"].get("labels", {}).get(render.VERSION_LABEL) == version
                      and not p["metadata"].get("deletionTimestamp")
                      and p.get("status", {}).get("podIP") and _pod_ready(p)]
         texts = await asyncio.gather(*(self._scrape(ip, spec.runtime.port) for ip in addresses))
-        counts = analysis.total(analysis.parse_metrics(t) for t in texts if t)
-        meta = o.resource["metadata"]
-        window = (meta["namespace"], meta["name"], version, current.started_at, str(current.step))
-        for stale in [k for k in self._baselines if k[:2] == window[:2] and k != window]:
-            del self._baselines[stale]
-        baseline = self._baselines.setdefault(window, counts)
-        return analysis.judge(counts.since(baseline), thresholds)
+        seen = analysis.Counts()
+        for ip, text in zip(addresses, texts, strict=True):
+            if text is None:
+                continue
+            counts = analysis.parse_metrics(text)
+            baseline = self._baselines.setdefault((*window, version, ip), counts)
+            seen = seen + counts.since(baseline)
+        return seen
 
     async def _apply(self, desired: list[dict[str, Any]],
                      live: Mapping[tuple[str, str], Mapping[str, Any]], key: Key) -> None:
@@ -361,6 +387,10 @@ async def scrape_metrics(ip: str, port: int) -> str | None:
     except httpx.HTTPError:
         return None
     return response.text if response.status_code == 200 else None
+
+
+def _epoch(stamp: str) -> float:
+    return dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp()
 
 
 def _new_request(annotations: Mapping[str, str], name: str, handled: str | None) -> str | None:

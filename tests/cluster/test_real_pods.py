@@ -356,3 +356,43 @@ def test_an_abort_under_real_traffic_loses_no_request(real: Kube, real_cluster: 
     traffic.stop.set()
     traffic.join()
     assert sum(traffic.failed.values()) == 0, traffic.failed
+
+
+def test_a_canary_judged_by_prometheus_against_stable_is_rolled_back(
+        real: Kube, real_cluster: Any) -> None:
+    from modelyard.operator.devcluster.prometheus import LocalPrometheus, PrometheusConfig
+
+    _faulty_model(real_cluster.models_dir / "faulty" / "2" / "model.pt")
+    analysis = {"source": "prometheus", "maxErrorRate": 1.0, "maxErrorRateIncrease": 0.05,
+                "minRequests": 20}
+
+    def judged(version: str, folder: str, url: str) -> str:
+        return yaml.safe_dump({
+            "apiVersion": "modelyard.dev/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "promjudged"},
+            "spec": {
+                "model": {"version": version, "uri": f"file:///models/{folder}/{version}/model.pt"},
+                "resources": {"gpu": {"count": 1}}, "replicas": 2,
+                "rollout": {"strategy": "Canary", "steps": [{"weight": 50, "pauseSeconds": 20}],
+                            "analysis": {**analysis, "prometheusUrl": url}},
+            },
+        })
+
+    config = PrometheusConfig(scrape_interval_s=1, namespaces=(real.namespace,))
+    with LocalPrometheus(real_cluster, config=config) as prometheus:
+        real.apply(judged("1", "demo", prometheus.url))
+        wait_for(lambda: (real.get("md", "promjudged") or {}).get("status", {})
+                 .get("readyReplicas") == 2, timeout=120, what="v1 ready")
+        traffic = _Traffic(real, "promjudged")
+        traffic.start()
+        real.apply(judged("2", "faulty", prometheus.url))
+        record = wait_for(lambda: next((v for v in (real.get("md", "promjudged") or {})
+                                        .get("status", {}).get("versions", [])
+                                        if v["phase"] == "RolledBack"), None),
+                          timeout=180, what="rolled back on Prometheus' figures")
+        traffic.stop.set()
+        traffic.join()
+    assert "above the stable version's 0.0% + 5.0%" in record["reason"]
+    assert record["analysis"]["requests"] >= 20
+    assert record["analysis"]["errorRate"] == 1.0  # every request to the broken model failed
+    assert traffic.failed["1"] == 0, traffic.failed

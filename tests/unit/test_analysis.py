@@ -70,3 +70,29 @@ def test_quantile_interpolates_like_promql() -> None:
     assert analysis.quantile(buckets, 0.5) == pytest.approx(0.1)
     assert analysis.quantile(buckets, 0.75) == pytest.approx(0.15)
     assert analysis.quantile((), 0.99) is None
+
+
+RELATIVE = api.Analysis(max_error_rate=0.5, max_error_rate_increase=0.02,
+                        max_latency_p99_ratio=1.5, min_requests=50)
+
+
+def test_canary_is_judged_against_the_stable_version_over_the_same_window() -> None:
+    stable = analysis.parse_metrics(scrape(190, 10, latency_s=0.02))  # 5 % errors, p99 ~25 ms
+    same = analysis.judge(analysis.parse_metrics(scrape(188, 12, latency_s=0.02)), RELATIVE,
+                          stable)
+    assert same.outcome == "pass", same.reason
+    assert "stable: 5.0%" in same.reason
+    worse = analysis.judge(analysis.parse_metrics(scrape(180, 20)), RELATIVE, stable)
+    assert worse.outcome == "fail"
+    assert "above the stable version's 5.0% + 2.0%" in worse.reason
+    slower = analysis.judge(analysis.parse_metrics(scrape(190, 10, latency_s=0.2)), RELATIVE,
+                            stable)
+    assert slower.outcome == "fail"
+    assert "1.5x the stable version's" in slower.reason
+
+
+def test_comparing_waits_until_the_stable_version_has_enough_requests() -> None:
+    canary = analysis.parse_metrics(scrape(100, 0))
+    verdict = analysis.judge(canary, RELATIVE, analysis.parse_metrics(scrape(10, 0)))
+    assert verdict.outcome == "wait"
+    assert "stable version served 10 of 50" in verdict.reason
