@@ -109,6 +109,7 @@ class RuntimeMetrics:
             "modelyard_model_ready", "1 when the model answers inferences",
             names, registry=self.registry,
         ).labels(model, version)
+        self._per_outcome: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         if gpu:
             self.registry.register(_GpuCollector(self.labels))
 
@@ -120,9 +121,14 @@ class RuntimeMetrics:
         self.inference.observe(seconds)
 
     def observe_request(self, protocol: str, code: int, seconds: float) -> None:
-        model, version = self.labels["model"], self.labels["version"]
-        self.requests.labels(model, version, protocol, str(code)).inc()
-        self.latency.labels(model, version, protocol).observe(seconds)
+        children = self._per_outcome.get((protocol, code))
+        if children is None:  # labels() takes a lock and builds a key: once per outcome
+            model, version = self.labels["model"], self.labels["version"]
+            children = (self.requests.labels(model, version, protocol, str(code)),
+                        self.latency.labels(model, version, protocol))
+            self._per_outcome[(protocol, code)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
