@@ -318,6 +318,16 @@ class Rollout(_Model):
     ))
 
 
+class GatewayRef(_Model):
+    """The Gateway (Gateway API) whose listener serves the model's HTTPRoute."""
+
+    name: str = Field(..., min_length=1, max_length=253, description="Gateway name.")
+    namespace: str | None = Field(None, max_length=63,
+                                  description="Gateway namespace; default: the model's.")
+    section_name: str | None = Field(None, max_length=253,
+                                     description="Listener of the Gateway to attach to.")
+
+
 class ModelDeploymentSpec(_Model):
     """The desired state of a served model."""
 
@@ -334,6 +344,10 @@ class ModelDeploymentSpec(_Model):
     autoscaling: Autoscaling | None = Field(None, description="Scale from live metrics.")
     rollout: Rollout = Field(default_factory=Rollout, description="How versions roll out.",
                              json_schema_extra=_OBJECT_DEFAULT)
+    gateway: GatewayRef | None = Field(
+        None, description="Attach the model's HTTPRoute to this Gateway. When the cluster has "
+                          "the Gateway API, a canary's traffic is split by the route's backend "
+                          "weights; otherwise by replica ratio behind the stable Service.")
 
 
 # ------------------------------------------------------------------------- status
@@ -429,6 +443,9 @@ class ModelDeploymentStatus(_Model):
     gpus: int = Field(0, description="GPUs requested by the model's scheduled pods.")
     versions: list[VersionRecord] = Field(default_factory=list,
                                           description="Version history, newest first.")
+    traffic_split: Literal["gateway", "replicas"] | None = Field(
+        None, description="How traffic is split between versions: gateway (HTTPRoute "
+                          "weights) or replicas (replica ratio behind the stable Service).")
     handled_requests: HandledRequests | None = Field(
         None, description="Control annotations already acted on (abort, retry).")
 

@@ -20,7 +20,7 @@ from typing import Any, cast
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
-from kubernetes.dynamic.exceptions import ForbiddenError, NotFoundError
+from kubernetes.dynamic.exceptions import ForbiddenError, NotFoundError, ResourceNotFoundError
 
 from . import api
 from .leader import LeaseRecord
@@ -67,6 +67,15 @@ class Writer:
                     from exc
             raise
         return dict(result.to_dict())
+
+    def has_httproute(self) -> bool:
+        """Does the cluster serve the Gateway API's HTTPRoute (its CRDs are installed)?"""
+        try:
+            self._dynamic.resources.get(api_version="gateway.networking.k8s.io/v1",
+                                        kind="HTTPRoute")
+        except ResourceNotFoundError:
+            return False
+        return True
 
     def scale(self, namespace: str, deployment: str, replicas: int) -> None:
         """Set a Deployment's replicas through its scale subresource (nothing else changes)."""

@@ -23,6 +23,7 @@ import asyncio
 import datetime as dt
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,7 @@ from .status import (
 )
 
 log = logging.getLogger(__name__)
+GATEWAY_RECHECK_S = 60.0
 
 Key = tuple[str, str]  # (namespace, name)
 
@@ -88,6 +90,7 @@ class Reconciler:
         self._clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self._locks: dict[Key, asyncio.Lock] = {}
         self._known: dict[Key, Callable[[], Observed | None]] = {}
+        self._gateway: tuple[bool, float] | None = None  # (HTTPRoute served?, checked at)
         # key -> (resourceVersion we wrote over, what we wrote)
         self._written: dict[tuple[str, ...], tuple[str | None, Any]] = {}
 
@@ -138,11 +141,15 @@ class Reconciler:
                 for obj in [*_with_kind(o.deployments, "Deployment"),
                             *_with_kind(o.services, "Service")]}
         preview = [render.render_preview_service(owner, step.preview)] if step.preview else []
+        gateway = await self._gateway_api()
+        route = [render.render_httproute(owner, spec, _route_weights(step, states))] \
+            if gateway else []
         await self._apply([
             render.render_service(owner, step.active),
             render.render_deployment(owner, spec, step.target_replicas),
             *(render.render_version_service(owner, v) for v in sorted(step.plan.keep)),
             *preview,
+            *route,
         ], live, key)
         for version, replicas in step.scale.items():
             await self._scale(states[version], replicas, live, key)
@@ -160,6 +167,7 @@ class Reconciler:
             canary_message=decision.message if decision else "",
             promoted=bool(decision and decision.promoted),
             rolled_back=step.rolled_back, handled=step.handled,
+            traffic_split="gateway" if gateway else "replicas",
         )
         await self._write_status(o, key, status_payload(status), events)
 
@@ -218,6 +226,22 @@ class Reconciler:
         return _Step(both, decision.replicas[target], scale, decision, handled=handled,
                      active=stable.version if blue_green else None,
                      preview=target if blue_green else None)
+
+    async def _gateway_api(self) -> bool:
+        """Whether the cluster has HTTPRoute; asked at most once a minute."""
+        now = time.monotonic()
+        if self._gateway is None or now - self._gateway[1] > GATEWAY_RECHECK_S:
+            try:
+                found = await asyncio.to_thread(self.writer.has_httproute)
+            except Exception as exc:  # discovery failed: keep the last answer
+                log.warning("could not check for the Gateway API: %s", exc)
+                found = bool(self._gateway and self._gateway[0])
+            if self._gateway is None or self._gateway[0] != found:
+                log.info("the Gateway API is %s: canary traffic is split by %s",
+                         "present" if found else "absent",
+                         "HTTPRoute weights" if found else "replica ratio")
+            self._gateway = (found, now)
+        return self._gateway[0]
 
     async def _analyse(self, o: Observed, spec: api.ModelDeploymentSpec, target: str,
                        stable: str, current: api.CanaryStatus) -> analysis.Verdict | None:
@@ -387,6 +411,34 @@ async def scrape_metrics(ip: str, port: int) -> str | None:
     except httpx.HTTPError:
         return None
     return response.text if response.status_code == 200 else None
+
+
+def _route_weights(step: _Step, states: Mapping[str, VersionState]) -> dict[str, int]:
+    """HTTPRoute backend weights (percent) for the versions that stay.
+
+    A canary gets its step's weight once the step is reached; while its pods come up it
+    gets no more than its share of ready replicas. Blue-green and a rollback send
+    everything to the active version; otherwise traffic follows ready replicas."""
+    decision = step.canary
+    target = step.plan.target
+    if step.active is not None:
+        return {v: 100 if v == step.active else 0 for v in step.plan.keep}
+    if decision is not None and decision.canary is not None and len(step.plan.keep) == 2:
+        [stable] = [v for v in step.plan.keep if v != target]
+        canary = decision.canary
+        ready = {v: states[v].ready if v in states else 0 for v in (target, stable)}
+        share = 100 * ready[target] // max(1, ready[target] + ready[stable])
+        weight = canary.weight if canary.reached_at else min(canary.weight, share)
+        return {target: weight, stable: 100 - weight}
+    if step.rolled_back is not None:
+        return {v: 0 if v == target else 100 for v in step.plan.keep}
+    ready = {v: states[v].ready if v in states else 0 for v in step.plan.keep}
+    total = sum(ready.values())
+    if total == 0:
+        return {v: 100 if v == target else 0 for v in step.plan.keep}
+    weights = {v: 100 * n // total for v, n in ready.items()}
+    weights[max(ready, key=lambda v: ready[v])] += 100 - sum(weights.values())
+    return weights
 
 
 def _epoch(stamp: str) -> float:

@@ -307,6 +307,36 @@ def _single_version_service(owner: Owner, version: str, name: str) -> dict[str, 
     return with_hash(service)
 
 
+HTTPROUTE_API_VERSION = "gateway.networking.k8s.io/v1"
+
+
+def render_httproute(owner: Owner, spec: api.ModelDeploymentSpec,
+                     weights: dict[str, int]) -> dict[str, Any]:
+    """The model's HTTPRoute: one backend per live version (its own Service), weighted."""
+    route: dict[str, Any] = {
+        "apiVersion": HTTPROUTE_API_VERSION,
+        "kind": "HTTPRoute",
+        "metadata": {
+            "name": owner.name,
+            "namespace": owner.namespace,
+            "labels": common_labels(owner.name),
+            "ownerReferences": [owner.reference()],
+        },
+        "spec": {"rules": [{"backendRefs": [
+            {"name": version_service_name(owner.name, version), "port": SERVICE_PORT,
+             "weight": weight}
+            for version, weight in sorted(weights.items())]}]},
+    }
+    if spec.gateway is not None:
+        parent: dict[str, str] = {"name": spec.gateway.name}
+        if spec.gateway.namespace:
+            parent["namespace"] = spec.gateway.namespace
+        if spec.gateway.section_name:
+            parent["sectionName"] = spec.gateway.section_name
+        route["spec"]["parentRefs"] = [parent]
+    return with_hash(route)
+
+
 def with_hash(obj: dict[str, Any]) -> dict[str, Any]:
     """Stamp ``obj`` with a digest of its own content (annotations excluded from it)."""
     digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

@@ -145,6 +145,7 @@ def compute_status(
     promoted: bool = False,
     rolled_back: RollBack | None = None,
     handled: api.HandledRequests | None = None,
+    traffic_split: str | None = None,
 ) -> tuple[api.ModelDeploymentStatus, list[Event]]:
     """The status for this pass. With a canary in progress (``canary``) the target version
     stays in phase Canary until ``promoted``."""
@@ -221,6 +222,7 @@ def compute_status(
         gpus=sum(s.gpus for s in observed.values()),
         versions=versions[: api.HISTORY_LIMIT],
         handled_requests=handled if handled and (handled.abort or handled.retry) else None,
+        traffic_split=traffic_split,
     )
     return status, events
 

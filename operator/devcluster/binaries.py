@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -83,47 +83,56 @@ def version_key() -> str:
 
 
 def ensure_binaries(root: Path | None = None) -> Binaries:
-    """Return the cached binaries, building them first when missing.
+    """Return the cached cluster binaries, building them first when missing."""
+    built = cached_build(
+        f"Kubernetes v{KUBERNETES_VERSION}, etcd v{ETCD_VERSION} and kwok v{KWOK_VERSION}",
+        version_key(), lambda path: Binaries(path).is_complete(),
+        lambda go, out, work: _build(go, work, Binaries(out)), root=root)
+    return Binaries(built)
 
-    Safe to call from several processes at once: one builds, the others wait on a
-    file lock and then find the finished tree. The build goes to a temporary
-    folder that is renamed into place, so an interrupted build leaves nothing
-    half-written behind.
+
+def cached_build(what: str, key: str, complete: Callable[[Path], bool],
+                 build: Callable[[str, Path, Path], None], *, root: Path | None = None) -> Path:
+    """``<cache>/<key>``, made by ``build(go, out_dir, work_dir)`` first when missing.
+
+    Safe to call from several processes at once: one builds, the others wait on a file
+    lock and then find the finished tree. The build goes to a temporary folder that is
+    renamed into place, so an interrupted build leaves nothing half-written behind. Every
+    pinned upstream artefact of the local cluster (Kubernetes, kwok, Prometheus, Helm, the
+    Gateway API CRDs) is made this way, through Go's module proxy only.
     """
     base = root or cache_root()
-    target = Binaries(base / version_key())
-    if target.is_complete():
+    target = base / key
+    if complete(target):
         return target
     base.mkdir(parents=True, exist_ok=True)
-    with _locked(base / f"{version_key()}.lock"):
-        if target.is_complete():
+    with _locked(base / f"{key}.lock"):
+        if complete(target):
             return target
         go = shutil.which("go")
         if go is None:
-            raise BuildError(
-                "Go (>= 1.26) is needed once to build the local cluster's Kubernetes binaries; "
-                "install it and try again (nothing else is downloaded outside Go's module proxy)."
-            )
+            raise BuildError(f"Go (>= 1.26) is needed once to build {what}; install it and "
+                             "try again (nothing is downloaded outside Go's module proxy).")
         started = time.monotonic()
-        print(
-            f"modelyard: building Kubernetes v{KUBERNETES_VERSION}, etcd v{ETCD_VERSION} and "
-            f"kwok v{KWOK_VERSION} from source (once; cached in {target.root})...",
-            flush=True,
-        )
-        with tempfile.TemporaryDirectory(dir=base, prefix=".build-") as tmp:
-            staging = Binaries(Path(tmp) / "out")
-            _build(go, Path(tmp), staging)
-            if target.root.exists():
-                shutil.rmtree(target.root)
-            staging.root.rename(target.root)
+        print(f"modelyard: building {what} from source (once; cached in {target})...",
+              flush=True)
+        with tempfile.TemporaryDirectory(dir=base, prefix=f".build-{key}-") as tmp:
+            staging = Path(tmp) / "out"
+            staging.mkdir()
+            work = Path(tmp) / "work"
+            work.mkdir()
+            build(go, staging, work)
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
         elapsed = time.monotonic() - started
-        (target.root / "build-seconds").write_text(f"{elapsed:.0f}\n")
-        print(f"modelyard: cluster binaries built in {elapsed:.0f} s", flush=True)
+        (target / "build-seconds").write_text(f"{elapsed:.0f}\n")
+        print(f"modelyard: {what} built in {elapsed:.0f} s", flush=True)
     return target
 
 
 def _build(go: str, workdir: Path, out: Binaries) -> None:
-    out.bin.mkdir(parents=True)
+    out.bin.mkdir(parents=True, exist_ok=True)
     module = workdir / "gomod"
     module.mkdir()
     for name in ("go.mod", "go.sum", "tools.go"):

@@ -89,6 +89,9 @@ class ClusterConfig:
     # Runtime pods start unready; a process supervisor (pods.PodProcesses) makes them Ready
     # when their real runtime answers. Otherwise kwok makes every pod Ready at once.
     real_pods: bool = False
+    # Install the Gateway API's standard CRDs (HTTPRoute, Gateway, ...), as a cluster with a
+    # Gateway API implementation has them.
+    gateway_api: bool = False
     extra_apiserver_args: list[str] = field(default_factory=list)
 
 
@@ -179,6 +182,8 @@ class LocalCluster:
                 self._launch(component)
                 self._await_healthy(component)
             self._create_nodes()
+            if self.config.gateway_api:
+                self._install_gateway_api()
         except BaseException:
             self.stop()
             raise
@@ -329,6 +334,14 @@ class LocalCluster:
         # Pods cannot be created in a namespace before its default ServiceAccount exists.
         self._kubectl_or_fail("wait", "--for=create", "serviceaccount/default",
                               "--namespace=default", "--timeout=60s")
+
+    def _install_gateway_api(self) -> None:
+        from .gateway import ensure_gateway_crds
+
+        for manifest in ensure_gateway_crds():
+            self._kubectl_or_fail("apply", "--server-side", "-f", str(manifest))
+        self._kubectl_or_fail("wait", "--for=condition=Established", "--timeout=60s",
+                              "crd/httproutes.gateway.networking.k8s.io")
 
     def _kubectl_or_fail(self, *args: str, input: str | None = None) -> str:
         proc = self.kubectl(*args, input=input, check=False, timeout=90)

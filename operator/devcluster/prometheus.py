@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import json
 import logging
 import os
@@ -62,7 +61,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..render import MODEL_LABEL, VERSION_LABEL
-from .binaries import BuildError, cache_root
+from .binaries import _run, cached_build
 from .cluster import LocalCluster
 
 log = logging.getLogger(__name__)
@@ -328,45 +327,22 @@ class LocalPrometheus:
 
 
 def ensure_prometheus(root: Path | None = None) -> Path:
-    """The cached upstream ``prometheus`` with Kubernetes discovery, built first if missing.
+    """The cached upstream ``prometheus`` with Kubernetes discovery, built first if missing
+    (once, under a file lock: see :func:`.binaries.cached_build`)."""
+    major, minor, patch = PROMETHEUS_VERSION.split(".")
+    module = f"{_MODULE}/cmd/prometheus@v0.{int(major) * 100 + int(minor)}.{patch}"
 
-    As :func:`.binaries.ensure_binaries`: one process builds under a file lock while the
-    others wait, into a temporary folder renamed into place when complete.
-    """
-    base = root or cache_root()
-    target = base / f"prometheus-v{PROMETHEUS_VERSION}" / "prometheus"
-    if target.is_file():
-        return target
-    base.mkdir(parents=True, exist_ok=True)
-    with (base / f"prometheus-v{PROMETHEUS_VERSION}.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.is_file():
-            return target
-        go = shutil.which("go")
-        if go is None:
-            raise BuildError("Go is needed once to build Prometheus with Kubernetes discovery "
-                             "(Debian's package has none)")
-        major, minor, patch = PROMETHEUS_VERSION.split(".")
-        module = f"{_MODULE}/cmd/prometheus@v0.{int(major) * 100 + int(minor)}.{patch}"
-        print(f"modelyard: building Prometheus v{PROMETHEUS_VERSION} with Kubernetes discovery "
-              f"(once; cached in {target.parent})...", flush=True)
-        started = time.monotonic()
-        with tempfile.TemporaryDirectory(dir=base, prefix=".build-prometheus-") as tmp:
-            ldflags = f"-s -w -X github.com/prometheus/common/version.Version={PROMETHEUS_VERSION}"
-            env = {**os.environ, "GOBIN": f"{tmp}/bin", "GOFLAGS": "-buildvcs=false",
-                   "CGO_ENABLED": "0"}
-            proc = subprocess.run(
-                [go, "install", "-trimpath", "-tags", "remove_all_sd,enable_kubernetes_sd",
-                 f"-ldflags={ldflags}", module],
-                cwd=tmp, env=env, capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                raise BuildError(f"go install {module} failed ({proc.returncode}):\n"
-                                 f"{proc.stderr[-4000:]}")
-            if target.parent.exists():
-                shutil.rmtree(target.parent)
-            Path(tmp, "bin").rename(target.parent)
-        log.info("built Prometheus in %.0f s", time.monotonic() - started)
-    return target
+    def build(go: str, out: Path, work: Path) -> None:
+        ldflags = f"-s -w -X github.com/prometheus/common/version.Version={PROMETHEUS_VERSION}"
+        env = {**os.environ, "GOBIN": str(out), "GOFLAGS": "-buildvcs=false",
+               "CGO_ENABLED": "0"}
+        _run([go, "install", "-trimpath", "-tags", "remove_all_sd,enable_kubernetes_sd",
+              f"-ldflags={ldflags}", module], cwd=work, env=env)
+
+    built = cached_build(f"Prometheus v{PROMETHEUS_VERSION} with Kubernetes discovery",
+                         f"prometheus-v{PROMETHEUS_VERSION}",
+                         lambda path: (path / "prometheus").is_file(), build, root=root)
+    return built / "prometheus"
 
 
 def _issue_client_cert(ca_cert_file: Path, ca_key_file: Path, user: str,

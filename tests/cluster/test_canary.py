@@ -74,6 +74,7 @@ def test_canary_walks_its_steps_within_the_gpu_budget(kube: Kube, operator: Any)
     steps = [{"weight": 25, "pauseSeconds": 2}, {"weight": 50, "pauseSeconds": 2}]
     kube.apply(canary("cnr", "1", steps))
     wait_for(lambda: status(kube, "cnr").get("readyReplicas") == REPLICAS, what="v1 ready")
+    wait_for(lambda: len(ready_endpoint_pods(kube, "cnr")) == REPLICAS, what="v1 endpoints")
 
     sampler = Sampler(kube, "cnr")
     sampler.start()
@@ -86,9 +87,11 @@ def test_canary_walks_its_steps_within_the_gpu_budget(kube: Kube, operator: Any)
     sampler.join()
 
     steady = REPLICAS * GPUS
+    print(f"GPUs requested during the canary: peak {max(sampler.gpus)}, steady {steady}; "
+          f"ready endpoints never below {min(sampler.ready_endpoints)}")
     assert max(sampler.gpus) <= steady + GPUS, sampler.gpus  # one replica of surge
     assert {"25% (step 1/2)", "50% (step 2/2)"} <= sampler.progress, sampler.progress
-    assert min(sampler.ready_endpoints[1:]) >= REPLICAS, sampler.ready_endpoints
+    assert min(sampler.ready_endpoints) >= REPLICAS, sampler.ready_endpoints
     st = status(kube, "cnr")
     assert [(v["version"], v["phase"]) for v in st["versions"]] == [("2", "Stable"),
                                                                   ("1", "Superseded")]
@@ -174,6 +177,7 @@ def test_blue_green_previews_then_switches_the_stable_service_at_once(
     rollout = {"strategy": "BlueGreen", "autoPromoteSeconds": 3}
     kube.apply(manifest("bg", "1", rollout))
     wait_for(lambda: status(kube, "bg").get("readyReplicas") == REPLICAS, what="v1 ready")
+    wait_for(lambda: len(ready_endpoint_pods(kube, "bg")) == REPLICAS, what="v1 endpoints")
     sampler = Sampler(kube, "bg")
     sampler.start()
     kube.apply(manifest("bg", "2", rollout))
@@ -186,6 +190,8 @@ def test_blue_green_previews_then_switches_the_stable_service_at_once(
     assert status(kube, "bg")["canary"]["strategy"] == "BlueGreen"
     assert kube.get("service", "bg")["spec"]["selector"]["modelyard.dev/version"] == "1"
     wait_for(lambda: _stable(kube, "bg", "2"), timeout=90, what="v2 promoted")
+    wait_for(lambda: sampler.serving and sampler.serving[-1] == {"v2"}
+             and sampler.ready_endpoints[-1] == REPLICAS, what="the stable Service on v2")
     sampler.stop.set()
     sampler.join()
 

@@ -116,6 +116,12 @@ class _Faulty(torch.nn.Module):
         return torch.zeros(x.shape[0], 10)
 
 
+def _current_test() -> str:
+    import os
+
+    return os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[-1].split(" ")[0]
+
+
 def _faulty_model(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]}],
@@ -134,6 +140,9 @@ class _Traffic(threading.Thread):
         self.ok: collections.Counter[str] = collections.Counter()
         self.failed: collections.Counter[str] = collections.Counter()
         self.stop = threading.Event()
+
+    def report(self, what: str) -> None:
+        print(f"{what}: ok {dict(self.ok)}, failed {dict(self.failed)}")
 
     def run(self) -> None:
         import numpy as np
@@ -198,6 +207,7 @@ def test_a_failing_canary_is_rolled_back_without_failing_stable_traffic(
     time.sleep(2)
     traffic.stop.set()
     traffic.join()
+    traffic.report(_current_test())
 
     record = status["versions"][0]
     assert record["version"] == "2"
@@ -280,6 +290,7 @@ def test_a_full_canary_under_real_traffic_loses_no_request(real: Kube,
     time.sleep(2)
     traffic.stop.set()
     traffic.join()
+    traffic.report(_current_test())
 
     assert traffic.ok["1"] > 0
     assert traffic.ok["2"] > 10  # the canary really served, and analysis saw it
@@ -330,6 +341,7 @@ def test_a_blue_green_switch_under_real_traffic_loses_no_request(
     for t in (traffic, preview):
         t.stop.set()
         t.join()
+        t.report(f"{_current_test()} ({t.service})")
     assert traffic.ok["1"] > 0
     assert sum(traffic.failed.values()) == 0, traffic.failed
     assert sum(preview.failed.values()) == 0, preview.failed
@@ -355,6 +367,7 @@ def test_an_abort_under_real_traffic_loses_no_request(real: Kube, real_cluster: 
     wait_for(lambda: traffic.ok["1"] > served + 10, what="traffic on v1 after the abort")
     traffic.stop.set()
     traffic.join()
+    traffic.report(_current_test())
     assert sum(traffic.failed.values()) == 0, traffic.failed
 
 
@@ -392,6 +405,7 @@ def test_a_canary_judged_by_prometheus_against_stable_is_rolled_back(
                           timeout=180, what="rolled back on Prometheus' figures")
         traffic.stop.set()
         traffic.join()
+        traffic.report(_current_test())
     assert "above the stable version's 0.0% + 5.0%" in record["reason"]
     assert record["analysis"]["requests"] >= 20
     assert record["analysis"]["errorRate"] == 1.0  # every request to the broken model failed
