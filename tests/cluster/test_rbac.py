@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -161,7 +162,9 @@ def drive_as(cluster: Any, user: str, kube: Kube, name: str) -> None:
         drive_a_models_life(kube, name)
     except AssertionError as exc:
         _, refused = used_permissions(cluster, user)
-        raise AssertionError(f"{exc}\nrequests refused to {user}: {refused}") from exc
+        counts = Counter(refused)
+        raise AssertionError(f"{exc}\nrequests refused to {user}: "
+                             f"{', '.join(f'{r} (x{n})' for r, n in counts.items())}") from exc
 
 
 def used_permissions(cluster: Any, user: str) -> tuple[set[Permission], list[str]]:
