@@ -8,7 +8,8 @@ the Kubernetes version its linter and ``.Capabilities`` assume, taken from the
 lines, so ``go install module/cmd/helm@version`` builds it; the checksum database
 verifies the module and its ``go.sum`` pins every dependency. The result lives in
 ``<cache>/helm-v<version>/bin/helm``, built under the same file lock and atomic rename
-as the other binaries, so concurrent test sessions build it once.
+as the other binaries (:func:`.binaries.cached_build`), so concurrent test sessions
+build it once.
 
 Called by ``tests/cluster/test_helm.py`` and ``test_rbac.py`` through
 :func:`ensure_helm`; ``python -m modelyard.operator.devcluster.helm`` builds it now
@@ -19,14 +20,11 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .binaries import BuildError, _json_field, _locked, _run, cache_root
+from .binaries import BuildError, _json_field, _run, cached_build
 
 HELM_VERSION = "3.22.0"
 HELM_MODULE = "helm.sh/helm/v3"
@@ -79,37 +77,14 @@ def version_key() -> str:
 
 def ensure_helm(root: Path | None = None) -> Helm:
     """Return the cached Helm, building it first when missing (safe across processes)."""
-    base = root or cache_root()
-    target = Helm(base / version_key())
-    if target.is_complete():
-        return target
-    base.mkdir(parents=True, exist_ok=True)
-    with _locked(base / f"{version_key()}.lock"):
-        if target.is_complete():
-            return target
-        go = shutil.which("go")
-        if go is None:
-            raise BuildError(
-                f"Go (>= 1.26) is needed once to build Helm v{HELM_VERSION}; install it and "
-                "try again (nothing is downloaded outside Go's module proxy)."
-            )
-        started = time.monotonic()
-        print(f"modelyard: building Helm v{HELM_VERSION} from source (once; cached in "
-              f"{target.root})...", flush=True)
-        with tempfile.TemporaryDirectory(dir=base, prefix=".build-helm-") as tmp:
-            staging = Helm(Path(tmp) / "out")
-            _build(go, Path(tmp), staging)
-            if target.root.exists():
-                shutil.rmtree(target.root)
-            staging.root.rename(target.root)
-        elapsed = time.monotonic() - started
-        (target.root / "build-seconds").write_text(f"{elapsed:.0f}\n")
-        print(f"modelyard: Helm built in {elapsed:.0f} s", flush=True)
-    return target
+    built = cached_build(f"Helm v{HELM_VERSION}", version_key(),
+                         lambda path: Helm(path).is_complete(),
+                         lambda go, out, work: _build(go, work, Helm(out)), root=root)
+    return Helm(built)
 
 
 def _build(go: str, workdir: Path, out: Helm) -> None:
-    out.path.parent.mkdir(parents=True)
+    out.path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-buildvcs=false"}
     module = f"{HELM_MODULE}@v{HELM_VERSION}"
     downloaded = _run([go, "mod", "download", "-json", module], cwd=workdir, env=env)

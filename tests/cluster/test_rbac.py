@@ -48,8 +48,10 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
     policy = tmp_path_factory.mktemp("audit") / "policy.yaml"
     policy.write_text(AUDIT_POLICY)
-    # The last --audit-policy-file wins: ours replaces the writes-only default.
-    config = ClusterConfig(extra_apiserver_args=[f"--audit-policy-file={policy}"])
+    # The last --audit-policy-file wins: ours replaces the writes-only default. With the
+    # Gateway API installed, canary traffic goes through HTTPRoutes and their rule is used.
+    config = ClusterConfig(gateway_api=True,
+                           extra_apiserver_args=[f"--audit-policy-file={policy}"])
     with LocalCluster(config) as local:
         install_crd(local)
         local.kubectl("create", "namespace", OPERATOR_NS)

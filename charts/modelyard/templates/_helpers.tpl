@@ -72,6 +72,9 @@ operator needs each one and nothing more.
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+- apiGroups: [gateway.networking.k8s.io]
+  resources: [httproutes]
+  verbs: [create, patch]
 {{- end }}
 
 {{/* kopf's own machinery: it follows CRDs (and, limited to namespaces, the namespaces). */}}
