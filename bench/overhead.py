@@ -129,6 +129,7 @@ def main() -> None:  # noqa: PLR0915
     parser.add_argument("--payloads", type=lambda s: s.split(","), default=["binary", "json"])
     parser.add_argument("--callgrind", action="store_true")
     parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--core", help="pin the server to this core (taskset), as bench.runtime")
     args = parser.parse_args()
 
     if args.model == "null":
@@ -147,6 +148,8 @@ def main() -> None:  # noqa: PLR0915
     })
     command = [sys.executable, "-m", "modelyard.runtime"]
     out_file = workdir / "callgrind.out"
+    if args.core is not None:
+        command = ["taskset", "-c", args.core, *command]
     if args.callgrind:
         command = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
                    f"--callgrind-out-file={out_file}", *command]

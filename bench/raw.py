@@ -1,6 +1,6 @@
 """The raw in-process limit: the TorchScript model on one thread, per batch size.
 
-    python -m bench.raw MODEL_PATH SIZE SECONDS_PER_BATCH_SIZE
+    python -m bench.raw MODEL_PATH SIZE SECONDS_PER_BATCH_SIZE [BATCH,SIZES]
 
 Run pinned to the server core by ``bench/runtime.py``; prints one JSON line.
 """
@@ -17,12 +17,13 @@ import torch
 
 def main() -> None:
     path, size, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    sizes = [int(b) for b in sys.argv[4].split(",")] if len(sys.argv) > 4 else [1, 2, 4, 8, 16, 32]
     torch.set_num_threads(1)
     model = torch.jit.load(path).eval()
     per_batch: dict[int, float] = {}
     batch1: list[float] = []
     with torch.inference_mode():
-        for batch in (1, 2, 4, 8, 16, 32):
+        for batch in sizes:
             x = torch.randn(batch, 3, size, size)
             for _ in range(3):
                 model(x)
