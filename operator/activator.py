@@ -47,8 +47,9 @@ import logging
 import math
 import os
 import re
+import signal
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
@@ -320,6 +321,10 @@ class ModelNotFound(Exception):
     """No ModelDeployment of that name exists."""
 
 
+class ShuttingDown(Exception):
+    """The activator is stopping: held requests are let go (503) rather than cut off."""
+
+
 @dataclass(eq=False)
 class _Model:
     ready: list[Endpoint] = field(default_factory=list)
@@ -344,6 +349,7 @@ class Discovery:
         self._poll_s = poll_s
         self._cache_s = cache_s
         self._models: dict[ModelRef, _Model] = {}
+        self.closing = False
 
     async def endpoints(self, ref: ModelRef, deadline: float) -> tuple[list[Endpoint], bool]:
         """Ready endpoints of ``ref`` (non-empty) and whether the request had to be held.
@@ -351,14 +357,12 @@ class Discovery:
         Raises :class:`NoReadyReplica` at ``deadline`` (monotonic) and
         :class:`ModelNotFound` when the ModelDeployment does not exist."""
         model = self._model(ref)
-        if model.ready:
-            if time.monotonic() - model.fetched > self._cache_s:
-                self._poll(ref, model)  # refresh in the background, serve the cache now
-            return model.ready, False
         if time.monotonic() - model.fetched > self._cache_s:
+            # Stale: look again first (shared with every request of this model). A pod
+            # gone meanwhile may still be draining and answer, but no longer counts.
             await self._next_lookup(ref, model, deadline)
-            if model.ready:
-                return model.ready, False
+        if model.ready:
+            return model.ready, False
         if not model.exists:
             raise ModelNotFound(str(ref))
         model.waiters += 1
@@ -368,6 +372,8 @@ class Discovery:
             while not model.ready:
                 if not model.exists:
                     raise ModelNotFound(str(ref))
+                if self.closing:
+                    raise ShuttingDown(str(ref))
                 await self._next_lookup(ref, model, deadline)
             return model.ready, True
         finally:
@@ -383,6 +389,13 @@ class Discovery:
         """``gone`` refused a connection: stop sending there until a lookup lists it again."""
         model = self._model(ref)
         model.ready = [e for e in model.ready if e != gone]
+
+    def shut(self) -> None:
+        """Stop holding: every held request wakes and gives up."""
+        self.closing = True
+        for model in self._models.values():
+            model.changed.set()
+            model.changed = asyncio.Event()
 
     async def close(self) -> None:
         tasks = [m.poller for m in self._models.values() if m.poller is not None]
@@ -461,7 +474,8 @@ class Metrics:
         self.requests = Counter(
             "modelyard_activator_requests",
             "Requests for a known model by outcome: forwarded (an answer came back, whatever "
-            "its status), timeout (503 after the wait), error (502: the pod failed it).",
+            "its status), timeout (503 after the wait), shutdown (503: held when the "
+            "activator stopped), error (502: the pod failed it).",
             (*labels, "outcome"), registry=self.registry)
         self.held = Counter(
             "modelyard_activator_held_requests",
@@ -550,6 +564,11 @@ class Activator:
             except ModelNotFound:
                 self.metrics.rejected.labels("not_found").inc()
                 return _error(404, f"no ModelDeployment {ref}")
+            except ShuttingDown:
+                self._observe(ref, start, held, "shutdown")
+                return _error(503, f"model {ref} has no ready replica yet and this activator "
+                                   "is stopping; try again",
+                              {"Retry-After": str(self.settings.retry_after_seconds)})
             held = held or waited
             endpoint = choose(ready, self.discovery.turn(ref), tried)
             if endpoint is None:  # every listed pod refused: wait for the next lookup
@@ -630,22 +649,47 @@ async def _relay(upstream: httpx.Response) -> AsyncIterator[bytes]:
 # Process
 
 
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: :func:`serve` stops both listeners."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 async def serve(settings: Settings, source: PodSource) -> None:
-    """Run the proxy and admin listeners until SIGTERM / SIGINT."""
+    """Run the proxy and admin listeners until SIGTERM / SIGINT.
+
+    On the signal, held requests are let go at once (503 with Retry-After: the client
+    retries and reaches a live replica, of the activator or of the model) while forwarded
+    ones finish within the graceful shutdown; then the process exits 0."""
     activator = Activator(settings, source)
     level = settings.log_level.lower()
-    proxy = uvicorn.Server(uvicorn.Config(
+    proxy = _Server(uvicorn.Config(
         activator, host=settings.host, port=settings.port, log_level=level, access_log=False,
         server_header=False, date_header=False, proxy_headers=False, lifespan="off",
-        timeout_graceful_shutdown=30))
-    admin = uvicorn.Server(uvicorn.Config(
+        timeout_graceful_shutdown=25))
+    admin = _Server(uvicorn.Config(
         activator.admin, host=settings.host, port=settings.admin_port, log_level=level,
         access_log=False, lifespan="off"))
-    tasks = [asyncio.create_task(server.serve()) for server in (proxy, admin)]
+    servers = (proxy, admin)
+
+    def stop() -> None:
+        if any(server.should_exit for server in servers):  # a second signal: now
+            for server in servers:
+                server.force_exit = True
+        activator.discovery.shut()
+        for server in servers:
+            server.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    tasks = [asyncio.create_task(server.serve()) for server in servers]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for server in (proxy, admin):
+        for server in servers:
             server.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
         await activator.aclose()
@@ -661,8 +705,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = KubePods(load_api_client(), settings.check_model_deployment)
     log.info("activator on %s:%d (metrics on :%d/metrics), timeout %g s",
              settings.host, settings.port, settings.admin_port, settings.timeout_seconds)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(settings, source))
+    asyncio.run(serve(settings, source))
     return 0
 
 

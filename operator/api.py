@@ -222,18 +222,40 @@ class AutoscalingMetric(StrEnum):
 
 
 class Autoscaling(_Model):
-    """Scale replicas from live inference metrics."""
+    """Scale replicas from live inference metrics (the operator's own autoscaler; see
+    docs/autoscaling.md for the algorithm)."""
 
     min_replicas: int = Field(1, ge=0, le=1000, description="Fewest replicas; 0 scales to zero.")
     max_replicas: int = Field(..., ge=1, le=1000, description="Most replicas.")
-    metric: AutoscalingMetric = Field(AutoscalingMetric.CONCURRENCY,
-                                      description="Signal to scale on.")
-    target: float = Field(..., gt=0, description="Target value of the metric per replica.")
+    metric: AutoscalingMetric = Field(
+        AutoscalingMetric.CONCURRENCY,
+        description="Signal to scale on: concurrency (requests in flight), rps, queueDepth "
+                    "(queued items), latencyP95 (ms) or gpuUtilization (%).")
+    target: float = Field(..., gt=0,
+                          description="Target value of the metric per replica, in its unit.")
     scale_down_delay_seconds: int = Field(
         300, ge=0, le=86_400, description="How long load must stay low before scaling down.")
+    scale_to_zero_delay_seconds: int = Field(
+        300, ge=0, le=86_400,
+        description="With minReplicas 0: how long the model must be idle (no request in "
+                    "flight or waiting) before it goes to zero.")
+    stable_window_seconds: int = Field(
+        60, ge=2, le=3600, description="Window the metric is averaged over.")
+    panic_window_percentage: float = Field(
+        10, gt=0, le=100, description="Panic window, as a share of the stable window.")
+    panic_threshold_percentage: float = Field(
+        200, ge=110, le=1000,
+        description="Load, in percent of what the ready replicas carry at target, over the "
+                    "panic window that makes the autoscaler panic (scale up fast, never down).")
+    tolerance: float = Field(0.1, ge=0, le=0.9,
+                             description="No change while the load is this close to target.")
+    max_scale_up_rate: float = Field(10, ge=1, le=1000,
+                                     description="A decision may multiply replicas by this.")
+    max_scale_down_rate: float = Field(2, ge=1, le=1000,
+                                       description="A decision may divide replicas by this.")
     source: Literal["pods", "prometheus"] = Field(
         "pods", description="pods: scrape each runtime pod; prometheus: query prometheusUrl.")
-    prometheus_url: str | None = Field(None, max_length=2048,
+    prometheus_url: str | None = Field(None, max_length=2048, pattern=r"^https?://.+",
                                        description="Prometheus HTTP API base URL.")
 
     model_config = ConfigDict(json_schema_extra=_rules(
@@ -425,6 +447,22 @@ class HandledRequests(_Model):
     retry: str | None = Field(None, description="Last modelyard.dev/retry value handled.")
 
 
+class AutoscalerStatus(_Model):
+    """What the autoscaler decided, and why."""
+
+    desired_replicas: int = Field(..., description="Replicas the model should have now.")
+    metric: str = Field(..., description="The metric it scales on.")
+    metric_value: float | None = Field(
+        None, description="The metric (over the stable window) when replicas last changed.")
+    reason: str = Field("", description="Why replicas last changed.")
+    last_scale_time: str | None = Field(None, description="When replicas last changed.")
+    panic: bool = Field(False, description="Scaling up fast on a spike; no scale-down.")
+    state: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The algorithm's memory, so a restarted operator carries on.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+
+
 class ModelDeploymentStatus(_Model):
     """Observed state, written only by the operator."""
 
@@ -443,6 +481,8 @@ class ModelDeploymentStatus(_Model):
     gpus: int = Field(0, description="GPUs requested by the model's scheduled pods.")
     versions: list[VersionRecord] = Field(default_factory=list,
                                           description="Version history, newest first.")
+    autoscaler: AutoscalerStatus | None = Field(
+        None, description="The autoscaler's last decision (with spec.autoscaling).")
     traffic_split: Literal["gateway", "replicas"] | None = Field(
         None, description="How traffic is split between versions: gateway (HTTPRoute "
                           "weights) or replicas (replica ratio behind the stable Service).")

@@ -101,10 +101,19 @@ class Policy:
 
     @classmethod
     def from_spec(cls, spec: api.Autoscaling, **overrides: Any) -> Policy:
-        """The policy of a ModelDeployment's ``spec.autoscaling``; other knobs default."""
-        return cls(target=spec.target, min_replicas=spec.min_replicas,
-                   max_replicas=spec.max_replicas, metric=str(spec.metric),
-                   scale_down_delay_seconds=spec.scale_down_delay_seconds, **overrides)
+        """The policy of a ModelDeployment's ``spec.autoscaling`` (``overrides`` win)."""
+        knobs: dict[str, Any] = {
+            "target": spec.target, "min_replicas": spec.min_replicas,
+            "max_replicas": spec.max_replicas, "metric": str(spec.metric),
+            "scale_down_delay_seconds": spec.scale_down_delay_seconds,
+            "scale_to_zero_delay_seconds": spec.scale_to_zero_delay_seconds,
+            "stable_window_seconds": spec.stable_window_seconds,
+            "panic_window_percentage": spec.panic_window_percentage,
+            "panic_threshold": spec.panic_threshold_percentage / 100,
+            "tolerance": spec.tolerance, "max_scale_up_rate": spec.max_scale_up_rate,
+            "max_scale_down_rate": spec.max_scale_down_rate,
+        }
+        return cls(**(knobs | overrides))
 
 
 @dataclass(frozen=True)
@@ -416,10 +425,14 @@ class Window:
         if value is None:
             return None
         sample = Sample(time, len(ready), value, waiting)
-        self._samples.append(sample)
-        while self._samples and self._samples[0].time <= time - self.seconds:
-            self._samples.popleft()
+        self.append(sample)
         return sample
+
+    def append(self, sample: Sample) -> None:
+        """Add a sample measured elsewhere (e.g. a Prometheus query)."""
+        self._samples.append(sample)
+        while self._samples and self._samples[0].time <= sample.time - self.seconds:
+            self._samples.popleft()
 
     def _value(self, ready: list[Scrape]) -> float | None:
         if self.metric == "concurrency":

@@ -171,29 +171,33 @@ def render_yaml() -> str:
     return header + yaml.safe_dump(crd(), sort_keys=True, width=100)
 
 
-def generated_file_cli(argv: list[str] | None, *, doc: str, default: Path,
+def generated_file_cli(argv: list[str] | None, *, doc: str, default: Path | list[Path],
                        render: Callable[[], str], module: str) -> int:
-    """``--out PATH`` writes ``render()``; ``--check`` fails when PATH differs from it."""
+    """``--out PATH`` (repeatable; default: ``default``) writes ``render()``; ``--check``
+    fails when a PATH differs from it."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=default)
+    parser.add_argument("--out", type=Path, action="append")
     parser.add_argument("--check", action="store_true", help="fail if --out is stale")
     args = parser.parse_args(argv)
+    outs: list[Path] = args.out or (default if isinstance(default, list) else [default])
     text = render()
+    stale = [out for out in outs if (out.read_text() if out.exists() else "") != text]
     if args.check:
-        current = args.out.read_text() if args.out.exists() else ""
-        if current != text:
-            print(f"{args.out} is stale: run `python -m {module}`", file=sys.stderr)
-            return 1
-        return 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(f"wrote {args.out}")
+        for out in stale:
+            print(f"{out} is stale: run `python -m {module}`", file=sys.stderr)
+        return 1 if stale else 0
+    for out in outs:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return generated_file_cli(argv, doc=__doc__ or "", default=Path("crds") / CRD_FILE,
-                              render=render_yaml, module="modelyard.operator.crd")
+    """Writes the CRD to ``crds/`` and to the Helm chart's ``crds/`` (the same file)."""
+    return generated_file_cli(
+        argv, doc=__doc__ or "", render=render_yaml, module="modelyard.operator.crd",
+        default=[Path("crds") / CRD_FILE, Path("charts") / "modelyard" / "crds" / CRD_FILE])
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from .kube import Writer, load_api_client
 from .leader import ElectionConfig, Elector
 from .reconcile import Observed, Reconciler
 from .render import MANAGED_BY, MANAGER, MODEL_LABEL
+from .scaling import Autoscaler
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ _RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
 # Full passes for every resource, as a safety net for missed events; they write nothing when
 # nothing changed. Read at import: set MODELYARD_RESYNC_SECONDS before the operator starts.
 SAFETY_INTERVAL_S = float(os.environ.get("MODELYARD_RESYNC_SECONDS", "300"))
+# How often the autoscaler measures and decides (its rate limits are per decision).
+AUTOSCALE_TICK_S = float(os.environ.get("MODELYARD_AUTOSCALE_TICK_SECONDS", "2"))
 
 
 @kopf.on.startup()
@@ -69,11 +72,13 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo["reconciler"] = reconciler
     memo["resync"] = loop.create_task(reconciler.resync_forever(SAFETY_INTERVAL_S),
                                       name="modelyard-resync")
+    memo["autoscaler"] = loop.create_task(Autoscaler(reconciler).run_forever(AUTOSCALE_TICK_S),
+                                          name="modelyard-autoscaler")
 
 
 @kopf.on.cleanup()
 async def shutdown(memo: kopf.Memo, **_: Any) -> None:
-    for name in ("election_task", "resync"):
+    for name in ("election_task", "autoscaler", "resync"):
         task: asyncio.Task[None] | None = memo.get(name)
         if task is not None:
             task.cancel()

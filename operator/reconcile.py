@@ -91,13 +91,22 @@ class Reconciler:
         self._locks: dict[Key, asyncio.Lock] = {}
         self._known: dict[Key, Callable[[], Observed | None]] = {}
         self._gateway: tuple[bool, float] | None = None  # (HTTPRoute served?, checked at)
+        # The autoscaler's latest decision per resource (see scaling.py): the total replicas
+        # that a pass splits between versions, and the status it reports.
+        self.scaled: dict[Key, api.AutoscalerStatus] = {}
         # key -> (resourceVersion we wrote over, what we wrote)
         self._written: dict[tuple[str, ...], tuple[str | None, Any]] = {}
+
+    @property
+    def known(self) -> Mapping[Key, Callable[[], Observed | None]]:
+        """Every resource seen, with the function that snapshots it from the indexes."""
+        return self._known
 
     def forget(self, key: Key) -> None:
         """The resource is gone: drop what we remembered of it."""
         self._locks.pop(key, None)
         self._known.pop(key, None)
+        self.scaled.pop(key, None)
         for k in [k for k in self._baselines if k[:2] == key]:
             del self._baselines[k]
         for k in [k for k in self._written if k[1:3] == key]:
@@ -136,7 +145,15 @@ class Reconciler:
 
         states = observe(o.deployments, o.pods)
         log.debug("%s/%s observed %s", *key, states)
-        step = await self._plan(o, spec, states, previous, meta.get("annotations") or {})
+        scaled = (self.scaled.get(key) or previous.autoscaler) if spec.autoscaling else None
+        total = scaled.desired_replicas if scaled else render.replicas_wanted(spec)
+        step = await self._plan(o, spec, states, previous, meta.get("annotations") or {},
+                                total=total)
+        target_replicas = step.target_replicas
+        if spec.autoscaling is not None and spec.model.version in states:
+            # The autoscaler's replicas go through the scale subresource only.
+            target_replicas = states[spec.model.version].desired
+            step.scale.setdefault(spec.model.version, step.target_replicas)
         live = {(obj["kind"], obj["metadata"]["name"]): obj
                 for obj in [*_with_kind(o.deployments, "Deployment"),
                             *_with_kind(o.services, "Service")]}
@@ -146,7 +163,7 @@ class Reconciler:
             if gateway else []
         await self._apply([
             render.render_service(owner, step.active),
-            render.render_deployment(owner, spec, step.target_replicas),
+            render.render_deployment(owner, spec, target_replicas),
             *(render.render_version_service(owner, v) for v in sorted(step.plan.keep)),
             *preview,
             *route,
@@ -168,12 +185,13 @@ class Reconciler:
             promoted=bool(decision and decision.promoted),
             rolled_back=step.rolled_back, handled=step.handled,
             traffic_split="gateway" if gateway else "replicas",
+            autoscaler=scaled,
         )
         await self._write_status(o, key, status_payload(status), events)
 
     async def _plan(self, o: Observed, spec: api.ModelDeploymentSpec,
                     states: Mapping[str, VersionState], previous: api.ModelDeploymentStatus,
-                    annotations: Mapping[str, str]) -> _Step:
+                    annotations: Mapping[str, str], *, total: int) -> _Step:
         """Which versions run with how many replicas, and where the stable Service points:
         a canary, a blue-green preview, or a plain replacement; and the manual controls."""
         target = spec.model.version
@@ -185,10 +203,8 @@ class Reconciler:
         stable = rollout.stable_of(states, previous.stable_version, target)
         strategy = spec.rollout.strategy
         if strategy == api.RolloutStrategy.ROLLING_UPDATE or stable is None:
-            return _Step(plan_versions(spec, states), render.replicas_wanted(spec), {}, None,
-                         handled=handled)
+            return _Step(plan_versions(spec, states, total), total, {}, None, handled=handled)
         blue_green = strategy == api.RolloutStrategy.BLUE_GREEN
-        total = rollout.wanted_total(spec)
         others = frozenset(v for v in states if v not in (target, stable.version))
         both = VersionPlan(target, frozenset({target, stable.version}), others)
         back_to_stable = functools.partial(

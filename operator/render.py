@@ -223,7 +223,7 @@ def render_deployment(
     if spec.scheduling.runtime_class_name:
         pod_spec["runtimeClassName"] = spec.scheduling.runtime_class_name
 
-    deployment = {
+    deployment: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {
@@ -233,7 +233,6 @@ def render_deployment(
             "ownerReferences": [owner.reference()],
         },
         "spec": {
-            "replicas": replicas,
             "revisionHistoryLimit": 3,
             "selector": {"matchLabels": selector},
             # A template change within one version (new image, new resources) replaces
@@ -253,7 +252,11 @@ def render_deployment(
             },
         },
     }
-    return with_hash(deployment)
+    # The digest leaves replicas out: scaling alone (the autoscaler's, through the scale
+    # subresource) is not a change of what the Deployment is.
+    with_hash(deployment)
+    deployment["spec"]["replicas"] = replicas
+    return deployment
 
 
 def render_service(owner: Owner, active: str | None = None) -> dict[str, Any]:

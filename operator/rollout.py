@@ -98,8 +98,10 @@ def step_canary(
     # Grow the canary into the room the stable version left; shrink the stable version
     # only as far as ready canary pods take over its traffic.
     canary_replicas = min(want_canary, max(have_canary, budget - have_stable))
-    stable_replicas = max(want_stable, total - ready_canary)
-    stable_replicas = min(stable_replicas, have_stable, budget - canary_replicas)
+    # The stable version shrinks only as far as ready canary pods take over; it grows to its
+    # share when the total grows (the autoscaler sets the total, the step splits it).
+    stable_replicas = max(want_stable, min(have_stable, total - ready_canary))
+    stable_replicas = min(stable_replicas, budget - canary_replicas)
 
     reached = (target is not None and target.up_to_date and canary_replicas == want_canary
                and ready_canary >= want_canary and stable_replicas == want_stable
@@ -221,12 +223,6 @@ def _hold(
                                    f"({verdict.reason})", verdict.requests)
         return holding, f"{where}; analysis: {verdict.reason}"
     return None
-
-
-def wanted_total(spec: api.ModelDeploymentSpec) -> int:
-    if spec.autoscaling is not None:
-        return max(spec.autoscaling.min_replicas, 1)
-    return spec.replicas
 
 
 def stable_of(versions: Mapping[str, VersionState], stable: str | None,

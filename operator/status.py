@@ -115,13 +115,12 @@ def observe(
 
 
 def plan_versions(
-    spec: api.ModelDeploymentSpec, observed: Mapping[str, VersionState]
+    spec: api.ModelDeploymentSpec, observed: Mapping[str, VersionState], wanted: int
 ) -> VersionPlan:
     """The target version always runs; older versions run until it is fully available."""
     target = spec.model.version
     others = frozenset(v for v in observed if v != target)
     target_state = observed.get(target)
-    wanted = spec.replicas if spec.autoscaling is None else spec.autoscaling.min_replicas
     target_done = target_state is not None and (
         target_state.available or (wanted == 0 and target_state.up_to_date)
     )
@@ -146,6 +145,7 @@ def compute_status(
     rolled_back: RollBack | None = None,
     handled: api.HandledRequests | None = None,
     traffic_split: str | None = None,
+    autoscaler: api.AutoscalerStatus | None = None,
 ) -> tuple[api.ModelDeploymentStatus, list[Event]]:
     """The status for this pass. With a canary in progress (``canary``) the target version
     stays in phase Canary until ``promoted``."""
@@ -223,6 +223,7 @@ def compute_status(
         versions=versions[: api.HISTORY_LIMIT],
         handled_requests=handled if handled and (handled.abort or handled.retry) else None,
         traffic_split=traffic_split,
+        autoscaler=autoscaler,
     )
     return status, events
 

@@ -83,7 +83,7 @@ def _get(cluster: Any, *args: str) -> dict[str, Any] | None:
 def test_the_charts_crd_is_the_generated_crd() -> None:
     assert CHART_CRD.read_bytes() == CRD_PATH.read_bytes(), (
         f"{CHART_CRD.relative_to(ROOT)} differs from {CRD_PATH.relative_to(ROOT)}; refresh it "
-        f"with `python -m modelyard.operator.crd --out {CHART_CRD.relative_to(ROOT)}` "
+        f"with `python -m modelyard.operator.crd` (it writes both) "
         f"(Helm packages no symlinks, so the chart holds a copy)")
 
 

@@ -259,3 +259,35 @@ def test_the_operator_can_be_limited_to_namespaces(
             time.sleep(5)
             assert kube.get("deployment", "scoped-v1") is None
             assert not (kube.get("md", "scoped") or {}).get("status")
+
+
+def test_the_scale_subresource_serves_kubectl_scale_and_an_hpa(kube: Kube, operator: Any) -> None:
+    kube.apply(manifest("scaled", replicas=1))
+    wait_for(lambda: ready(kube, "scaled"), what="scaled Ready")
+    kube.run("scale", "md", "scaled", "--replicas=3")
+    wait_for(lambda: (kube.get("deployment", "scaled-v1") or {}).get("spec", {})
+             .get("replicas") == 3, what="the Deployment at 3")
+    wait_for(lambda: kube.get("md", "scaled")["status"]["readyReplicas"] == 3, what="3 ready")
+    kube.apply(yaml.safe_dump({
+        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "scaled"},
+        "spec": {"scaleTargetRef": {"apiVersion": "modelyard.dev/v1alpha1",
+                                    "kind": "ModelDeployment", "name": "scaled"},
+                 "minReplicas": 1, "maxReplicas": 5,
+                 "metrics": [{"type": "Resource", "resource": {
+                     "name": "cpu", "target": {"type": "Utilization",
+                                               "averageUtilization": 60}}}]},
+    }))
+
+    def able_to_scale() -> dict[str, Any] | None:
+        conditions = (kube.get("hpa", "scaled") or {}).get("status", {}).get("conditions", [])
+        return next((c for c in conditions if c["type"] == "AbleToScale"
+                     and c["status"] == "True"), None)
+
+    # The HPA controller found the resource's scale subresource (replicas, selector); it has
+    # no metrics server here to act on, which it reports separately. (Its discovery of a new
+    # CRD can take a sync period or two.)
+    condition = wait_for(able_to_scale, timeout=120, what="the HPA reading the scale")
+    assert condition["reason"] == "SucceededGetScale"
+    hpa = kube.get("hpa", "scaled")
+    assert hpa["status"]["currentReplicas"] == 3

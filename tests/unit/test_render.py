@@ -22,9 +22,13 @@ def test_rendering_is_deterministic() -> None:
     a = render.render_deployment(OWNER, spec(), 2)
     b = render.render_deployment(OWNER, spec(), 2)
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
-    c = render.render_deployment(OWNER, spec(), 3)
     key = render.HASH_ANNOTATION
-    assert a["metadata"]["annotations"][key] != c["metadata"]["annotations"][key]
+    # Replicas alone are scaling, not a new shape of the Deployment: same digest.
+    c = render.render_deployment(OWNER, spec(), 3)
+    assert a["metadata"]["annotations"][key] == c["metadata"]["annotations"][key]
+    assert c["spec"]["replicas"] == 3
+    d = render.render_deployment(OWNER, spec(runtime={"port": 9000}), 2)
+    assert a["metadata"]["annotations"][key] != d["metadata"]["annotations"][key]
 
 
 def test_gpu_request_selects_the_product_and_tolerates_the_taint() -> None:

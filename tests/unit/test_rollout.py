@@ -207,3 +207,17 @@ def test_blue_green_failing_preview_rolls_back() -> None:
     assert decision.rolled_back is not None
     assert decision.replicas == {"1": 2, "2": 0}
     assert "CrashLoopBackOff" in decision.message
+
+
+def test_a_step_follows_a_growing_total_within_the_budget() -> None:
+    """The autoscaler raises the total mid-step: both versions grow to their shares."""
+    s = spec([{"weight": 50}], replicas=2, gpus=1)
+    stable = VersionState("1", "m-v1", desired=1, replicas=1, ready=1, updated=1)
+    target = VersionState("2", "m-v2", desired=1, replicas=1, ready=1, updated=1)
+    current = api.CanaryStatus(version="2", weight=50, step=1, started_at="2026-11-25T12:00:00Z",
+                               step_started_at="2026-11-25T12:00:00Z",
+                               reached_at="2026-11-25T12:00:00Z")
+    decision = rollout.step_canary(spec=s, total=4, stable=stable, target=target,
+                                   current=current, action=None, now=T0)
+    assert decision.replicas == {"1": 2, "2": 2}
+    assert sum(decision.replicas.values()) <= 4 + rollout.surge_replicas(s)

@@ -25,7 +25,7 @@ def spec(version: str = "2", replicas: int = 2) -> api.ModelDeploymentSpec:
 def run(s: api.ModelDeploymentSpec, observed: dict[str, VersionState],
         previous: api.ModelDeploymentStatus | None = None, now: dt.datetime = T0,
         ) -> tuple[api.ModelDeploymentStatus, list[Any]]:
-    plan = plan_versions(s, observed)
+    plan = plan_versions(s, observed, s.replicas)
     return compute_status(generation=4, spec=s, previous=previous or api.ModelDeploymentStatus(),
                           observed=observed, plan=plan, url="http://x", selector="a=b", now=now)
 
@@ -65,7 +65,7 @@ def test_old_version_serves_until_the_new_one_is_available() -> None:
     prev, _ = run(spec("1"), {"1": VersionState("1", "m-v1", 2, 2, 2, 2)})
     rolling = {"1": VersionState("1", "m-v1", 2, 2, 2, 2),
                "2": VersionState("2", "m-v2", 2, 1, 0, 1)}
-    plan = plan_versions(s, rolling)
+    plan = plan_versions(s, rolling, s.replicas)
     assert plan.keep == {"1", "2"}
     assert not plan.retire
     status, _ = run(s, rolling, previous=prev)
@@ -75,7 +75,7 @@ def test_old_version_serves_until_the_new_one_is_available() -> None:
 
     done = {"1": VersionState("1", "m-v1", 2, 2, 2, 2),
             "2": VersionState("2", "m-v2", 2, 2, 2, 2)}
-    assert plan_versions(s, done).retire == {"1"}
+    assert plan_versions(s, done, s.replicas).retire == {"1"}
     status, _ = run(s, done, previous=status)
     assert [(v.version, v.phase) for v in status.versions] == [("2", "Stable"),
                                                                ("1", "Superseded")]

@@ -1,0 +1,196 @@
+"""The autoscaler loop: measure each autoscaled model, decide, and hand the decision to a
+reconcile pass. The deciding is :mod:`.autoscale` (pure); this is the I/O around it.
+
+Every ``tick_s`` (2 s), on the leading replica only, for each ModelDeployment with
+``spec.autoscaling``:
+
+1. read the metric: scrape ``/metrics`` of every runtime pod of the model that is Ready
+   (all versions: a canary's pods carry load too), or ask Prometheus (``source:
+   prometheus``); requests an activator holds for a model at zero are its wake signal;
+2. :func:`.autoscale.decide` the total replicas, from the window of samples and the
+   algorithm's state (kept in ``status.autoscaler.state``, so a restarted or newly
+   elected operator carries on without a jump);
+3. when the decision differs from what the resource's status says, store it in
+   :attr:`.Reconciler.scaled` and run a pass: the pass splits the total between versions
+   (a canary's step weights apply to it) and sets the Deployments' replicas through their
+   scale subresource; the ModelDeployment's ``spec`` is never written. An Event is posted
+   for every change of replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import pydantic
+
+from . import api, autoscale, promql, render
+from .reconcile import Key, Observed, Reconciler, scrape_metrics
+
+log = logging.getLogger(__name__)
+
+# Reads how many requests wait for a model (an activator's count); 0 when none.
+WaitingSource = Callable[[Key], Awaitable[float]]
+
+
+async def _nobody_waits(key: Key) -> float:
+    return 0.0
+
+
+class Autoscaler:
+    def __init__(self, reconciler: Reconciler, *,
+                 scraper: Callable[[str, int], Awaitable[str | None]] = scrape_metrics,
+                 waiting: WaitingSource = _nobody_waits,
+                 clock: Callable[[], float] = time.time):
+        self.reconciler = reconciler
+        self._scrape = scraper
+        self._waiting = waiting
+        self._clock = clock
+        self._windows: dict[Key, autoscale.Window] = {}
+        self._states: dict[Key, autoscale.State] = {}
+
+    async def run_forever(self, tick_s: float) -> None:
+        while True:
+            await asyncio.sleep(tick_s)
+            if not self.reconciler.leading():
+                self._windows.clear()  # a follower's memory would be stale on takeover
+                self._states.clear()
+                continue
+            await self.tick()
+
+    async def tick(self) -> None:
+        for key, snapshot in list(self.reconciler.known.items()):
+            try:
+                await self._scale(key, snapshot)
+            except Exception:
+                log.exception("autoscaling %s/%s failed; the next tick retries", *key)
+
+    async def _scale(self, key: Key, snapshot: Callable[[], Observed | None]) -> None:
+        observed = snapshot()
+        spec = _autoscaling(observed)
+        if observed is None or spec is None or spec.autoscaling is None:
+            self._windows.pop(key, None)
+            self._states.pop(key, None)
+            self.reconciler.scaled.pop(key, None)
+            return
+        policy = autoscale.Policy.from_spec(spec.autoscaling)
+        status = api.parse_status(dict(observed.resource.get("status") or {}))
+        reported = self.reconciler.scaled.get(key) or status.autoscaler
+        window = self._windows.get(key)
+        if window is None or window.metric != policy.metric \
+                or window.seconds != policy.stable_window_seconds:
+            window = self._windows[key] = autoscale.Window(policy.metric,
+                                                           policy.stable_window_seconds)
+        state = self._states.get(key) or autoscale.State.from_dict(
+            reported.state if reported else None)
+        current = reported.desired_replicas if reported else \
+            _running(observed) or render.replicas_wanted(spec)
+        now = self._clock()
+        waiting = await self._waiting(key)
+        if spec.autoscaling.source == "prometheus":
+            await self._from_prometheus(window, key, spec, now=now, waiting=waiting,
+                                        observed=observed)
+        else:
+            await self._from_pods(window, spec, now, waiting, observed)
+        decision = autoscale.decide(window.samples, now, current, state, policy)
+        self._states[key] = decision.state
+        changed = reported is None or decision.replicas != reported.desired_replicas
+        new = api.AutoscalerStatus(
+            desired_replicas=decision.replicas, metric=policy.metric,
+            metric_value=_rounded(decision.metric_value) if changed else
+            reported.metric_value if reported else None,
+            reason=decision.reason if changed else reported.reason if reported else "",
+            last_scale_time=_stamp(now) if changed and reported is not None else
+            reported.last_scale_time if reported else None,
+            panic=decision.panic, state=decision.state.to_dict())
+        if reported is not None and new == reported:
+            return
+        self.reconciler.scaled[key] = new
+        if changed and reported is not None:
+            log.info("autoscaling %s/%s: %d -> %d replicas (%s)", *key,
+                     reported.desired_replicas, decision.replicas, decision.reason)
+            await asyncio.to_thread(
+                self.reconciler.writer.event, observed.resource, "Normal", "Scaled",
+                f"{reported.desired_replicas} -> {decision.replicas} replicas: "
+                f"{decision.reason}")
+        await self.reconciler.reconcile(key, snapshot)
+
+    async def _from_pods(self, window: autoscale.Window, spec: api.ModelDeploymentSpec,
+                         now: float, waiting: float, observed: Observed) -> None:
+        pods = [p for p in observed.pods if not p["metadata"].get("deletionTimestamp")
+                and p.get("status", {}).get("podIP")]
+        ready = [p for p in pods if _ready(p)]
+        texts = await asyncio.gather(*(self._scrape(p["status"]["podIP"], spec.runtime.port)
+                                       for p in ready))
+        scrapes = [autoscale.parse_scrape(p["metadata"]["name"], now, text, ready=True)
+                   for p, text in zip(ready, texts, strict=True) if text is not None]
+        window.add(now, scrapes, waiting=waiting)
+
+    async def _from_prometheus(self, window: autoscale.Window, key: Key,
+                               spec: api.ModelDeploymentSpec, *, now: float, waiting: float,
+                               observed: Observed) -> None:
+        assert spec.autoscaling is not None
+        assert spec.autoscaling.prometheus_url is not None
+        versions = sorted({p["metadata"].get("labels", {}).get(render.VERSION_LABEL, "")
+                           for p in observed.pods} - {""})
+        ready = sum(1 for p in observed.pods if _ready(p))
+        values: list[float] = []
+        try:
+            async with promql.Prometheus(spec.autoscaling.prometheus_url) as prometheus:
+                for version in versions:
+                    load = await prometheus.load(promql.VersionRef(*key, version), at=now,
+                                                 rate_window_s=min(
+                                                     60.0, spec.autoscaling.stable_window_seconds))
+                    value = _metric(load, spec.autoscaling.metric)
+                    if value is not None:
+                        values.append(value)
+        except promql.MetricsUnavailable as exc:
+            log.warning("autoscaling %s/%s: %s; holding", *key, exc)
+            return
+        if not values and ready:
+            return  # nothing known yet: no sample, so the decision holds
+        per_replica = spec.autoscaling.metric in autoscale.AVERAGE_METRICS
+        value = (sum(values) / len(values) if values else 0.0) if per_replica else sum(values)
+        window.append(autoscale.Sample(now, ready, value, waiting))
+
+
+def _metric(load: promql.Load, metric: str) -> float | None:
+    if metric == "concurrency":
+        return load.inflight
+    if metric == "rps":
+        return load.rps
+    if metric == "queueDepth":
+        return load.queue_depth
+    if metric == "latencyP95":
+        return None if load.latency_p95_s is None else load.latency_p95_s * 1000
+    return None if load.gpu_utilization is None else load.gpu_utilization * 100
+
+
+def _autoscaling(observed: Observed | None) -> api.ModelDeploymentSpec | None:
+    if observed is None or observed.resource.get("metadata", {}).get("deletionTimestamp"):
+        return None
+    try:
+        return api.parse_spec(dict(observed.resource.get("spec") or {}))
+    except pydantic.ValidationError:
+        return None  # the reconcile pass reports it
+
+
+def _running(observed: Observed) -> int:
+    return sum(int(d.get("spec", {}).get("replicas", 0)) for d in observed.deployments)
+
+
+def _ready(pod: Mapping[str, Any]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in pod.get("status", {}).get("conditions", []) or [])
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else float(f"{value:.3g}")
+
+
+def _stamp(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
