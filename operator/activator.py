@@ -625,7 +625,7 @@ class Activator:
     async def _send(self, request: Request, body: bytes, endpoint: Endpoint) -> httpx.Response:
         url = httpx.URL(endpoint.url + request.url.path,
                         query=request.url.query.encode("latin-1"))
-        headers = forward_headers(request.headers.items(), drop=("content-length",))
+        headers = forward_headers(request.headers.items(), drop=("content-length", "expect"))
         upstream = self._http.build_request(request.method, url, headers=headers, content=body)
         return await self._http.send(upstream, stream=True)
 

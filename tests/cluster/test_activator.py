@@ -349,3 +349,36 @@ def test_stopping_lets_held_requests_go_with_a_503(at_zero: Setup) -> None:
         assert "is stopping" in response.json()["error"]
         assert "Retry-After" in response.headers
         assert activator.process.wait(60) == 0
+
+
+_GHOST = f"""\
+apiVersion: v1
+kind: Pod
+metadata: {{name: ghost, labels: {{{render.MODEL_LABEL}: {NAME}}}}}
+spec:
+  tolerations: [{{operator: Exists}}]
+  containers:
+  - {{name: runtime, image: modelyard-runtime, ports: [{{name: http, containerPort: 8080}}]}}
+"""
+
+
+def test_a_listed_pod_that_refuses_connections_is_skipped(at_one: Setup) -> None:
+    """A pod the API still calls Ready whose process is gone (nothing listens on its
+    address): requests sent its way go to the live one instead, none fails."""
+    setup = at_one
+    setup.kube.apply(_GHOST)
+    try:
+        wait_for(lambda: ((setup.kube.get("pods", "ghost") or {}).get("status") or {})
+                 .get("podIP"), what="the ghost pod's address")
+        ready = {"status": {"conditions": [{"type": "Ready", "status": "True"},
+                                           {"type": "ContainersReady", "status": "True"}]}}
+        setup.kube.run("patch", "pod", "ghost", "--subresource=status", "--type=strategic",
+                       "-p", json.dumps(ready))
+        listed = wait_for(lambda: len(setup.ready_pods()) == 2 and setup.ready_pods(),
+                          what="two pods listed Ready")
+        assert "ghost" in {p["metadata"]["name"] for p in listed}
+        answers = [_doubled(_infer(setup.activator.url, setup.host, [i, 0, 0, 1]))
+                   for i in range(6)]
+        assert answers == [[2 * i, 0, 0, 2] for i in range(6)]
+    finally:
+        setup.kube.run("delete", "pod", "ghost", "--grace-period=0", "--force", check=False)
