@@ -29,11 +29,12 @@ from typing import Any
 import kopf
 
 from . import api
+from .activation import ActivatorLink
 from .kube import Writer, load_api_client
 from .leader import ElectionConfig, Elector
 from .reconcile import Observed, Reconciler
-from .render import MANAGED_BY, MANAGER, MODEL_LABEL
-from .scaling import Autoscaler
+from .render import ENDPOINTSLICE_MANAGER, MANAGED_BY, MANAGER, MODEL_LABEL
+from .scaling import Autoscaler, nobody_waits
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,15 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         elector = Elector(writer, election, on_started=take_over)
         memo["elector"] = elector
         memo["election_task"] = loop.create_task(elector.run(), name="modelyard-election")
-    reconciler = Reconciler(writer, leading=lambda: elector is None or elector.leading)
+    activator = ActivatorLink.from_env(writer)
+    reconciler = Reconciler(writer, leading=lambda: elector is None or elector.leading,
+                            activator=activator)
     memo["reconciler"] = reconciler
     memo["resync"] = loop.create_task(reconciler.resync_forever(SAFETY_INTERVAL_S),
                                       name="modelyard-resync")
-    memo["autoscaler"] = loop.create_task(Autoscaler(reconciler).run_forever(AUTOSCALE_TICK_S),
+    autoscaler = Autoscaler(reconciler, waiting=(lambda key: activator.waiting(*key))
+                            if activator else nobody_waits)
+    memo["autoscaler"] = loop.create_task(autoscaler.run_forever(AUTOSCALE_TICK_S),
                                           name="modelyard-autoscaler")
 
 
@@ -134,6 +139,15 @@ def service_index(body: kopf.Body, namespace: str | None, labels: kopf.Labels,
     return {(namespace, labels[MODEL_LABEL]): _snapshot(body)}
 
 
+@kopf.index("discovery.k8s.io", "v1", "endpointslices",
+            labels={MANAGED_BY: MANAGER, MODEL_LABEL: kopf.PRESENT,
+                    "endpointslice.kubernetes.io/managed-by": ENDPOINTSLICE_MANAGER})
+def endpointslice_index(body: kopf.Body, namespace: str | None, labels: kopf.Labels,
+                        **_: Any) -> Any:
+    return {(namespace, labels[MODEL_LABEL]): _snapshot(body, spec=False) | {
+        k: copy.deepcopy(body.get(k)) for k in ("endpoints", "ports", "addressType")}}
+
+
 @kopf.index("", "v1", "pods", labels=_MANAGED)
 def pod_index(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> Any:
     return {(namespace, labels[MODEL_LABEL]): _snapshot(body)}
@@ -153,6 +167,7 @@ async def _reconcile(namespace: str | None, name: str, memo: kopf.Memo, **indexe
             deployments=list(indexes["deployment_index"].get(key, [])),
             pods=list(indexes["pod_index"].get(key, [])),
             services=list(indexes["service_index"].get(key, [])),
+            endpoint_slices=list(indexes["endpointslice_index"].get(key, [])),
         )
 
     await reconciler.reconcile(key, snapshot)

@@ -53,6 +53,7 @@ class Writer:
         self._core = client.CoreV1Api(api_client)
         self._apps = client.AppsV1Api(api_client)
         self._coordination = client.CoordinationV1Api(api_client)
+        self._discovery = client.DiscoveryV1Api(api_client)
 
     def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         resource = self._dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
@@ -76,6 +77,12 @@ class Writer:
         except ResourceNotFoundError:
             return False
         return True
+
+    def endpoint_slices(self, namespace: str, service: str) -> list[dict[str, Any]]:
+        """The EndpointSlices of a Service, as the API server serves them (camelCase)."""
+        found = self._discovery.list_namespaced_endpoint_slice(
+            namespace, label_selector=f"kubernetes.io/service-name={service}")
+        return list(self._api.sanitize_for_serialization(found).get("items") or [])
 
     def scale(self, namespace: str, deployment: str, replicas: int) -> None:
         """Set a Deployment's replicas through its scale subresource (nothing else changes)."""

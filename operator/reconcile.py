@@ -20,6 +20,7 @@ write just because the index has not caught up yet.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import functools
 import logging
@@ -32,6 +33,7 @@ import httpx
 import pydantic
 
 from . import analysis, api, diff, promql, render, rollout
+from .activation import ActivatorLink
 from .kube import GoneError, Writer
 from .status import (
     DEGRADED,
@@ -78,12 +80,15 @@ class Observed:
     deployments: list[Mapping[str, Any]]
     pods: list[Mapping[str, Any]]
     services: list[Mapping[str, Any]]
+    endpoint_slices: list[Mapping[str, Any]] = dataclasses.field(default_factory=list)
 
 
 class Reconciler:
     def __init__(self, writer: Writer, clock: Callable[[], dt.datetime] | None = None,
-                 scraper: Scraper | None = None, leading: Callable[[], bool] = lambda: True):
+                 scraper: Scraper | None = None, leading: Callable[[], bool] = lambda: True,
+                 activator: ActivatorLink | None = None):
         self.writer = writer
+        self.activator = activator  # where a model at zero sends its traffic (activation.py)
         self.leading = leading  # only the leader acts (see leader.py); others keep track
         self._scrape = scraper or scrape_metrics
         self._baselines: dict[tuple[str, ...], analysis.Counts] = {}
@@ -156,13 +161,16 @@ class Reconciler:
             step.scale.setdefault(spec.model.version, step.target_replicas)
         live = {(obj["kind"], obj["metadata"]["name"]): obj
                 for obj in [*_with_kind(o.deployments, "Deployment"),
-                            *_with_kind(o.services, "Service")]}
+                            *_with_kind(o.services, "Service"),
+                            *_with_kind(o.endpoint_slices, "EndpointSlice")]}
         preview = [render.render_preview_service(owner, step.preview)] if step.preview else []
+        activated = await self._activator_slice(owner, spec, states)
         gateway = await self._gateway_api()
         route = [render.render_httproute(owner, spec, _route_weights(step, states))] \
             if gateway else []
         await self._apply([
-            render.render_service(owner, step.active),
+            render.render_service(owner, step.active, to_activator=bool(activated)),
+            *activated,
             render.render_deployment(owner, spec, target_replicas),
             *(render.render_version_service(owner, v) for v in sorted(step.plan.keep)),
             *preview,
@@ -174,6 +182,9 @@ class Reconciler:
             await self._retire(states[version].deployment, live, key)
         if not preview:
             await self._retire(render.preview_service_name(owner.name), live, key)
+        if not activated:
+            await self._retire(render.activator_slice_name(owner.name), live, key,
+                               kinds=(("EndpointSlice", "discovery.k8s.io/v1"),))
 
         decision = step.canary
         status, events = compute_status(
@@ -242,6 +253,18 @@ class Reconciler:
         return _Step(both, decision.replicas[target], scale, decision, handled=handled,
                      active=stable.version if blue_green else None,
                      preview=target if blue_green else None)
+
+    async def _activator_slice(self, owner: render.Owner, spec: api.ModelDeploymentSpec,
+                               states: Mapping[str, VersionState]) -> list[dict[str, Any]]:
+        """The EndpointSlice that sends the stable Service's traffic to the activator, while
+        a model that may scale to zero has no ready replica (empty otherwise)."""
+        if self.activator is None or spec.autoscaling is None \
+                or spec.autoscaling.min_replicas > 0 or any(s.ready for s in states.values()):
+            return []
+        found = await self.activator.endpoints()
+        if found is None:
+            return []
+        return [render.render_activator_slice(owner, found.addresses, found.port)]
 
     async def _gateway_api(self) -> bool:
         """Whether the cluster has HTTPRoute; asked at most once a minute."""
@@ -330,9 +353,11 @@ class Reconciler:
         self._written[cache_key] = (_rv(current), str(replicas))
 
     async def _retire(self, name: str, live: Mapping[tuple[str, str], Mapping[str, Any]],
-                      key: Key) -> None:
-        """Delete a finished version's Deployment and Service (they share its name)."""
-        for kind, api_version in (("Deployment", "apps/v1"), ("Service", "v1")):
+                      key: Key, kinds: Iterable[tuple[str, str]] = (
+                          ("Deployment", "apps/v1"), ("Service", "v1"))) -> None:
+        """Delete what no longer belongs: by default a finished version's Deployment and
+        Service (they share its name)."""
+        for kind, api_version in kinds:
             current = live.get((kind, name))
             if current is None or current.get("metadata", {}).get("deletionTimestamp"):
                 continue

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,13 +260,16 @@ def render_deployment(
     return deployment
 
 
-def render_service(owner: Owner, active: str | None = None) -> dict[str, Any]:
+def render_service(owner: Owner, active: str | None = None, *,
+                   to_activator: bool = False) -> dict[str, Any]:
     """The stable Service: every ready runtime pod of the model, whatever its version (the
-    canary split is by replica ratio), or only version ``active`` (blue-green)."""
+    canary split is by replica ratio), or only version ``active`` (blue-green); with
+    ``to_activator`` (scaled to zero) no selector, its endpoints being the activator's
+    (:func:`render_activator_slice`)."""
     selector = selector_labels(owner.name)
     if active is not None:
         selector[VERSION_LABEL] = active
-    service = {
+    service: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {
@@ -281,7 +285,36 @@ def render_service(owner: Owner, active: str | None = None) -> dict[str, Any]:
                        "protocol": "TCP"}],
         },
     }
+    if to_activator:
+        del service["spec"]["selector"]
     return with_hash(service)
+
+
+ENDPOINTSLICE_MANAGER = "modelyard.dev"
+
+
+def activator_slice_name(owner_name: str) -> str:
+    return f"{owner_name}-activator"
+
+
+def render_activator_slice(owner: Owner, addresses: Sequence[str], port: int
+                           ) -> dict[str, Any]:
+    """The stable Service's endpoints while the model is at zero: the activator's pods."""
+    return with_hash({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": activator_slice_name(owner.name),
+            "namespace": owner.namespace,
+            "labels": {**common_labels(owner.name), "kubernetes.io/service-name": owner.name,
+                       "endpointslice.kubernetes.io/managed-by": ENDPOINTSLICE_MANAGER},
+            "ownerReferences": [owner.reference()],
+        },
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [address], "conditions": {"ready": True}}
+                      for address in sorted(addresses)],
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+    })
 
 
 def version_service_name(owner_name: str, version: str) -> str:

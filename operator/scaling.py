@@ -37,14 +37,14 @@ log = logging.getLogger(__name__)
 WaitingSource = Callable[[Key], Awaitable[float]]
 
 
-async def _nobody_waits(key: Key) -> float:
+async def nobody_waits(key: Key) -> float:
     return 0.0
 
 
 class Autoscaler:
     def __init__(self, reconciler: Reconciler, *,
                  scraper: Callable[[str, int], Awaitable[str | None]] = scrape_metrics,
-                 waiting: WaitingSource = _nobody_waits,
+                 waiting: WaitingSource = nobody_waits,
                  clock: Callable[[], float] = time.time):
         self.reconciler = reconciler
         self._scrape = scraper
@@ -98,25 +98,24 @@ class Autoscaler:
             await self._from_pods(window, spec, now, waiting, observed)
         decision = autoscale.decide(window.samples, now, current, state, policy)
         self._states[key] = decision.state
-        changed = reported is None or decision.replicas != reported.desired_replicas
+        changed = decision.replicas != current
         new = api.AutoscalerStatus(
             desired_replicas=decision.replicas, metric=policy.metric,
-            metric_value=_rounded(decision.metric_value) if changed else
-            reported.metric_value if reported else None,
-            reason=decision.reason if changed else reported.reason if reported else "",
-            last_scale_time=_stamp(now) if changed and reported is not None else
+            metric_value=_rounded(decision.metric_value) if changed or reported is None
+            else reported.metric_value,
+            reason=decision.reason if changed or reported is None else reported.reason,
+            last_scale_time=_stamp(now) if changed else
             reported.last_scale_time if reported else None,
             panic=decision.panic, state=decision.state.to_dict())
         if reported is not None and new == reported:
             return
         self.reconciler.scaled[key] = new
-        if changed and reported is not None:
-            log.info("autoscaling %s/%s: %d -> %d replicas (%s)", *key,
-                     reported.desired_replicas, decision.replicas, decision.reason)
+        if changed:
+            log.info("autoscaling %s/%s: %d -> %d replicas (%s)", *key, current,
+                     decision.replicas, decision.reason)
             await asyncio.to_thread(
                 self.reconciler.writer.event, observed.resource, "Normal", "Scaled",
-                f"{reported.desired_replicas} -> {decision.replicas} replicas: "
-                f"{decision.reason}")
+                f"{current} -> {decision.replicas} replicas: {decision.reason}")
         await self.reconciler.reconcile(key, snapshot)
 
     async def _from_pods(self, window: autoscale.Window, spec: api.ModelDeploymentSpec,
