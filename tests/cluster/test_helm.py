@@ -105,6 +105,10 @@ def test_the_values_schema_rejects_unknown_and_mistyped_values(chart: Chart) -> 
         ({"watchNamespaces": ["Not_A_Namespace"]}, "watchNamespaces"),
         ({"leaderElection": {"enabled": True, "lease": "x"}}, "'lease' not allowed"),
         ({"leaderElection": {"enabled": False}}, "replicaCount > 1 needs leaderElection"),
+        ({"ports": {"metrics": 70000}}, "/ports/metrics"),
+        ({"ports": {"metrics": 9000, "health": 9000}}, "ports.metrics and ports.health must"),
+        ({"metricsService": {"enabled": False}, "monitoring": {"serviceMonitor": {
+            "enabled": True}}}, "monitoring.serviceMonitor needs metricsService.enabled"),
     ]:
         proc = chart.run("template", "r", str(CHART), *chart._values(bad), check=False)
         assert proc.returncode != 0, bad
@@ -132,7 +136,7 @@ def test_every_rendered_object_passes_a_server_side_dry_run(
         objs = chart.template("dry", release_namespace, values)
         kinds = {o["kind"] for o in objs}
         assert {"ServiceAccount", "Deployment", "PodDisruptionBudget", "ClusterRole",
-                "ClusterRoleBinding", "Role", "RoleBinding"} <= kinds
+                "ClusterRoleBinding", "Role", "RoleBinding", "Service"} <= kinds
         if mode == "namespaced":
             roles = {(o["kind"], o["metadata"].get("namespace")) for o in objs}
             assert {("Role", team_a), ("Role", team_b), ("RoleBinding", team_a),
@@ -151,10 +155,13 @@ def test_the_prometheus_rules_are_valid_promql(chart: Chart, tmp_path: Path) -> 
         pytest.fail("promtool (Prometheus) is needed to check the chart's alert rules; "
                     "`make test` installs it")
     objs = chart.template("r", "ops", {"monitoring": {"prometheusRule": {"enabled": True},
-                                                      "podMonitor": {"enabled": True}}})
+                                                      "podMonitor": {"enabled": True},
+                                                      "serviceMonitor": {"enabled": True}}})
     rule = next(o for o in objs if o["kind"] == "PrometheusRule")
     alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
-    assert alerts == {"ModelyardModelNotReady", "ModelyardModelErrors", "ModelyardOperatorDown"}
+    assert alerts == {"ModelyardModelNotReady", "ModelyardModelErrors", "ModelyardOperatorDown",
+                      "ModelDeploymentDegraded", "ModelDeploymentNotReady", "RolloutRolledBack",
+                      "ModelyardOperatorReconcileErrors", "ModelyardOperatorNoLeader"}
     rules = tmp_path / "rules.yaml"
     rules.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
     checked = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True,
@@ -164,6 +171,94 @@ def test_the_prometheus_rules_are_valid_promql(chart: Chart, tmp_path: Path) -> 
     assert monitor["spec"]["selector"]["matchLabels"] == {
         "app.kubernetes.io/managed-by": "modelyard",
         "app.kubernetes.io/component": "model-server"}
+    # The ServiceMonitor finds the metrics Service (and no other), and keeps the
+    # ModelDeployments' own namespace label.
+    service_monitor = next(o for o in objs if o["kind"] == "ServiceMonitor")
+    services = [o for o in objs if o["kind"] == "Service"]
+    selected = service_monitor["spec"]["selector"]["matchLabels"]
+    assert [s["metadata"]["name"] for s in services
+            if selected.items() <= s["metadata"]["labels"].items()] == ["r-modelyard-metrics"]
+    assert service_monitor["spec"]["namespaceSelector"] == {"matchNames": ["ops"]}
+    [endpoint] = service_monitor["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["path"], endpoint["honorLabels"]) == \
+        ("metrics", "/metrics", True)
+
+
+# Series as Prometheus stores them from the ServiceMonitor's scrapes of release "r" in "ops"
+# (honorLabels: a ModelDeployment's own namespace wins; the operator's own series get the
+# target's). Values are one per minute.
+_OPERATOR = 'job="r-modelyard-metrics", service="r-modelyard-metrics", namespace="ops"'
+_SERIES = {
+    # vision/resnet never becomes ready; vision/idle is scaled to zero on purpose.
+    'modelyard_modeldeployment_ready{namespace="vision", name="resnet", '
+    'reason="NoReadyReplicas", pod="op-a"}': "0x20",
+    'modelyard_modeldeployment_ready{namespace="vision", name="idle", reason="ScaledToZero", '
+    'pod="op-a"}': "0x20",
+    # vision/gpu cannot be scheduled for 3 minutes, then for good from minute 10.
+    'modelyard_modeldeployment_degraded{namespace="vision", name="gpu", '
+    'reason="Unschedulable", pod="op-a"}': "1 1 1 0 0 0 0 0 0 0 1x10",
+    # one rollback of vision/resnet at minute 5 (the series exists at 0 before it).
+    'modelyard_rollouts_total{namespace="vision", name="resnet", outcome="rolled_back", '
+    'pod="op-a"}': "0 0 0 0 0 1x15",
+    # passes fail from minute 2 on, one in ten.
+    f'modelyard_operator_reconcile_total{{result="error", pod="op-a", {_OPERATOR}}}':
+        "0 0 0+1x20",
+    f'modelyard_operator_reconcile_total{{result="ok", pod="op-a", {_OPERATOR}}}': "0+10x22",
+    # the leader (op-a) loses its Lease at minute 4 and nobody takes over.
+    f'modelyard_operator_leader{{pod="op-a", {_OPERATOR}}}': "1 1 1 1 0x16",
+    f'modelyard_operator_leader{{pod="op-b", {_OPERATOR}}}': "0x20",
+}
+
+
+def _fired(alert: str, at: str, *expected: dict[str, str]) -> dict[str, Any]:
+    return {"eval_time": at, "alertname": alert,
+            "exp_alerts": [{"exp_labels": labels} for labels in expected]}
+
+
+def test_the_alerts_fire_when_they_should(chart: Chart, tmp_path: Path) -> None:
+    """``promtool test rules`` on the chart's own rules, with the operator's series: each
+    alert fires after its ``for:`` and only then, and a model scaled to zero never does."""
+    import shutil
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool (Prometheus) is needed; `make test` installs it")
+    objs = chart.template("r", "ops", {"monitoring": {"prometheusRule": {"enabled": True}}})
+    rule = next(o for o in objs if o["kind"] == "PrometheusRule")
+    summaries = {}
+    for group in rule["spec"]["groups"]:
+        for r in group["rules"]:
+            summaries[r["alert"]] = r.pop("annotations")["summary"]  # promtool: when, not what
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    resnet = {"namespace": "vision", "name": "resnet"}
+    gpu = {"namespace": "vision", "name": "gpu", "reason": "Unschedulable"}
+    tests = [{
+        "interval": "1m",
+        "input_series": [{"series": k, "values": v} for k, v in _SERIES.items()],
+        "alert_rule_test": [
+            _fired("ModelDeploymentNotReady", "9m"),
+            _fired("ModelDeploymentNotReady", "11m", {**resnet, "severity": "critical"}),
+            _fired("ModelDeploymentDegraded", "3m"),  # 3 minutes, then it recovered
+            _fired("ModelDeploymentDegraded", "14m"),
+            _fired("ModelDeploymentDegraded", "15m", {**gpu, "severity": "warning"}),
+            _fired("RolloutRolledBack", "4m"),
+            _fired("RolloutRolledBack", "6m", {**resnet, "severity": "warning"}),
+            _fired("RolloutRolledBack", "21m"),  # 15 minutes later it is history
+            _fired("ModelyardOperatorReconcileErrors", "10m"),
+            _fired("ModelyardOperatorReconcileErrors", "20m",
+                   {"namespace": "ops", "severity": "warning"}),
+            _fired("ModelyardOperatorNoLeader", "8m"),
+            _fired("ModelyardOperatorNoLeader", "9m", {"severity": "critical"}),
+        ],
+    }]
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump(
+        {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": tests}))
+    checked = subprocess.run([promtool, "test", "rules", "tests.yaml"], cwd=tmp_path,
+                             capture_output=True, text=True, check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert summaries["ModelDeploymentNotReady"] == (
+        "ModelDeployment {{ $labels.namespace }}/{{ $labels.name }} has no replica ready to "
+        "serve")
 
 
 def test_install_upgrade_and_uninstall(cluster: Any, chart: Chart,
@@ -214,8 +309,15 @@ def _check_installed(cluster: Any, ns: str, name: str) -> None:
     container = pod["containers"][0]
     assert container["image"] == "modelyard-operator:0.1.0"
     assert container["command"] == ["modelyard", "operator"]
-    assert "args" not in container  # cluster-wide
+    # cluster-wide (no --namespace), kopf's health endpoint on the health port
+    assert container["args"] == ["--liveness=http://0.0.0.0:8081/healthz"]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "metrics": 8080, "health": 8081}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health",
+                                               "scheme": "HTTP"}, probe
     env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+    assert env["MODELYARD_METRICS_PORT"] == "8080"
     assert env["MODELYARD_LEADER_ELECTION"] == "true"
     assert env["MODELYARD_LEASE_NAME"] == "modelyard-operator"
     assert env["POD_NAME"] == {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}
@@ -242,6 +344,21 @@ def _check_installed(cluster: Any, ns: str, name: str) -> None:
     assert role is not None
     assert any("modeldeployments" in r["resources"] for r in role["rules"])
     assert _get(cluster, "role", f"{name}-leader-election", "-n", ns) is not None
+    service = _get(cluster, "service", f"{name}-metrics", "-n", ns)
+    assert service is not None
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 8080, "protocol": "TCP",
+                                         "targetPort": "metrics"}]
+
+    def metrics_endpoints() -> list[Any] | None:
+        slices = json.loads(cluster.kubectl(
+            "get", "endpointslices", "-n", ns, "-o", "json",
+            "-l", f"kubernetes.io/service-name={name}-metrics").stdout)["items"]
+        ready = [e for s in slices for e in s.get("endpoints") or []
+                 if e.get("conditions", {}).get("ready")]
+        return ready if len(ready) == 2 else None
+
+    endpoints = wait_for(metrics_endpoints, what="both replicas behind the metrics Service")
+    assert {e["targetRef"]["kind"] for e in endpoints} == {"Pod"}
 
 
 def _check_upgraded(cluster: Any, ns: str, name: str, team: str) -> None:
@@ -250,7 +367,8 @@ def _check_upgraded(cluster: Any, ns: str, name: str, team: str) -> None:
     assert deployment["spec"]["replicas"] == 3
     assert deployment["status"].get("availableReplicas") == 3
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container["args"] == [f"--namespace={team}"]
+    assert container["args"] == ["--liveness=http://0.0.0.0:8081/healthz",
+                                 f"--namespace={team}"]
     # Namespaced now: the operator's rules moved from the ClusterRole to a Role in `team`.
     role = _get(cluster, "clusterrole", name)
     assert role is not None
