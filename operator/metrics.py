@@ -3,8 +3,9 @@
 The kopf layer (:mod:`.handlers`) starts the server (:func:`start`) when
 ``MODELYARD_METRICS_PORT`` is set and hands over a provider of the ModelDeployments'
 statuses (:func:`set_models_provider`); the reconciler reports each pass
-(:func:`observe_pass`) and each finished rollout (:func:`rollout_finished`); leader
-election reports who leads (:func:`set_leader`).
+(:func:`observe_pass`) and each finished rollout (:func:`rollout_finished`); and
+:func:`set_leader` gets the function that says whether this replica leads (asked at every
+scrape, like the provider).
 
 Two kinds of series:
 
@@ -90,7 +91,7 @@ class _Shared:
     """What the collector reads and the reconciler writes, from different threads."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)
-    leading: bool = False
+    leading: Callable[[], bool] = lambda: False
     provider: ModelsProvider = _no_models
     rollouts: dict[tuple[str, str, Outcome], int] = field(default_factory=dict)
 
@@ -103,7 +104,8 @@ class ModelsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         with self._shared.lock:
-            leading, provider = self._shared.leading, self._shared.provider
+            is_leading, provider = self._shared.leading, self._shared.provider
+        leading = _safely(is_leading)
         ready = GaugeMetricFamily(
             "modelyard_modeldeployment_ready",
             "1 when the ModelDeployment's Ready condition is True; reason is the condition's "
@@ -186,6 +188,7 @@ class OperatorMetrics:
         self.leader = Gauge(
             "modelyard_operator_leader", "1 when this operator replica leads (and acts)",
             registry=self.registry)
+        self.leader.set_function(lambda: float(_safely(self._shared.leading)))
         self.registry.register(ModelsCollector(self._shared))
         if process:
             ProcessCollector(registry=self.registry)
@@ -205,11 +208,12 @@ class OperatorMetrics:
             key = (namespace, name, outcome)
             self._shared.rollouts[key] = self._shared.rollouts.get(key, 0) + 1
 
-    def set_leader(self, leading: bool) -> None:
-        """This replica now leads (True) or stands by (False)."""
-        self.leader.set(1 if leading else 0)
+    def set_leader(self, leading: bool | Callable[[], bool]) -> None:
+        """This replica now leads (True) or stands by (False); or, better, a function that
+        says so, asked at every scrape (``Reconciler.leading``): nothing to keep in step."""
+        probe = leading if callable(leading) else (lambda: leading)
         with self._shared.lock:
-            self._shared.leading = leading
+            self._shared.leading = probe
 
     def set_models_provider(self, provider: ModelsProvider) -> None:
         """``provider()`` yields ``(namespace, name, status)`` for every ModelDeployment; it
@@ -264,6 +268,14 @@ def _rollout(status: Mapping[str, Any]) -> tuple[bool, str]:
     return False, ""
 
 
+def _safely(probe: Callable[[], bool]) -> bool:
+    try:
+        return bool(probe())
+    except Exception:
+        log.exception("asking whether this replica leads failed")
+        return False
+
+
 def _number(value: Any) -> float:
     try:
         return float(value or 0)
@@ -284,7 +296,7 @@ def rollout_finished(namespace: str, name: str, outcome: Outcome) -> None:
     METRICS.rollout_finished(namespace, name, outcome)
 
 
-def set_leader(leading: bool) -> None:
+def set_leader(leading: bool | Callable[[], bool]) -> None:
     METRICS.set_leader(leading)
 
 

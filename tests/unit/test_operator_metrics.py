@@ -91,6 +91,21 @@ def test_leader_gauge_follows_the_election(m: metrics.OperatorMetrics) -> None:
     assert value(scrape(m), "modelyard_operator_leader") == 0
 
 
+def test_leader_gauge_can_ask_the_election_at_scrape_time(m: metrics.OperatorMetrics) -> None:
+    election = {"leading": False}
+    m.set_leader(lambda: election["leading"])
+    m.set_models_provider(lambda: [("vision", "resnet", status_of("1", {}))])
+    assert value(scrape(m), "modelyard_operator_leader") == 0
+    election["leading"] = True  # won the Lease: no call needed
+    found = scrape(m)
+    assert value(found, "modelyard_operator_leader") == 1
+    assert named(found, "modelyard_modeldeployment_ready")
+    election["leading"] = False  # stepped down
+    found = scrape(m)
+    assert value(found, "modelyard_operator_leader") == 0
+    assert not named(found, "modelyard_modeldeployment_ready")
+
+
 def test_a_serving_model_reports_its_status(m: metrics.OperatorMetrics) -> None:
     first = status_of("1", {})
     status = status_of("1", {"1": serving("1", 3, gpus=3)}, replicas=3, previous=first)
