@@ -58,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="watch only this namespace (repeatable); default all")
     op.add_argument("--liveness", default=os.environ.get("MODELYARD_LIVENESS"),
                     help="serve a liveness probe at this URL, e.g. http://0.0.0.0:8081/healthz")
+    sub.add_parser("activator", add_help=False,
+                   help="run the activator (scale from zero); `modelyard activator --help`")
     sub.add_parser("build-binaries", help="build and cache the local cluster's binaries")
     for name, text in (("status", "a ModelDeployment's state in a few lines"),
                        ("history", "the versions a ModelDeployment has served"),
@@ -72,6 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--to", help="the version to go back to (default: the last one "
                                         "that served before the current)")
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["activator"]:  # its own flags: see activator.parse_settings
+        from .activator import main as activator_main
+
+        return activator_main(argv[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -23,12 +23,12 @@ import contextlib
 import copy
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import kopf
 
-from . import api
+from . import api, metrics
 from .activation import ActivatorLink
 from .kube import Writer, load_api_client
 from .leader import ElectionConfig, Elector
@@ -73,6 +73,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     reconciler = Reconciler(writer, leading=lambda: elector is None or elector.leading,
                             activator=activator)
     memo["reconciler"] = reconciler
+    if port := os.environ.get("MODELYARD_METRICS_PORT"):
+        memo["metrics_server"] = metrics.start(int(port))
+    metrics.set_leader(reconciler.leading)
+    metrics.set_models_provider(lambda: _statuses(reconciler))
     memo["resync"] = loop.create_task(reconciler.resync_forever(SAFETY_INTERVAL_S),
                                       name="modelyard-resync")
     autoscaler = Autoscaler(reconciler, waiting=(lambda key: activator.waiting(*key))
@@ -92,6 +96,18 @@ async def shutdown(memo: kopf.Memo, **_: Any) -> None:
     elector: Elector | None = memo.get("elector")
     if elector is not None:
         await elector.release()
+    server = memo.get("metrics_server")
+    if server is not None:
+        server.stop()
+    metrics.set_leader(False)
+
+
+def _statuses(reconciler: Reconciler) -> Iterator[tuple[str, str, Mapping[str, Any]]]:
+    """Every known ModelDeployment's status, for the per-resource metrics."""
+    for (namespace, name), snapshot in list(reconciler.known.items()):
+        observed = snapshot()
+        if observed is not None:
+            yield namespace, name, observed.resource.get("status") or {}
 
 
 @kopf.on.login()

@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 import pydantic
 
-from . import analysis, api, diff, promql, render, rollout
+from . import analysis, api, diff, metrics, promql, render, rollout
 from .activation import ActivatorLink
 from .kube import GoneError, Writer
 from .status import (
@@ -129,10 +129,15 @@ class Reconciler:
             if observed is None:
                 self.forget(key)
                 return
+            started, ok = time.monotonic(), False
             try:
                 await self._pass(observed)
+                ok = True
             except GoneError as exc:
+                ok = True
                 log.debug("skipping %s/%s: %s", *key, exc)
+            finally:
+                metrics.observe_pass(time.monotonic() - started, ok)
 
     async def _pass(self, o: Observed) -> None:
         meta = o.resource["metadata"]
@@ -420,6 +425,12 @@ class Reconciler:
         except GoneError:
             return
         self._written[cache_key] = (_rv(result), payload)
+        reasons = {event.reason for event in events}
+        finished: tuple[tuple[str, metrics.Outcome], ...] = (
+            ("RolloutComplete", "promoted"), ("RolledBack", "rolled_back"))
+        for reason, outcome in finished:
+            if reason in reasons:
+                metrics.rollout_finished(key[0], key[1], outcome)
         for event in events:
             await asyncio.to_thread(self.writer.event, o.resource, event.type, event.reason,
                                     event.message)

@@ -291,3 +291,37 @@ def test_the_scale_subresource_serves_kubectl_scale_and_an_hpa(kube: Kube, opera
     assert condition["reason"] == "SucceededGetScale"
     hpa = kube.get("hpa", "scaled")
     assert hpa["status"]["currentReplicas"] == 3
+
+
+def test_the_operator_serves_its_metrics_and_liveness(
+        kube: Kube, operator_identity: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from modelyard.operator.runner import OperatorThread
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    monkeypatch.setenv("MODELYARD_METRICS_PORT", str(ports[0]))
+    with OperatorThread(liveness=f"http://127.0.0.1:{ports[1]}/healthz"):
+        kube.apply(manifest("watched", replicas=1))
+        wait_for(lambda: ready(kube, "watched"), what="watched Ready")
+
+        def scraped() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+            text = httpx.get(f"http://127.0.0.1:{ports[0]}/metrics", timeout=5).text
+            return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                    for f in text_string_to_metric_families(text) for s in f.samples}
+
+        seen = wait_for(lambda: (m := scraped()) and m.get((
+            "modelyard_modeldeployment_ready", (("name", "watched"),
+                                                ("namespace", kube.namespace),
+                                                ("reason", "Serving")))) == 1 and m,
+            what="the model's readiness in the operator's metrics")
+        assert seen[("modelyard_operator_reconcile_total", (("result", "ok"),))] > 0
+        assert seen[("modelyard_operator_leader", ())] == 1
+        assert httpx.get(f"http://127.0.0.1:{ports[1]}/healthz", timeout=5).status_code == 200
