@@ -25,12 +25,40 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: operator
 {{- end }}
 
-{{- define "modelyard.labels" -}}
+{{- define "modelyard.commonLabels" -}}
 helm.sh/chart: {{ include "modelyard.chart" . }}
-{{ include "modelyard.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: modelyard
+{{- end }}
+
+{{- define "modelyard.labels" -}}
+{{ include "modelyard.selectorLabels" . }}
+{{ include "modelyard.commonLabels" . }}
+{{- end }}
+
+{{/* The activator's objects: same name and instance, component "activator". */}}
+{{- define "modelyard.activatorSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "modelyard.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: activator
+{{- end }}
+
+{{- define "modelyard.activatorLabels" -}}
+{{ include "modelyard.activatorSelectorLabels" . }}
+{{ include "modelyard.commonLabels" . }}
+{{- end }}
+
+{{- define "modelyard.activatorName" -}}
+{{- printf "%s-activator" (include "modelyard.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "modelyard.activatorServiceAccountName" -}}
+{{- if .Values.activator.serviceAccount.create }}
+{{- default (include "modelyard.activatorName" .) .Values.activator.serviceAccount.name }}
+{{- else }}
+{{- required "activator.serviceAccount.name is required when activator.serviceAccount.create is false" .Values.activator.serviceAccount.name }}
+{{- end }}
 {{- end }}
 
 {{- define "modelyard.serviceAccountName" -}}
@@ -75,6 +103,24 @@ operator needs each one and nothing more.
 - apiGroups: [gateway.networking.k8s.io]
   resources: [httproutes]
   verbs: [create, patch]
+{{- /* the index of the slices it manages; with the activator, a model at zero's slice */}}
+- apiGroups: [discovery.k8s.io]
+  resources: [endpointslices]
+  verbs: [list, watch{{ if .Values.activator.enabled }}, create, patch, delete{{ end }}]
+{{- end }}
+
+{{/*
+What the activator does in the namespaces of the models: it lists a model's pods for the
+ready ones, and, when there is none, gets the ModelDeployment to tell "at zero" from "no
+such model". Nothing else: it never writes.
+*/}}
+{{- define "modelyard.activatorRules" -}}
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list]
+- apiGroups: [modelyard.dev]
+  resources: [modeldeployments]
+  verbs: [get]
 {{- end }}
 
 {{/* kopf's own machinery: it follows CRDs (and, limited to namespaces, the namespaces). */}}
