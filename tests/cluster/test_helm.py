@@ -91,7 +91,8 @@ def test_the_charts_crd_is_the_generated_crd() -> None:
     {},
     {"watchNamespaces": ["team-a", "team-b"], "replicaCount": 3,
      "monitoring": {"podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}},
-], ids=["cluster-wide", "namespaced-with-monitoring"])
+    {"activator": {"enabled": False}},
+], ids=["cluster-wide", "namespaced-with-monitoring", "no-activator"])
 def test_helm_lint_strict_passes(chart: Chart, values: dict[str, Any]) -> None:
     linted = chart.run("lint", "--strict", str(CHART), *chart._values(values), check=False)
     assert linted.returncode == 0, linted.stdout + linted.stderr
@@ -99,7 +100,7 @@ def test_helm_lint_strict_passes(chart: Chart, values: dict[str, Any]) -> None:
 
 
 def test_the_values_schema_rejects_unknown_and_mistyped_values(chart: Chart) -> None:
-    for bad, message in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"replicas": 2}, "additional properties 'replicas' not allowed"),
         ({"replicaCount": "two"}, "replicaCount"),
         ({"watchNamespaces": ["Not_A_Namespace"]}, "watchNamespaces"),
@@ -109,7 +110,14 @@ def test_the_values_schema_rejects_unknown_and_mistyped_values(chart: Chart) -> 
         ({"ports": {"metrics": 9000, "health": 9000}}, "ports.metrics and ports.health must"),
         ({"metricsService": {"enabled": False}, "monitoring": {"serviceMonitor": {
             "enabled": True}}}, "monitoring.serviceMonitor needs metricsService.enabled"),
-    ]:
+        ({"activator": {"replicas": 2}}, "additional properties 'replicas' not allowed"),
+        ({"activator": {"timeoutSeconds": 0}}, "/activator/timeoutSeconds"),
+        ({"activator": {"terminationGracePeriodSeconds": 5}},
+         "/activator/terminationGracePeriodSeconds"),
+        ({"activator": {"ports": {"http": 9090}}},
+         "activator.ports.http and activator.ports.admin must differ"),
+    ]
+    for bad, message in cases:
         proc = chart.run("template", "r", str(CHART), *chart._values(bad), check=False)
         assert proc.returncode != 0, bad
         assert message in proc.stderr, proc.stderr
@@ -137,14 +145,66 @@ def test_every_rendered_object_passes_a_server_side_dry_run(
         kinds = {o["kind"] for o in objs}
         assert {"ServiceAccount", "Deployment", "PodDisruptionBudget", "ClusterRole",
                 "ClusterRoleBinding", "Role", "RoleBinding", "Service"} <= kinds
+        activator = {(kind, release_namespace, "dry-modelyard-activator") for kind in
+                     ("ServiceAccount", "Deployment", "Service", "PodDisruptionBudget")}
+        assert activator <= set(_kinds(objs))
         if mode == "namespaced":
-            roles = {(o["kind"], o["metadata"].get("namespace")) for o in objs}
-            assert {("Role", team_a), ("Role", team_b), ("RoleBinding", team_a),
-                    ("RoleBinding", team_b)} <= roles
+            roles = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"])
+                     for o in objs}
+            assert {(kind, team, name) for kind in ("Role", "RoleBinding")
+                    for team in (team_a, team_b)
+                    for name in ("dry-modelyard", "dry-modelyard-activator")} <= roles
+            # The operator lists the activator's EndpointSlices where the activator runs.
+            assert ("Role", release_namespace, "dry-modelyard-activator-endpoints") in roles
+            assert not any(o["metadata"]["name"] == "dry-modelyard-activator"
+                           for o in objs if o["kind"].startswith("ClusterRole"))
+        else:
+            assert {("ClusterRole", None, "dry-modelyard-activator"),
+                    ("ClusterRoleBinding", None, "dry-modelyard-activator")} <= set(_kinds(objs))
         applied = cluster.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-",
                                   input=yaml.safe_dump_all(objs), check=False)
         assert applied.returncode == 0, applied.stderr
         assert applied.stdout.count("(server dry run)") == len(objs), applied.stdout
+
+
+def _rules(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, set[str]]:
+    """The verbs a rendered ClusterRole/Role grants, by ``group/resource``."""
+    role = next(o for o in objs if o["kind"] == kind and o["metadata"]["name"] == name)
+    granted: dict[str, set[str]] = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                granted.setdefault(f"{group}/{resource}", set()).update(rule["verbs"])
+    return granted
+
+
+def _operator_env(objs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    deployment = next(o for o in objs if o["kind"] == "Deployment"
+                      and o["metadata"]["name"] == name)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value") for e in container["env"]}
+
+
+def test_the_activator_can_be_left_out(chart: Chart) -> None:
+    """With ``activator.enabled: false`` nothing of it renders, the operator is not told of
+    one, and it may only read EndpointSlices (it never points a Service at an activator)."""
+    on = chart.template("r", "ops")
+    assert _operator_env(on, "r-modelyard")["MODELYARD_ACTIVATOR_SERVICE"] == \
+        "ops/r-modelyard-activator"
+    assert _rules(on, "ClusterRole", "r-modelyard")["discovery.k8s.io/endpointslices"] == {
+        "list", "watch", "create", "patch", "delete"}
+    assert _rules(on, "ClusterRole", "r-modelyard-activator") == {
+        "/pods": {"list"}, "modelyard.dev/modeldeployments": {"get"}}
+
+    off = chart.template("r", "ops", {"activator": {"enabled": False}})
+    assert not [o for o in off if "activator" in o["metadata"]["name"]]
+    assert "MODELYARD_ACTIVATOR_SERVICE" not in _operator_env(off, "r-modelyard")
+    assert _rules(off, "ClusterRole", "r-modelyard")["discovery.k8s.io/endpointslices"] == {
+        "list", "watch"}
+    # Namespaced, with the activator in a watched namespace: that namespace's Role covers
+    # the activator's EndpointSlices, no extra Role.
+    inside = chart.template("r", "team-a", {"watchNamespaces": ["team-a", "team-b"]})
+    assert not [o for o in inside if o["metadata"]["name"] == "r-modelyard-activator-endpoints"]
 
 
 def test_the_prometheus_rules_are_valid_promql(chart: Chart, tmp_path: Path) -> None:
@@ -271,7 +331,9 @@ def test_install_upgrade_and_uninstall(cluster: Any, chart: Chart,
                           "--timeout=120s", check=False)
     assert installed.returncode == 0, installed.stderr
     assert "watches every namespace" in installed.stdout  # NOTES.txt
+    assert "Scale to zero is on" in installed.stdout
     _check_installed(cluster, ns, name)
+    _check_activator(cluster, ns, name)
     example = installed.stdout.split("<<'YAML'\n", 1)[1].split("  YAML\n", 1)[0]
     tried = cluster.kubectl("apply", "-n", ns, "--dry-run=server", "-f", "-",
                             input=textwrap.dedent(example), check=False)
@@ -297,6 +359,10 @@ def test_install_upgrade_and_uninstall(cluster: Any, chart: Chart,
         assert _get(cluster, "clusterrolebinding", name) is None
         assert _get(cluster, "role", name, "-n", team) is None
         assert _get(cluster, "serviceaccount", name, "-n", ns) is None
+        for kind in ("deployment", "service", "serviceaccount", "pdb"):
+            assert _get(cluster, kind, f"{name}-activator", "-n", ns) is None, kind
+        assert _get(cluster, "role", f"{name}-activator", "-n", team) is None
+        assert _get(cluster, "role", f"{name}-activator-endpoints", "-n", ns) is None
     # Helm never deletes what it installed from crds/: the ModelDeployments survive.
     assert _get(cluster, "crd", CRD_PATH.name.removesuffix(".yaml")) is not None
 
@@ -318,6 +384,7 @@ def _check_installed(cluster: Any, ns: str, name: str) -> None:
                                                "scheme": "HTTP"}, probe
     env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
     assert env["MODELYARD_METRICS_PORT"] == "8080"
+    assert env["MODELYARD_ACTIVATOR_SERVICE"] == f"{ns}/{name}-activator"
     assert env["MODELYARD_LEADER_ELECTION"] == "true"
     assert env["MODELYARD_LEASE_NAME"] == "modelyard-operator"
     assert env["POD_NAME"] == {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}
@@ -376,3 +443,79 @@ def _check_upgraded(cluster: Any, ns: str, name: str, team: str) -> None:
     team_role = _get(cluster, "role", name, "-n", team)
     assert team_role is not None
     assert any("modeldeployments" in r["resources"] for r in team_role["rules"])
+    # The activator's reads moved the same way, and the operator keeps reading the
+    # activator's EndpointSlices in the release namespace (not watched).
+    assert _get(cluster, "clusterrole", f"{name}-activator") is None
+    activator_role = _get(cluster, "role", f"{name}-activator", "-n", team)
+    assert activator_role is not None
+    assert activator_role["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+        {"apiGroups": ["modelyard.dev"], "resources": ["modeldeployments"], "verbs": ["get"]}]
+    endpoints_role = _get(cluster, "role", f"{name}-activator-endpoints", "-n", ns)
+    assert endpoints_role is not None
+    assert endpoints_role["rules"] == [{"apiGroups": ["discovery.k8s.io"],
+                                        "resources": ["endpointslices"], "verbs": ["list"]}]
+
+
+def _check_activator(cluster: Any, ns: str, name: str) -> None:
+    """The activator as the chart installs it: available (kwok runs its pods), locked down,
+    probed on its admin port, behind a Service with the ports the operator looks for."""
+    activator = f"{name}-activator"
+    deployment = _get(cluster, "deployment", activator, "-n", ns)
+    assert deployment is not None
+    assert deployment["status"].get("availableReplicas") == 2
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["image"] == "modelyard-operator:0.1.0"
+    assert container["command"] == ["modelyard", "activator"]
+    assert container["args"] == ["--port=8080", "--admin-port=9090", "--timeout-seconds=120"]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "http": 8080, "admin": 9090}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "admin",
+                                               "scheme": "HTTP"}, probe
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["allowPrivilegeEscalation"] is False
+    assert pod["securityContext"]["runAsUser"] == 65532
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["terminationGracePeriodSeconds"] >= 30
+    # Its own identity, not the operator's.
+    assert pod["serviceAccountName"] == activator
+    binding = _get(cluster, "clusterrolebinding", activator)
+    assert binding is not None
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": activator,
+                                    "namespace": ns}]
+    role = _get(cluster, "clusterrole", activator)
+    assert role is not None
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+        {"apiGroups": ["modelyard.dev"], "resources": ["modeldeployments"], "verbs": ["get"]}]
+    operator_role = _get(cluster, "clusterrole", name)
+    assert operator_role is not None
+    assert {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+            "verbs": ["list", "watch", "create", "patch", "delete"]} in operator_role["rules"]
+
+    service = _get(cluster, "service", activator, "-n", ns)
+    assert service is not None
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"},
+        {"name": "admin", "port": 9090, "protocol": "TCP", "targetPort": "admin"}]
+    pdb = wait_for(lambda: (_get(cluster, "pdb", activator, "-n", ns) or {}).get("status", {})
+                   .get("currentHealthy") == 2 and _get(cluster, "pdb", activator, "-n", ns),
+                   what="the activator's PDB counting both replicas")
+    assert pdb["spec"]["minAvailable"] == 1
+
+    def activator_endpoints() -> list[Any] | None:
+        slices = json.loads(cluster.kubectl(
+            "get", "endpointslices", "-n", ns, "-o", "json",
+            "-l", f"kubernetes.io/service-name={activator}").stdout)["items"]
+        ready = [e for s in slices for e in s.get("endpoints") or []
+                 if e.get("conditions", {}).get("ready")]
+        ports = {p["name"]: p["port"] for s in slices for p in s.get("ports") or []}
+        return ready if len(ready) == 2 and ports == {"http": 8080, "admin": 9090} else None
+
+    # What the operator reads (MODELYARD_ACTIVATOR_SERVICE): both replicas, both ports.
+    wait_for(activator_endpoints, what="both activator replicas behind its Service")
