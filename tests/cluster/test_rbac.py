@@ -1,7 +1,14 @@
 """The RBAC proof: the real operator, holding nothing but the chart's ServiceAccount token,
-runs a whole canary rollout, a ``kubectl scale`` and a deletion without a single 403; and
-the API server's audit log shows it used every permission the chart grants (least
-privilege both ways).
+runs a whole canary rollout, a ``kubectl scale``, a scale to zero behind the chart's
+activator and back, and a deletion without a single 403; the activator, holding nothing but
+its own ServiceAccount's token, holds a request for that model and turns away one for a
+model that does not exist; and the API server's audit log shows each of them used every
+permission the chart grants it (least privilege both ways).
+
+The chart's activator Deployment and Service are installed too: kwok reports its pods Ready
+with pod IPs, so the Service's EndpointSlices list them, as the operator expects; no
+activator process runs behind those IPs, so the operator's scrape of their ``/metrics``
+fails (a logged warning) and nothing wakes the model but its spec.
 
 These tests start a local control plane of their own whose audit policy also records the
 *reads* (list, watch, get) of the operator's namespace's ServiceAccounts; the shared
@@ -12,11 +19,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import subprocess
+import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from support import ROOT, Kube, fresh_namespace, install_crd, wait_for
@@ -24,6 +37,7 @@ from support import ROOT, Kube, fresh_namespace, install_crd, wait_for
 CHART = ROOT / "charts" / "modelyard"
 OPERATOR_NS = "modelyard-system"
 RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+ROLE_KINDS = {"ClusterRole", "Role"}
 # Writes of everyone (as the shared cluster logs them) and every request of the ServiceAccounts
 # of OPERATOR_NS, reads included, with the response code.
 AUDIT_POLICY = f"""\
@@ -68,9 +82,30 @@ def lease_name(account: str) -> str:
     return f"{account}-leader"
 
 
-def install_rbac(cluster: Any, home: Path, release: str,
-                 values: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
-    """Apply the chart's ServiceAccount and RBAC objects; return the SA name and them."""
+@dataclass(frozen=True)
+class Installed:
+    """What install_rbac applied of the chart: the two ServiceAccounts and the RBAC."""
+
+    operator: str  # the operator's ServiceAccount
+    activator: str  # the activator's ServiceAccount, also its Deployment and Service
+    objs: list[dict[str, Any]]  # the RBAC objects
+
+    def granted(self, account: str) -> set[Permission]:
+        """Every (group, resource, verb) the chart's bindings give ``account``."""
+        roles = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o
+                 for o in self.objs if o["kind"] in ROLE_KINDS}
+        bound = [roles[(b["roleRef"]["kind"],
+                        b["metadata"].get("namespace") if b["roleRef"]["kind"] == "Role"
+                        else None, b["roleRef"]["name"])]
+                 for b in self.objs if b["kind"] in ("ClusterRoleBinding", "RoleBinding")
+                 if {"kind": "ServiceAccount", "name": account, "namespace": OPERATOR_NS}
+                 in b["subjects"]]
+        return granted_permissions(bound)
+
+
+def install_rbac(cluster: Any, home: Path, release: str, values: dict[str, Any]) -> Installed:
+    """Apply the chart's ServiceAccounts and RBAC objects, and its activator Deployment and
+    Service (kwok runs the pods: the Service gets ready endpoints, as in a real cluster)."""
     from modelyard.operator.devcluster.helm import ensure_helm
 
     account = "modelyard" if release == "modelyard" else f"{release}-modelyard"
@@ -79,18 +114,33 @@ def install_rbac(cluster: Any, home: Path, release: str,
     values_file.write_text(yaml.safe_dump(values))
     rendered = ensure_helm().run("template", release, str(CHART), f"--namespace={OPERATOR_NS}",
                                  f"--values={values_file}", home=home)
-    objs = [o for o in yaml.safe_load_all(rendered.stdout) if o and o["kind"] in RBAC_KINDS]
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objs))
-    assert [o["metadata"]["name"] for o in objs if o["kind"] == "ServiceAccount"] == [account]
-    return account, objs
+    everything = [o for o in yaml.safe_load_all(rendered.stdout) if o]
+    activator = f"{account}-activator"
+    objs = [o for o in everything if o["kind"] in RBAC_KINDS]
+    runs = [o for o in everything if o["kind"] in ("Deployment", "Service")
+            and o["metadata"]["name"] == activator]
+    assert len(runs) == 2, "the chart's activator Deployment and Service"
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objs + runs))
+    assert sorted(o["metadata"]["name"] for o in objs if o["kind"] == "ServiceAccount") == \
+        [account, activator]
+    return Installed(account, activator, objs)
+
+
+def activator_addresses(cluster: Any, service: str) -> list[str] | None:
+    """The ready addresses behind the chart's activator Service, once both replicas are."""
+    slices = json.loads(cluster.kubectl(
+        "get", "endpointslices", "-n", OPERATOR_NS, "-o", "json",
+        "-l", f"kubernetes.io/service-name={service}").stdout)["items"]
+    ready = sorted(a for s in slices for e in s.get("endpoints") or []
+                   if (e.get("conditions") or {}).get("ready") for a in e["addresses"])
+    return ready if len(ready) == 2 else None
 
 
 @pytest.fixture
-def as_service_account(audited: Any, tmp_path: Path,
-                       monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Point in-process operators at a kubeconfig holding only the given SA's token."""
+def token_kubeconfig(audited: Any, tmp_path: Path) -> Callable[[str], tuple[str, Path]]:
+    """A kubeconfig holding only the given SA's token: (its user name, the file)."""
 
-    def use(account: str) -> str:
+    def write(account: str) -> tuple[str, Path]:
         token = audited.kubectl("create", "token", account, "-n", OPERATOR_NS,
                                 "--duration=1h").stdout.strip()
         admin = json.loads(audited.kubeconfig.read_text())
@@ -102,12 +152,27 @@ def as_service_account(audited: Any, tmp_path: Path,
         path = tmp_path / f"{account}.kubeconfig"
         path.write_text(json.dumps(config))
         path.chmod(0o600)
+        return user, path
+
+    return write
+
+
+@pytest.fixture
+def as_service_account(token_kubeconfig: Callable[[str], tuple[str, Path]],
+                       monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Point in-process operators at a kubeconfig holding only the given SA's token, with
+    the environment the chart's Deployment gives the operator."""
+
+    def use(installed: Installed) -> str:
+        account = installed.operator
+        user, path = token_kubeconfig(account)
         monkeypatch.setenv("KUBECONFIG", str(path))
         # What the chart's Deployment gives the operator.
         monkeypatch.setenv("MODELYARD_LEADER_ELECTION", "true")
         monkeypatch.setenv("MODELYARD_LEASE_NAME", lease_name(account))
         monkeypatch.setenv("POD_NAMESPACE", OPERATOR_NS)
         monkeypatch.setenv("POD_NAME", f"{account}-0")
+        monkeypatch.setenv("MODELYARD_ACTIVATOR_SERVICE", f"{OPERATOR_NS}/{installed.activator}")
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
         return user
 
@@ -158,15 +223,103 @@ def drive_a_models_life(kube: Kube, name: str) -> None:
              what="children garbage-collected")
 
 
-def drive_as(cluster: Any, user: str, kube: Kube, name: str) -> None:
-    """drive_a_models_life, naming any refused request when it gets stuck."""
+def sleepy(name: str, min_replicas: int) -> str:
+    return yaml.safe_dump({
+        "apiVersion": "modelyard.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"version": "1", "uri": f"s3://models/{name}/1/model.pt"},
+            "resources": {"gpu": {"count": GPUS, "product": "NVIDIA-H100-80GB-HBM3"}},
+            "autoscaling": {"minReplicas": min_replicas, "maxReplicas": 2,
+                            "metric": "concurrency", "target": 1},
+        },
+    })
+
+
+def activator_slice(kube: Kube, name: str) -> dict[str, Any] | None:
+    found: dict[str, Any] | None = kube.get("endpointslice", f"{name}-activator")
+    return found
+
+
+def drive_to_zero_and_back(kube: Kube, name: str, addresses: list[str],
+                           at_zero: Callable[[], None]) -> None:
+    """A model that may scale to zero: at zero its Service leads to the chart's activator
+    (a selector-less Service and the operator's EndpointSlice); ``at_zero`` runs there;
+    with a replica ready the Service selects the model's pods again."""
+    kube.apply(sleepy(name, 0))
+    wait_for(lambda: activator_slice(kube, name)
+             and "selector" not in (kube.get("service", name) or {}).get("spec", {"selector": 1}),
+             what="the model at zero, its Service on the activator")
+    found = activator_slice(kube, name)
+    assert found is not None
+    assert sorted(a for e in found["endpoints"] for a in e["addresses"]) == addresses
+    assert found["ports"] == [{"name": "http", "port": 8080, "protocol": "TCP"}]
+    assert found["metadata"]["labels"]["kubernetes.io/service-name"] == name
+    deployment = kube.get("deployment", f"{name}-v1")
+    assert deployment["spec"]["replicas"] == 0
+    at_zero()
+
+    kube.apply(sleepy(name, 1))
+    wait_for(lambda: status(kube, name).get("readyReplicas") == 1
+             and activator_slice(kube, name) is None
+             and (kube.get("service", name) or {}).get("spec", {}).get("selector"),
+             what="a replica ready, the activator's slice gone, the selector back")
+    service = kube.get("service", name)
+    assert service["spec"]["selector"]["modelyard.dev/model-deployment"] == name
+    kube.run("delete", "md", name, "--wait=true", "--timeout=60s")
+
+
+def drive_as(cluster: Any, user: str, drive: Callable[[], None]) -> None:
+    """Run ``drive``, naming any refused request when it gets stuck."""
     try:
-        drive_a_models_life(kube, name)
+        drive()
     except AssertionError as exc:
         _, refused = used_permissions(cluster, user)
         counts = Counter(refused)
         raise AssertionError(f"{exc}\nrequests refused to {user}: "
                              f"{', '.join(f'{r} (x{n})' for r, n in counts.items())}") from exc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def ask_the_activator(kubeconfig: Path, namespace: str, name: str) -> None:
+    """``modelyard activator`` as its pods run it, with only its ServiceAccount's token:
+    a request for the model at zero is held (pods listed, the ModelDeployment found) and let
+    go with a 503 at its timeout; one for a model that does not exist is a 404; SIGTERM
+    stops it cleanly."""
+    port, admin = _free_port(), _free_port()
+    log = kubeconfig.with_suffix(".log")
+    env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("modelyard")), "activator", "--host", "127.0.0.1",
+             "--port", str(port), "--admin-port", str(admin), "--timeout-seconds", "1"],
+            env={**env, "KUBECONFIG": str(kubeconfig)}, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: _healthy(f"http://127.0.0.1:{admin}/healthz"), what="the activator")
+        held = httpx.post(f"http://127.0.0.1:{port}/v2/models/{name}/infer", content=b"{}",
+                          headers={"Host": f"{name}.{namespace}.svc"}, timeout=30)
+        assert held.status_code == 503, held.text
+        assert "no ready replica" in held.json()["error"]
+        assert "Retry-After" in held.headers
+        missing = httpx.get(f"http://127.0.0.1:{port}/v2/models/nosuch",
+                            headers={"Host": f"nosuch.{namespace}.svc"}, timeout=30)
+        assert missing.status_code == 404, missing.text
+    finally:
+        process.terminate()
+        code = process.wait(30)
+    assert code == 0, log.read_text()
 
 
 def used_permissions(cluster: Any, user: str) -> tuple[set[Permission], list[str]]:
@@ -195,15 +348,17 @@ def granted_permissions(objs: list[dict[str, Any]]) -> set[Permission]:
             for verb in rule["verbs"]}
 
 
-def assert_least_privilege(cluster: Any, user: str, objs: list[dict[str, Any]],
-                           caplog: pytest.LogCaptureFixture) -> None:
-    denied_in_log = [r.getMessage() for r in caplog.records
-                     if any(s in r.getMessage() for s in
-                            ("403", "Forbidden", "forbidden", "Not enough permissions"))]
-    assert not denied_in_log, denied_in_log
+def assert_least_privilege(cluster: Any, user: str, granted: set[Permission],
+                           caplog: pytest.LogCaptureFixture | None = None) -> None:
+    if caplog is not None:
+        # "403" never appears in an IP address (an octet is at most 255), so the operator's
+        # warnings about the activator pods it cannot scrape do not count here.
+        denied_in_log = [r.getMessage() for r in caplog.records
+                         if any(s in r.getMessage() for s in
+                                ("403", "Forbidden", "forbidden", "Not enough permissions"))]
+        assert not denied_in_log, denied_in_log
     used, refused = used_permissions(cluster, user)
     assert not refused, refused
-    granted = granted_permissions(objs)
     assert used <= granted, sorted(used - granted)
     unused = granted - used
     assert not unused, f"granted but never used: {sorted(unused)}"
@@ -211,36 +366,62 @@ def assert_least_privilege(cluster: Any, user: str, objs: list[dict[str, Any]],
 
 def test_the_operator_runs_a_whole_rollout_with_only_the_charts_cluster_wide_rbac(
         audited: Any, helm_home: Path, as_service_account: Any,
+        token_kubeconfig: Callable[[str], tuple[str, Path]],
         caplog: pytest.LogCaptureFixture) -> None:
     from modelyard.operator.runner import OperatorThread
 
-    account, objs = install_rbac(audited, helm_home, "modelyard", {})
-    assert {o["kind"] for o in objs} == RBAC_KINDS
-    user = as_service_account(account)
+    installed = install_rbac(audited, helm_home, "modelyard", {})
+    assert {o["kind"] for o in installed.objs} == RBAC_KINDS
+    addresses = wait_for(lambda: activator_addresses(audited, installed.activator),
+                         what="the chart's activator pods behind its Service")
+    user = as_service_account(installed)
+    activator_user, activator_config = token_kubeconfig(installed.activator)
     caplog.set_level(logging.INFO)
     with fresh_namespace(audited, prefix="rbac") as ns, OperatorThread():
-        drive_as(audited, user, Kube(audited, ns), "life")
-    assert_least_privilege(audited, user, objs, caplog)
+        kube = Kube(audited, ns)
+        drive_as(audited, user, lambda: drive_a_models_life(kube, "life"))
+        drive_as(audited, user, lambda: drive_to_zero_and_back(
+            kube, "sleepy", addresses, at_zero=lambda: ask_the_activator(
+                activator_config, ns, "sleepy")))
+    assert any("could not read the activator at" in r.getMessage() for r in caplog.records)
+    assert_least_privilege(audited, user, installed.granted(installed.operator), caplog)
+    assert installed.granted(installed.activator) == {
+        ("", "pods", "list"), ("modelyard.dev", "modeldeployments", "get")}
+    assert_least_privilege(audited, activator_user, installed.granted(installed.activator))
 
 
 def test_the_operator_runs_with_only_the_charts_namespaced_rbac(
         audited: Any, helm_home: Path, as_service_account: Any,
+        token_kubeconfig: Callable[[str], tuple[str, Path]],
         caplog: pytest.LogCaptureFixture) -> None:
     from modelyard.operator.runner import OperatorThread
 
     with fresh_namespace(audited, prefix="scoped") as ns, \
             fresh_namespace(audited, prefix="other") as other:
-        account, objs = install_rbac(audited, helm_home, "scoped", {"watchNamespaces": [ns]})
-        roles = {(o["kind"], o["metadata"].get("namespace")) for o in objs}
+        installed = install_rbac(audited, helm_home, "scoped", {"watchNamespaces": [ns]})
+        roles = {(o["kind"], o["metadata"].get("namespace")) for o in installed.objs}
         assert ("Role", ns) in roles
-        assert not any(o["metadata"].get("namespace") == other for o in objs)
-        user = as_service_account(account)
+        assert not any(o["metadata"].get("namespace") == other for o in installed.objs)
+        addresses = wait_for(lambda: activator_addresses(audited, installed.activator),
+                             what="the chart's activator pods behind its Service")
+        user = as_service_account(installed)
+        activator_user, activator_config = token_kubeconfig(installed.activator)
         caplog.set_level(logging.INFO)
         # A model in a namespace the operator may not touch: it is not even seen.
         Kube(audited, other).apply(model("elsewhere", "1", [{"weight": 50}]))
         with OperatorThread([ns]):
-            drive_as(audited, user, Kube(audited, ns), "scoped")
+            kube = Kube(audited, ns)
+            drive_as(audited, user, lambda: drive_a_models_life(kube, "scoped"))
+            drive_as(audited, user, lambda: drive_to_zero_and_back(
+                kube, "sleepy", addresses, at_zero=lambda: ask_the_activator(
+                    activator_config, ns, "sleepy")))
             assert status(Kube(audited, other), "elsewhere") == {}
-        assert_least_privilege(audited, user, objs, caplog)
+        assert_least_privilege(audited, user, installed.granted(installed.operator), caplog)
         used, _ = used_permissions(audited, user)
         assert ("", "namespaces", "watch") in used  # kopf follows the namespaces it serves
+        # The activator's EndpointSlices, read in the release namespace, which is not watched.
+        slices_read = {(e["objectRef"].get("namespace"), e["verb"])
+                       for e in audited.writes_by(user)
+                       if (e.get("objectRef") or {}).get("resource") == "endpointslices"}
+        assert (OPERATOR_NS, "list") in slices_read
+        assert_least_privilege(audited, activator_user, installed.granted(installed.activator))
