@@ -1,17 +1,18 @@
 """Raw PyTorch and modelyard in alternating rounds: the headline ratios, with their spread.
 
-    .venv/bin/python -m bench.interleaved                  # 5 rounds, ~6 min
+    .venv/bin/python -m bench.interleaved                  # 5 rounds, ~7 min
     .venv/bin/python -m bench.interleaved --rounds 9 --duration 8
 
 On a shared machine the raw limit itself drifts by 10-20 % over a few minutes,
 so a ratio of two figures measured minutes apart mostly measures the drift.
-Here every round measures the raw limit (core 0, one thread: batch 1 for the
-latency reference, and the best of batch 8/16/32 for throughput) and, right
-after it, the running modelyard server (core 0, batching 16 / 5 ms, load
-generator on core 1) at each concurrency and payload; each round yields its
-own ratios, and the report gives their median and min-max. Same model, bodies,
-pinning and load generator as ``bench/runtime.py``; results go to
-``bench/results/interleaved-SIZE-STAMP.{txt,json}``.
+Here the raw limit (core 0, one thread) is measured once at batch 1, 8, 16 and
+32 to pick the best batch size, and then again (batch 1 and the best) between
+every two measurements of the running modelyard server (core 0, batching
+16 / 5 ms, load generator on core 1) at each concurrency and payload: each cell
+is divided by the mean of the raw measurements just before and just after it,
+and the report gives the median and min-max of those ratios over the rounds.
+Same model, bodies, pinning and load generator as ``bench/runtime.py``; results
+go to ``bench/results/interleaved-SIZE-STAMP.{txt,json}``.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ TARGETS = {"binary": 0.90, "json": 0.75}
 LATENCY_TARGET = 1.15
 
 
-def raw_round(model_path: Path, size: int, seconds: float) -> dict[str, Any]:
+def raw_round(model_path: Path, size: int, seconds: float, batches: str) -> dict[str, Any]:
     command = ["taskset", "-c", SERVER_CORE, sys.executable, "-m", "bench.raw",
-               str(model_path), str(size), str(seconds), "1,8,16,32"]
+               str(model_path), str(size), str(seconds), batches]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True,
                          env=_env({}), timeout=600)
     result: dict[str, Any] = orjson.loads(run.stdout.strip().splitlines()[-1])
@@ -59,7 +60,7 @@ def _spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
-def main() -> None:
+def main() -> None:  # noqa: PLR0915
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
@@ -80,23 +81,28 @@ def main() -> None:
     running = launch("modelyard", env)
     try:
         wait_first_inference(running, bodies, started)
+        raw = raw_round(model_path, args.size, args.raw_seconds, "1,8,16,32")
+        batch = max(("8", "16", "32"), key=lambda b: raw["items_per_s"][b])
         for index in range(args.rounds):
-            raw = raw_round(model_path, args.size, args.raw_seconds)
-            best = max(raw["items_per_s"][b] for b in ("8", "16", "32"))
-            entry: dict[str, Any] = {"raw": raw, "raw_best": best, "cells": {}}
-            line = (f"round {index + 1}: raw b1 {raw['batch1_ms']:.2f} ms, "
-                    f"best {best:.1f} items/s")
+            entry: dict[str, Any] = {"raw": [raw], "cells": {}}
+            line = f"round {index + 1} (raw at batch 1 and {batch} around each cell):"
             for kind in ("binary", "json"):
                 body, headers = bodies[kind]
                 for level in args.levels:
                     cell = loadgen(running.urls[kind], body, headers, level, args.warmup,
                                    args.duration)
+                    after = raw_round(model_path, args.size, args.raw_seconds, f"1,{batch}")
+                    best = (raw["items_per_s"][batch] + after["items_per_s"][batch]) / 2
+                    batch1 = (raw["batch1_ms"] + after["batch1_ms"]) / 2
+                    cell["raw_best"], cell["raw_batch1_ms"] = best, batch1
                     cell["throughput_ratio"] = float(cell["items_per_s"]) / best  # type: ignore[arg-type]
-                    cell["p50_ratio"] = float(cell["p50_ms"]) / raw["batch1_ms"]  # type: ignore[arg-type]
+                    cell["p50_ratio"] = float(cell["p50_ms"]) / batch1  # type: ignore[arg-type]
                     entry["cells"][f"{kind}@{level}"] = cell
-                    line += (f" | {kind} c={level}: {cell['items_per_s']:.1f}/s "
-                             f"({cell['throughput_ratio']:.2f}), p50 {cell['p50_ms']:.2f} ms "
-                             f"(x{cell['p50_ratio']:.2f})")
+                    entry["raw"].append(after)
+                    raw = after
+                    line += (f" | {kind} c={level}: {cell['items_per_s']:.1f}/s vs raw "
+                             f"{best:.1f} ({cell['throughput_ratio']:.2f}), p50 "
+                             f"{cell['p50_ms']:.2f} ms vs {batch1:.2f} (x{cell['p50_ratio']:.2f})")
             print(line, flush=True)
             rounds.append(entry)
     finally:
@@ -106,10 +112,11 @@ def main() -> None:
     lines = [
         f"modelyard vs raw PyTorch, interleaved — ResNet-18 3x{args.size}x{args.size}, CPU, "
         f"{time.strftime('%Y-%m-%d %H:%M')}",
-        f"{args.rounds} rounds; each: raw limit ({args.raw_seconds:g} s per batch size), then "
-        f"modelyard binary and JSON at c={','.join(map(str, args.levels))} "
-        f"({args.warmup:g} s warm-up + {args.duration:g} s); server on core {SERVER_CORE}, "
-        "one torch thread, batching 16 / 5 ms; ratios per round, median (min-max)",
+        f"{args.rounds} rounds of modelyard binary and JSON at "
+        f"c={','.join(map(str, args.levels))} ({args.warmup:g} s warm-up + {args.duration:g} s), "
+        f"each cell between two raw measurements (batch 1 and {batch}, {args.raw_seconds:g} s "
+        f"each); server on core {SERVER_CORE}, one torch thread, batching 16 / 5 ms; "
+        "ratios per cell, median (min-max) over rounds",
         "",
     ]
     for kind in ("binary", "json"):
@@ -124,8 +131,9 @@ def main() -> None:
             lines.append(f"  {kind:6} p50 at c=1 / raw batch-1 forward: {_spread(ratios)}  "
                          f"(target <= {LATENCY_TARGET:.2f}) — {met}")
     lines.append("")
-    lines.append("per round: " + "; ".join(
-        f"raw {r['raw_best']:.0f}/s b1 {r['raw']['batch1_ms']:.2f} ms" for r in rounds))
+    lines.append("raw around the cells (items/s at the best batch; batch-1 ms): " + "; ".join(
+        f"{r['items_per_s'][batch]:.0f}/s {r['batch1_ms']:.2f} ms"
+        for entry in rounds for r in entry["raw"]))
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)
