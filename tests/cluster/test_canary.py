@@ -267,3 +267,38 @@ def test_abort_retry_and_rollback_to_a_recorded_version(kube: Kube, operator: An
     never = _cli(kube, "rollback", "ctl", "--to", "7")
     assert never.returncode == 1
     assert "never served" in never.stderr
+
+
+def test_an_operator_restarted_again_and_again_walks_every_step_once(
+        kube: Kube, operator_identity: str) -> None:
+    """The operator is stopped and started anew every few seconds through a whole canary:
+    every step is walked once, in order, on the same clocks, and nothing is duplicated."""
+    from modelyard.operator.runner import OperatorThread
+
+    steps = [{"weight": 25, "pauseSeconds": 4}, {"weight": 50, "pauseSeconds": 4},
+             {"weight": 75, "pauseSeconds": 4}]
+    with OperatorThread():
+        kube.apply(canary("chaos", "1", steps))
+        wait_for(lambda: status(kube, "chaos").get("readyReplicas") == REPLICAS,
+                 what="v1 ready")
+        kube.apply(canary("chaos", "2", steps))
+        wait_for(lambda: status(kube, "chaos").get("canary"), what="canary started")
+    seen: list[tuple[int, str]] = []
+    restarts = 0
+    deadline = time.monotonic() + 180
+    while not _stable(kube, "chaos", "2") and time.monotonic() < deadline:
+        with OperatorThread():
+            restarts += 1
+            for _ in range(6):
+                current = status(kube, "chaos").get("canary")
+                if current:
+                    seen.append((current["step"], current["startedAt"]))
+                names = sorted(d["metadata"]["name"] for d in kube.get("deployments"))
+                assert set(names) <= {"chaos-v1", "chaos-v2"}, names
+                time.sleep(0.5)
+    assert _stable(kube, "chaos", "2"), seen[-3:]
+    print(f"canary completed across {restarts} operator restarts")
+    assert restarts >= 4
+    assert [step for step, _ in seen] == sorted(step for step, _ in seen)  # never went back
+    assert {step for step, _ in seen} >= {1, 2, 3}  # every step was walked
+    assert len({started for _, started in seen}) == 1  # never restarted the canary

@@ -120,3 +120,19 @@ def test_a_leader_that_stops_cleanly_hands_over_at_once(
     assert replicas[leader_name].process.returncode == 0
     lease = kube.get("lease", "modelyard-operator")["spec"]
     assert lease["leaseTransitions"] >= 1
+
+
+def test_a_leader_killed_mid_scale_leaves_the_scale_to_the_other(
+        kube: Kube, replicas: dict[str, Replica]) -> None:
+    leader_name = wait_for(lambda: holder(kube), timeout=60, what="a leader")
+    kube.apply(canary("grow", "1", [{"weight": 50}]))
+    wait_for(lambda: status(kube, "grow").get("readyReplicas") == REPLICAS, timeout=90,
+             what="ready")
+    kube.run("scale", "md", "grow", "--replicas=7")
+    replicas[leader_name].stop(signal.SIGKILL)  # possibly before it acted on the scale
+    wait_for(lambda: status(kube, "grow").get("readyReplicas") == 7, timeout=LEASE_S * 6,
+             what="the other replica finishing the scale")
+    deployments = kube.get("deployments", selector="modelyard.dev/model-deployment=grow")
+    assert [(d["metadata"]["name"], d["spec"]["replicas"]) for d in deployments] == [
+        ("grow-v1", 7)]  # one Deployment, scaled once to the asked count
+    assert len(kube.get("pods", selector="modelyard.dev/model-deployment=grow")) == 7

@@ -4,7 +4,9 @@ versions, garbage collection, drift repair, restarts, and writes at rest."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +15,7 @@ from support import Kube, ready_endpoints, wait_for
 
 from modelyard.operator.devcluster.pki import OPERATOR_USER
 
+ROOT = Path(__file__).resolve().parents[2]
 H100 = "NVIDIA-H100-80GB-HBM3"
 
 
@@ -325,3 +328,37 @@ def test_the_operator_serves_its_metrics_and_liveness(
         assert seen[("modelyard_operator_reconcile_total", (("result", "ok"),))] > 0
         assert seen[("modelyard_operator_leader", ())] == 1
         assert httpx.get(f"http://127.0.0.1:{ports[1]}/healthz", timeout=5).status_code == 200
+
+
+def test_no_spurious_drift_the_live_spec_is_what_was_applied(kube: Kube, operator: Any) -> None:
+    """What Argo CD compares: after the operator reconciled (and rolled out, and wrote
+    status), the live spec is the applied manifest plus the CRD schema's defaults, and
+    no field of it is owned by the operator."""
+    from modelyard.operator.kube import FIELD_MANAGER
+
+    example = list(yaml.safe_load_all((ROOT / "examples" / "resnet.yaml").read_text()))
+    [model] = [doc for doc in example if doc["kind"] == "ModelDeployment"]
+    model["metadata"]["namespace"] = kube.namespace
+    applied = yaml.safe_dump(model)
+    dry_run = json.loads(kube.run("apply", "--server-side", "--dry-run=server",
+                                  "--field-manager=gitops", "-o", "json", "-f", "-",
+                                  input=applied).stdout)
+    kube.run("apply", "--server-side", "--field-manager=gitops", "-f", "-", input=applied)
+    wait_for(lambda: ready(kube, "resnet"), what="resnet Ready")
+    time.sleep(4)  # several resync passes
+    live = json.loads(kube.run("get", "md", "resnet", "-o", "json",
+                               "--show-managed-fields").stdout)
+    assert live["spec"] == dry_run["spec"]  # the manifest and the schema's defaults, no more
+    assert _subset(model["spec"], live["spec"])
+    owners = {(f["manager"], f.get("subresource", "")) for f in live["metadata"]["managedFields"]
+              if "f:spec" in (f.get("fieldsV1") or {})}
+    assert owners == {("gitops", "")}, owners
+    assert (FIELD_MANAGER, "status") in {(f["manager"], f.get("subresource", ""))
+                                         for f in live["metadata"]["managedFields"]}
+
+
+def _subset(small: Any, big: Any) -> bool:
+    if isinstance(small, dict):
+        return isinstance(big, dict) and all(k in big and _subset(v, big[k])
+                                             for k, v in small.items())
+    return bool(small == big)
