@@ -203,3 +203,27 @@ def test_a_canary_splits_the_total_the_autoscaler_sets(auto: Kube) -> None:
     load.stop.set()
     load.join()
     assert load.failed == 0
+
+
+def test_the_prometheus_source_drives_the_same_decisions(
+        auto: Kube, real_cluster: Any) -> None:  # noqa: F811
+    from modelyard.operator.devcluster.prometheus import LocalPrometheus, PrometheusConfig
+
+    config = PrometheusConfig(scrape_interval_s=1, namespaces=(auto.namespace,))
+    with LocalPrometheus(real_cluster, config=config) as prometheus:
+        body = yaml.safe_load(manifest("queried", min_replicas=1))
+        body["spec"]["autoscaling"] |= {"source": "prometheus",
+                                        "prometheusUrl": prometheus.url}
+        auto.apply(yaml.safe_dump(body))
+        wait_for(lambda: len(ready_endpoint_pods(auto, "queried")) == 1, timeout=120,
+                 what="one replica serving")
+        load = PacedLoad(auto, "queried", rps=3 * TARGET_RPS)
+        load.start()
+        wait_for(lambda: deployed(auto, "queried") >= 3, timeout=180,
+                 what="scaled up on Prometheus' figures")
+        load.stop.set()
+        load.join()
+    status = scaler(auto, "queried")
+    assert status["desiredReplicas"] >= 3
+    assert "scaling up" in status["reason"]
+    assert load.failed == 0
