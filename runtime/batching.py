@@ -10,13 +10,13 @@ the thread through a ``SimpleQueue`` and comes back with one
 ``call_soon_threadsafe``, so each forward pass costs two thread wake-ups and
 no task switches.
 
-Policy (no polling: the worker sleeps on an event, or a timer):
+Policy (no polling: nothing runs until a request arrives, a batch ends or a timer fires):
 - when the model is idle and a request arrives, it is dispatched at once;
 - while a batch runs, requests queue; when it ends they are taken together,
   up to ``max_batch_size`` items, concatenated along dim 0;
 - the only deliberate wait: right after a batch of k items finishes with q
   items queued, the k clients it answered are likely to send again at once,
-  so the worker waits up to ``max_delay_ms`` until min(k + q, max_batch_size)
+  so the batcher waits up to ``max_delay_ms`` until min(k + q, max_batch_size)
   items are queued. At concurrency 1 that is never (k = 1, and the next
   request makes q = 1); under steady closed-loop load it turns the
   "two half batches in turn" equilibrium (4 + 4 at concurrency 8) into full
