@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -30,6 +31,7 @@ from modelyard.operator.devcluster import LocalCluster
 from modelyard.runtime.client import encode_request
 
 T = TypeVar("T")
+Fields = Callable[[dict[str, Any]], tuple[str, ...]]
 ROOT = Path(__file__).resolve().parent.parent
 CRD_PATH = ROOT / "crds" / "modeldeployments.modelyard.dev.yaml"
 
@@ -90,19 +92,18 @@ class Kube:
     def apply(self, manifest: str) -> None:
         self.run("apply", "-f", "-", input=manifest)
 
-    def watch(self, kind: str, fields: str, *, name: str | None = None,
+    def watch(self, kind: str, fields: Fields, *, name: str | None = None,
               selector: str | None = None) -> Watch:
-        """A started :class:`Watch` of ``kind`` printing ``fields``: a jsonpath template
-        over the watch event, e.g. ``{.object.spec.replicas}``; ``|`` between fields."""
+        """A started :class:`Watch` of ``kind`` that keeps ``fields(object)`` of each
+        version of each object."""
         args = [str(self.cluster.binaries.path("kubectl")),
                 f"--kubeconfig={self.cluster.kubeconfig}", "-n", self.namespace, "get", kind]
-        if name:
-            args.append(name)
+        if name:  # a field selector, not a name: the object may not exist yet
+            args.append(f"--field-selector=metadata.name={name}")
         if selector:
             args += ["-l", selector]
-        args += ["--watch", "--output-watch-events", "-o",
-                 f'jsonpath={{.type}}|{{.object.metadata.name}}|{fields}{{"\\n"}}']
-        watch = Watch(args)
+        args += ["--watch", "--output-watch-events", "-o", "json"]
+        watch = Watch(args, fields)
         watch.start()
         return watch
 
@@ -121,25 +122,42 @@ class Watch(threading.Thread):
     :meth:`first` replays the events and says when a condition on the objects (name ->
     fields, deleted ones left out) first held after a given time."""
 
-    def __init__(self, argv: list[str]):
+    def __init__(self, argv: list[str], fields: Fields):
         super().__init__(daemon=True)
+        self.fields = fields
         self.events: list[Event] = []
         self._lock = threading.Lock()
-        self._process = subprocess.Popen(argv, stdout=subprocess.PIPE,
-                                         stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        self.stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed by stop()
+        self._process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.stderr,
+                                         text=True, bufsize=1)
 
     def run(self) -> None:
         assert self._process.stdout is not None
-        for line in self._process.stdout:
+        decoder = json.JSONDecoder()
+        buffer = ""
+        for line in self._process.stdout:  # JSON events, pretty or not
+            buffer += line
+            try:
+                event, end = decoder.raw_decode(buffer.lstrip())
+            except json.JSONDecodeError:
+                continue
             stamp = time.monotonic()
-            kind, name, *fields = line.rstrip("\n").split("|")
+            buffer = buffer.lstrip()[end:]
+            obj = event.get("object") or {}
+            name = (obj.get("metadata") or {}).get("name", "")
             with self._lock:
-                self.events.append(Event(stamp, kind, name, tuple(fields)))
+                self.events.append(Event(stamp, event.get("type", ""), name, self.fields(obj)))
 
     def stop(self) -> None:
         self._process.terminate()
         self._process.wait(10)
         self.join(10)
+        self.stderr.close()
+
+    def errors(self) -> str:
+        """What kubectl said on stderr (a watch that stopped early says why here)."""
+        self.stderr.seek(0)
+        return str(self.stderr.read())[-500:]
 
     def state(self, at: float | None = None) -> dict[str, tuple[str, ...]]:
         """The objects as last reported at ``at`` (now by default)."""
@@ -172,23 +190,43 @@ def _apply(objects: dict[str, tuple[str, ...]], event: Event) -> None:
         objects[event.name] = event.fields
 
 
-# What the watches below print, and how to read it.
-POD_FIELDS = ('{.object.spec.nodeName}|{.object.status.phase}|'
-              '{.object.status.conditions[?(@.type=="Ready")].status}|'
-              '{.object.metadata.deletionTimestamp}')
-SLICE_FIELDS = ("{.object.ports[0].port}|"
-                "{range .object.endpoints[*]}{.addresses[0]}={.conditions.ready},{end}")
+def pod_fields(pod: dict[str, Any]) -> tuple[str, ...]:
+    """(node, phase, Ready status, deletionTimestamp) of a pod."""
+    status = pod.get("status") or {}
+    ready = next((c.get("status", "") for c in status.get("conditions") or []
+                  if c.get("type") == "Ready"), "")
+    return ((pod.get("spec") or {}).get("nodeName", ""), status.get("phase", ""), ready,
+            (pod.get("metadata") or {}).get("deletionTimestamp", ""))
+
+
+def slice_fields(piece: dict[str, Any]) -> tuple[str, ...]:
+    """(port, "ip=true,ip=false,...") of an EndpointSlice."""
+    ports = piece.get("ports") or [{}]
+    endpoints = ",".join(
+        f"{address}={str((e.get('conditions') or {}).get('ready')).lower()}"
+        for e in piece.get("endpoints") or [] for address in e.get("addresses") or [])
+    return str(ports[0].get("port") or ""), endpoints
+
+
+def path_fields(*path: str) -> Fields:
+    """The value at ``path`` (e.g. "status", "autoscaler", "desiredReplicas"), "" if absent."""
+    def read(obj: dict[str, Any]) -> tuple[str, ...]:
+        value: Any = obj
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        return ("" if value is None else str(value),)
+    return read
 
 
 def ready_pods(pods: dict[str, tuple[str, ...]]) -> set[str]:
-    """Names of the pods (watched with :data:`POD_FIELDS`) Ready and not terminating."""
+    """Names of the pods (watched with :func:`pod_fields`) Ready and not terminating."""
     return {name for name, (_, _, ready, deleting) in pods.items()
             if ready == "True" and not deleting}
 
 
 def serving(slices: dict[str, tuple[str, ...]]) -> list[str]:
     """``ip:port`` of the ready endpoints (EndpointSlices watched with
-    :data:`SLICE_FIELDS`): where kube-proxy would send the Service's traffic."""
+    :func:`slice_fields`): where kube-proxy would send the Service's traffic."""
     out: set[str] = set()
     for port, endpoints in slices.values():
         for entry in filter(None, endpoints.split(",")):
