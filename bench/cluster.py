@@ -2,8 +2,9 @@
 every change the API server reports, and a paced load to a model's ready endpoints.
 
 Called by ``bench/autoscale.py``. The approach is that of ``tests/support.py`` and
-``tests/cluster/test_autoscaling.py``, written again here because the benchmarks never
-import the tests. Timings come from watches (``kubectl get -w``), not from polling, so a
+``tests/cluster/test_autoscaling.py`` (the cluster chores themselves are
+``LocalCluster`` methods shared by both), kept here because the benchmarks never import the
+tests. Timings come from watches (``kubectl get -w``), not from polling, so a
 change is stamped within milliseconds of the API server storing it.
 """
 
@@ -12,13 +13,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
 import subprocess
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,36 +36,16 @@ CRD_PATH = ROOT / "crds" / "modeldeployments.modelyard.dev.yaml"
 
 
 def install_crd(cluster: LocalCluster) -> None:
-    cluster.kubectl("apply", "--server-side", "-f", str(CRD_PATH))
-    cluster.kubectl("wait", "--for=condition=Established",
-                    "crd/modeldeployments.modelyard.dev", "--timeout=30s")
+    cluster.install_crd(CRD_PATH.read_text())
 
 
-@contextlib.contextmanager
-def fresh_namespace(cluster: LocalCluster, prefix: str) -> Iterator[str]:
-    """A new namespace whose default ServiceAccount exists; deleted afterwards."""
-    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", name)
-    cluster.kubectl("wait", "--for=create", "serviceaccount/default", "-n", name,
-                    "--timeout=30s")
-    try:
-        yield name
-    finally:
-        cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+def fresh_namespace(cluster: LocalCluster, prefix: str) -> contextlib.AbstractContextManager[str]:
+    return cluster.fresh_namespace(prefix)
 
 
-@contextlib.contextmanager
-def as_operator(cluster: LocalCluster) -> Iterator[None]:
+def as_operator(cluster: LocalCluster) -> contextlib.AbstractContextManager[str]:
     """In-process operators started inside this block use the operator's own user."""
-    previous = os.environ.get("KUBECONFIG")
-    os.environ["KUBECONFIG"] = str(cluster.operator_kubeconfig)
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("KUBECONFIG", None)
-        else:
-            os.environ["KUBECONFIG"] = previous
+    return cluster.as_operator()
 
 
 def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:

@@ -38,6 +38,7 @@ from torch import nn
 from bench import model as bench_model
 from bench.loadgen import _Connection
 from bench.runtime import CACHE, _env, free_port, make_bodies
+from modelyard.runtime.demo import save_image_model
 
 __all__ = ["build_null_model", "main"]
 
@@ -59,14 +60,7 @@ def build_null_model(path: Path, size: int, classes: int = 1000) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     traced = torch.jit.trace(_Null(classes).eval(), torch.zeros(1, 3, size, size))  # type: ignore[no-untyped-call]
-    metadata = {
-        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 3, size, size]}],
-        "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, classes]}],
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.jit.save(traced, str(tmp), _extra_files={"modelyard.json": json.dumps(metadata)})
-    tmp.replace(path)
-    return path
+    return save_image_model(traced, path, size, classes)
 
 
 def _cpu_seconds(pid: int) -> tuple[float, float]:

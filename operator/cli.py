@@ -23,8 +23,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .crd import CRD_FILE, render_yaml
-
 if TYPE_CHECKING:
     from .devcluster import LocalCluster
     from .devcluster.pods import PodProcesses
@@ -169,16 +167,16 @@ def _dev(args: argparse.Namespace) -> int:
 
 def _up(cluster: LocalCluster, args: argparse.Namespace, stop: threading.Event,
         operators: list[OperatorThread], supervisors: list[PodProcesses]) -> int:
+    from .devcluster import ClusterStartError
     from .devcluster.pods import PodProcesses
     from .runner import OperatorThread
 
     os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
-    crd = cluster.kubectl("apply", "--server-side", "-f", "-", input=render_yaml(), check=False)
-    if crd.returncode != 0:
-        print(f"modelyard: installing the CRD failed: {crd.stderr}", file=sys.stderr)
+    try:
+        cluster.install_crd()
+    except ClusterStartError as exc:
+        print(f"modelyard: {exc}", file=sys.stderr)
         return 1
-    cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_FILE[:-5]}",
-                    "--timeout=30s")
     operator = OperatorThread()
     operators.append(operator)
     operator.start()

@@ -82,12 +82,19 @@ def build(path: Path, size: int = 64, classes: int = 1000) -> Path:
                 module.running_mean.uniform_(-0.1, 0.1)
                 module.running_var.uniform_(0.5, 1.5)
         traced = torch.jit.trace(model, torch.zeros(1, 3, size, size))  # type: ignore[no-untyped-call]
+    return save_image_model(traced, path, size, classes)
+
+
+def save_image_model(scripted: torch.jit.ScriptModule, path: Path, size: int,
+                     classes: int) -> Path:
+    """Save a TorchScript image classifier (N x 3 x size x size -> N x classes) with the
+    metadata the runtime reads, atomically."""
     metadata = {
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 3, size, size]}],
         "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, classes]}],
     }
     tmp = path.with_suffix(".tmp")
-    torch.jit.save(traced, str(tmp), _extra_files={"modelyard.json": json.dumps(metadata)})
+    torch.jit.save(scripted, str(tmp), _extra_files={"modelyard.json": json.dumps(metadata)})
     tmp.replace(path)
     return path
 

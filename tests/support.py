@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,40 +15,16 @@ CRD_PATH = ROOT / "crds" / "modeldeployments.modelyard.dev.yaml"
 
 
 def install_crd(cluster: Any) -> None:
-    cluster.kubectl("apply", "--server-side", "-f", str(CRD_PATH))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/modeldeployments.modelyard.dev",
-                    "--timeout=30s")
+    """The committed CRD file (what a user applies), not the one generated in memory."""
+    cluster.install_crd(CRD_PATH.read_text())
 
 
-@contextlib.contextmanager
-def fresh_namespace(cluster: Any, prefix: str = "t") -> Iterator[str]:
-    """A new namespace, ready for pods (its default ServiceAccount exists), deleted after."""
-    import uuid
-
-    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-    cluster.kubectl("create", "namespace", name)
-    cluster.kubectl("wait", "--for=create", "serviceaccount/default", "-n", name,
-                    "--timeout=30s")
-    try:
-        yield name
-    finally:
-        cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+def fresh_namespace(cluster: Any, prefix: str = "t") -> contextlib.AbstractContextManager[str]:
+    return cluster.fresh_namespace(prefix)
 
 
-@contextlib.contextmanager
-def as_operator(cluster: Any) -> Iterator[str]:
-    """Point in-process operators at ``cluster`` under their own user (for audit counts)."""
-    from modelyard.operator.devcluster.pki import OPERATOR_USER
-
-    previous = os.environ.get("KUBECONFIG")
-    os.environ["KUBECONFIG"] = str(cluster.operator_kubeconfig)
-    try:
-        yield OPERATOR_USER
-    finally:
-        if previous is None:
-            os.environ.pop("KUBECONFIG", None)
-        else:
-            os.environ["KUBECONFIG"] = previous
+def as_operator(cluster: Any) -> contextlib.AbstractContextManager[str]:
+    return cluster.as_operator()
 
 
 def wait_for(check: Callable[[], T], timeout: float = 60.0, interval: float = 0.25,

@@ -33,7 +33,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -199,6 +200,47 @@ class LocalCluster:
             self.pod_network = None
         if not self.config.keep_data:
             shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    # -- what every user of a local cluster (the CLI, the tests, the benchmarks) does ------
+
+    def install_crd(self, manifest: str | None = None) -> None:
+        """Apply the ModelDeployment CRD (default: generated from the API models; the tests
+        pass the committed file) and wait until it is served."""
+        from ..crd import CRD_FILE, render_yaml
+
+        proc = self.kubectl("apply", "--server-side", "-f", "-",
+                            input=manifest if manifest is not None else render_yaml(),
+                            check=False)
+        if proc.returncode != 0:
+            raise ClusterStartError(f"installing the CRD failed: {proc.stderr.strip()}")
+        self.kubectl("wait", "--for=condition=Established", f"crd/{CRD_FILE[:-5]}",
+                     "--timeout=30s")
+
+    @contextlib.contextmanager
+    def fresh_namespace(self, prefix: str = "t") -> Iterator[str]:
+        """A new namespace, ready for pods (its default ServiceAccount exists), deleted after."""
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self.kubectl("create", "namespace", name)
+        self.kubectl("wait", "--for=create", "serviceaccount/default", "-n", name,
+                     "--timeout=30s")
+        try:
+            yield name
+        finally:
+            self.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+    @contextlib.contextmanager
+    def as_operator(self) -> Iterator[str]:
+        """Point in-process operators (``$KUBECONFIG``) at this cluster, under the operator's
+        own user (so the audit log can count its writes); yields that user name."""
+        previous = os.environ.get("KUBECONFIG")
+        os.environ["KUBECONFIG"] = str(self.operator_kubeconfig)
+        try:
+            yield OPERATOR_USER
+        finally:
+            if previous is None:
+                os.environ.pop("KUBECONFIG", None)
+            else:
+                os.environ["KUBECONFIG"] = previous
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True,
                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
