@@ -44,7 +44,6 @@ import math
 import os
 import random
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -78,6 +77,7 @@ from bench.cluster import (
 )
 from modelyard.operator import api, autoscale, render
 from modelyard.operator.autoscale import Policy, Sample, State
+from modelyard.operator.devcluster.ports import reserve_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -244,12 +244,6 @@ def _ready_delay_of(results: dict[str, Any]) -> float | None:
 # ================================================================================ coldstart
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _first_ok(method: str, url: str, deadline: float, **kwargs: Any) -> float:
     """Poll until ``url`` answers 200; the time it did."""
     with httpx.Client(timeout=30) as http:
@@ -263,7 +257,7 @@ def _first_ok(method: str, url: str, deadline: float, **kwargs: Any) -> float:
 
 def runtime_cold_start(model_path: Path, device: str, workdir: Path) -> dict[str, float]:
     """One runtime process from spawn to its first answered inference."""
-    port = _free_port()
+    port = reserve_port()
     base = f"http://127.0.0.1:{port}"
     log_path = workdir / f"runtime-{port}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELYARD_")}
@@ -328,7 +322,7 @@ class Activator:
 def running_activator(cluster: Any, log_path: Path) -> Iterator[Activator]:
     """``python -m modelyard.operator.activator`` on this machine at the pod network's
     host address, as its pod would run, with the operator's credentials."""
-    address, port, admin = cluster.pod_network.host_address, _free_port(), _free_port()
+    address, port, admin = cluster.pod_network.host_address, reserve_port(), reserve_port()
     env = {**os.environ, "KUBECONFIG": str(cluster.operator_kubeconfig)}
     env.pop("KUBERNETES_SERVICE_HOST", None)
     with log_path.open("wb") as out:

@@ -37,7 +37,8 @@ from torch import nn
 
 from bench import model as bench_model
 from bench.loadgen import _Connection
-from bench.runtime import CACHE, _env, free_port, make_bodies
+from bench.runtime import CACHE, _env, make_bodies
+from modelyard.operator.devcluster.ports import reserve_port
 from modelyard.runtime.demo import save_image_model
 
 __all__ = ["build_null_model", "main"]
@@ -132,7 +133,7 @@ def main() -> None:  # noqa: PLR0915
         model_path = bench_model.build(CACHE / f"resnet18-{args.size}.pt", args.size)
     workdir = Path(tempfile.mkdtemp(prefix="modelyard-overhead-"))
     bodies = make_bodies(args.size, workdir)
-    port = free_port()
+    port = reserve_port()
     base = f"http://127.0.0.1:{port}"
     env = _env({
         "MODELYARD_MODEL_NAME": "resnet", "MODELYARD_MODEL_URI": str(model_path),

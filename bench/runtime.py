@@ -27,7 +27,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ import torch
 
 from bench import model as bench_model
 from bench.peers import PEERS, ensure_venv, version_of
+from modelyard.operator.devcluster.ports import reserve_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS_DIR = ROOT / "bench" / "servers"
@@ -54,12 +54,6 @@ PAYLOADS = {
     "modelyard": ("binary", "json"),
     "fastapi": ("json",),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # payloads ---------------------------------------------------------------------------------
@@ -194,7 +188,7 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def launch(name: str, env: Environment) -> Running:  # noqa: PLR0915
-    port = free_port()
+    port = reserve_port()
     base = f"http://127.0.0.1:{port}"
     work = env.workdir / name
     shutil.rmtree(work, ignore_errors=True)
@@ -231,7 +225,7 @@ def launch(name: str, env: Environment) -> Running:  # noqa: PLR0915
             str(SERVERS_DIR / "kserve_server.py"),
             model,
             str(port),
-            str(free_port()),
+            str(reserve_port()),
         ]
         urls = {"json": v2, "binary": v2}
     elif name == "mlserver":
@@ -242,8 +236,8 @@ def launch(name: str, env: Environment) -> Running:  # noqa: PLR0915
             json.dumps(
                 {
                     "http_port": port,
-                    "grpc_port": free_port(),
-                    "metrics_port": free_port(),
+                    "grpc_port": reserve_port(),
+                    "metrics_port": reserve_port(),
                     "debug": False,
                     "parallel_workers": 1,
                 }
@@ -308,8 +302,8 @@ def launch(name: str, env: Environment) -> Running:  # noqa: PLR0915
             "\n".join(
                 [
                     f"inference_address=http://127.0.0.1:{port}",
-                    f"management_address=http://127.0.0.1:{free_port()}",
-                    f"metrics_address=http://127.0.0.1:{free_port()}",
+                    f"management_address=http://127.0.0.1:{reserve_port()}",
+                    f"metrics_address=http://127.0.0.1:{reserve_port()}",
                     f"model_store={store}",
                     "load_models=resnet.mar",
                     f"models={json.dumps(models)}",

@@ -42,7 +42,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -63,6 +62,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from ..render import MODEL_LABEL, VERSION_LABEL
 from .binaries import _run, cached_build
 from .cluster import LocalCluster
+from .ports import release_port, reserve_port
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ class LocalPrometheus:
         config_file = self.data_dir / "prometheus.yml"
         config_file.write_text(yaml.safe_dump(scrape_config(self.config, discovery, self.static),
                                               sort_keys=False))
-        self.port = _free_port()
+        self.port = reserve_port()
         argv = [
             binary, f"--config.file={config_file}",
             f"--storage.tsdb.path={self.data_dir / 'tsdb'}",
@@ -268,6 +268,8 @@ class LocalPrometheus:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=_STOP_GRACE_S)
+        if self.port is not None:
+            release_port(self.port)
         self.port = None
         if not self.config.keep_data:
             shutil.rmtree(self.data_dir, ignore_errors=True)
@@ -370,13 +372,6 @@ def _issue_client_cert(ca_cert_file: Path, ca_key_file: Path, user: str,
                                            serialization.NoEncryption()))
     key_file.chmod(0o600)
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-
-def _free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind((LOOPBACK, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _http_ok(url: str) -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +35,7 @@ from support import Kube, fresh_namespace, install_crd, wait_for
 from modelyard.operator import api, render
 from modelyard.operator.devcluster import ClusterConfig, LocalCluster, NodePool
 from modelyard.operator.devcluster.pods import PodProcesses
+from modelyard.operator.devcluster.ports import reserve_port
 from modelyard.runtime.client import decode_response, encode_request
 
 NAME = "doubler"
@@ -70,12 +70,6 @@ def _manifests(namespace: str) -> str:
     return yaml.safe_dump_all([model_deployment, deployment])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class Activator:
     url: str
@@ -93,7 +87,7 @@ class Activator:
 
 @contextlib.contextmanager
 def running_activator(cluster: LocalCluster, logs: Path, timeout_s: float) -> Iterator[Activator]:
-    port, admin = _free_port(), _free_port()
+    port, admin = reserve_port(), reserve_port()
     env = {**os.environ, "KUBECONFIG": str(cluster.operator_kubeconfig)}
     env.pop("KUBERNETES_SERVICE_HOST", None)
     with (logs / f"activator-{port}.log").open("wb") as out:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -33,6 +32,8 @@ import httpx
 import pytest
 import yaml
 from support import ROOT, Kube, fresh_namespace, install_crd, wait_for
+
+from modelyard.operator.devcluster.ports import reserve_port
 
 CHART = ROOT / "charts" / "modelyard"
 OPERATOR_NS = "modelyard-system"
@@ -280,12 +281,6 @@ def drive_as(cluster: Any, user: str, drive: Callable[[], None]) -> None:
                              f"{', '.join(f'{r} (x{n})' for r, n in counts.items())}") from exc
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _healthy(url: str) -> bool:
     try:
         return httpx.get(url, timeout=2).status_code == 200
@@ -298,7 +293,7 @@ def ask_the_activator(kubeconfig: Path, namespace: str, name: str) -> None:
     a request for the model at zero is held (pods listed, the ModelDeployment found) and let
     go with a 503 at its timeout; one for a model that does not exist is a 404; SIGTERM
     stops it cleanly."""
-    port, admin = _free_port(), _free_port()
+    port, admin = reserve_port(), reserve_port()
     log = kubeconfig.with_suffix(".log")
     env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
     with log.open("wb") as out:

@@ -5,7 +5,6 @@ it and succeeds; idle again, it goes back to zero."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,13 +18,8 @@ import yaml
 from support import Kube, as_operator, fresh_namespace, ready_endpoint_pods, wait_for
 from test_real_pods import real_cluster  # noqa: F401 - the module's own real cluster
 
+from modelyard.operator.devcluster.ports import reserve_port
 from modelyard.runtime.client import decode_response, encode_request
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -36,7 +30,7 @@ def activated(real_cluster: Any, tmp_path: Any,  # noqa: F811
     from modelyard.operator.runner import OperatorThread
 
     host = real_cluster.pod_network.host_address
-    port, admin = _free_port(), _free_port()
+    port, admin = reserve_port(), reserve_port()
     with fresh_namespace(real_cluster, "z") as namespace, as_operator(real_cluster):
         kube = Kube(real_cluster, namespace)
         log = (tmp_path / "activator.log").open("wb")

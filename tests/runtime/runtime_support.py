@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import socket
+from modelyard.operator.devcluster.ports import reserve_port
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port free on every address (``host`` included), reserved for this test run."""
+    del host  # a reserved port is free on all of them
+    return reserve_port()
