@@ -3,9 +3,11 @@
 Pure functions, no HTTP: ``server.py`` calls :func:`decode_infer_request` on the
 raw body bytes (never through pydantic), :func:`validate_inputs` against the
 model's :class:`TensorMeta`, and :func:`encode_infer_response` on the outputs.
-``client.py`` uses the same datatype table. JSON goes through orjson; binary
-tensors (the ``binary_data`` extension, ``Inference-Header-Content-Length``)
-are read with ``np.frombuffer``, without copying.
+``client.py`` uses the same datatype table. JSON goes through orjson, except
+the tensor data of large requests (``jsonbody``: simdjson, no Python float per
+number); binary tensors (the ``binary_data`` extension,
+``Inference-Header-Content-Length``) are read with ``np.frombuffer``, without
+copying.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import orjson
 import torch
 
 from modelyard.runtime.errors import InvalidInput
+from modelyard.runtime.jsonbody import load_request
 
 __all__ = [
     "DATATYPES",
@@ -169,6 +172,8 @@ def torch_to_numpy(tensor: torch.Tensor) -> np.ndarray[Any, Any]:
 
 
 def _from_json_data(data: Any, spec: _Datatype, datatype: str, name: str) -> np.ndarray[Any, Any]:
+    if isinstance(data, np.ndarray):  # numbers already parsed into float64 / int64 (jsonbody)
+        return _fit(data, spec, datatype, name)
     if spec.kinds == _FLOAT_KINDS:  # the hot path: one conversion, straight to the target
         target = np.float32 if datatype == "BF16" else spec.numpy
         if type(data) is list and data and type(data[0]) is not list:
@@ -185,6 +190,13 @@ def _from_json_data(data: Any, spec: _Datatype, datatype: str, name: str) -> np.
         array = np.asarray(data)
     except (ValueError, TypeError, RecursionError):
         raise InvalidInput(f"input {name!r}: data is not a regular array of numbers") from None
+    return _fit(array, spec, datatype, name)
+
+
+def _fit(
+    array: np.ndarray[Any, Any], spec: _Datatype, datatype: str, name: str
+) -> np.ndarray[Any, Any]:
+    """Numbers of any numpy dtype -> the datatype's wire layout, refusing what does not fit."""
     if array.size and array.dtype.kind not in spec.kinds:
         raise InvalidInput(
             f"input {name!r}: data of kind {array.dtype.name} does not fit datatype {datatype}"
@@ -200,7 +212,10 @@ def _from_json_data(data: Any, spec: _Datatype, datatype: str, name: str) -> np.
 def decode_infer_request(body: bytes, header_length: int | None = None) -> InferRequest:
     """Decode an OIP inference request (JSON, or JSON header + binary tensors)."""
     if header_length is None:
-        header, binary = _loads(body), memoryview(b"")
+        header = load_request(body)
+        if header is None:
+            header = _loads(body)
+        binary = memoryview(b"")
     else:
         view = memoryview(body)
         header, binary = _loads(view[:header_length]), view[header_length:]
