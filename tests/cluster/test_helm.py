@@ -196,8 +196,11 @@ def test_the_activator_can_be_left_out(chart: Chart) -> None:
     assert _rules(on, "ClusterRole", "r-modelyard-activator") == {
         "/pods": {"list"}, "modelyard.dev/modeldeployments": {"get"}}
 
-    off = chart.template("r", "ops", {"activator": {"enabled": False}})
+    off = chart.template("r", "ops", {"activator": {"enabled": False}, "monitoring": {
+        "serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}})
     assert not [o for o in off if "activator" in o["metadata"]["name"]]
+    [rule] = [o for o in off if o["kind"] == "PrometheusRule"]
+    assert not [g for g in rule["spec"]["groups"] if "activator" in g["name"]]
     assert "MODELYARD_ACTIVATOR_SERVICE" not in _operator_env(off, "r-modelyard")
     assert _rules(off, "ClusterRole", "r-modelyard")["discovery.k8s.io/endpointslices"] == {
         "list", "watch"}
@@ -221,7 +224,8 @@ def test_the_prometheus_rules_are_valid_promql(chart: Chart, tmp_path: Path) -> 
     alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
     assert alerts == {"ModelyardModelNotReady", "ModelyardModelErrors", "ModelyardOperatorDown",
                       "ModelDeploymentDegraded", "ModelDeploymentNotReady", "RolloutRolledBack",
-                      "ModelyardOperatorReconcileErrors", "ModelyardOperatorNoLeader"}
+                      "ModelyardOperatorReconcileErrors", "ModelyardOperatorNoLeader",
+                      "ModelyardColdStartTimeouts", "ModelyardActivatorLookupErrors"}
     rules = tmp_path / "rules.yaml"
     rules.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
     checked = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True,
@@ -231,23 +235,28 @@ def test_the_prometheus_rules_are_valid_promql(chart: Chart, tmp_path: Path) -> 
     assert monitor["spec"]["selector"]["matchLabels"] == {
         "app.kubernetes.io/managed-by": "modelyard",
         "app.kubernetes.io/component": "model-server"}
-    # The ServiceMonitor finds the metrics Service (and no other), and keeps the
-    # ModelDeployments' own namespace label.
-    service_monitor = next(o for o in objs if o["kind"] == "ServiceMonitor")
+    # Each ServiceMonitor finds its one Service (the operator's metrics, the activator's admin
+    # port), and keeps the ModelDeployments' own namespace label.
+    monitors = {o["metadata"]["name"]: o for o in objs if o["kind"] == "ServiceMonitor"}
     services = [o for o in objs if o["kind"] == "Service"]
-    selected = service_monitor["spec"]["selector"]["matchLabels"]
-    assert [s["metadata"]["name"] for s in services
-            if selected.items() <= s["metadata"]["labels"].items()] == ["r-modelyard-metrics"]
-    assert service_monitor["spec"]["namespaceSelector"] == {"matchNames": ["ops"]}
-    [endpoint] = service_monitor["spec"]["endpoints"]
-    assert (endpoint["port"], endpoint["path"], endpoint["honorLabels"]) == \
-        ("metrics", "/metrics", True)
+    for name, service, port in (("r-modelyard-operator", "r-modelyard-metrics", "metrics"),
+                                ("r-modelyard-activator", "r-modelyard-activator", "admin")):
+        selected = monitors[name]["spec"]["selector"]["matchLabels"]
+        assert [s["metadata"]["name"] for s in services
+                if selected.items() <= s["metadata"]["labels"].items()] == [service]
+        assert monitors[name]["spec"]["namespaceSelector"] == {"matchNames": ["ops"]}
+        [endpoint] = monitors[name]["spec"]["endpoints"]
+        assert (endpoint["port"], endpoint["path"], endpoint["honorLabels"]) == \
+            (port, "/metrics", True)
+        assert any(p["name"] == port for s in services if s["metadata"]["name"] == service
+                   for p in s["spec"]["ports"])
 
 
 # Series as Prometheus stores them from the ServiceMonitor's scrapes of release "r" in "ops"
 # (honorLabels: a ModelDeployment's own namespace wins; the operator's own series get the
 # target's). Values are one per minute.
 _OPERATOR = 'job="r-modelyard-metrics", service="r-modelyard-metrics", namespace="ops"'
+_ACTIVATOR = 'job="r-modelyard-activator", service="r-modelyard-activator", pod="act-a"'
 _SERIES = {
     # vision/resnet never becomes ready; vision/idle is scaled to zero on purpose.
     'modelyard_modeldeployment_ready{namespace="vision", name="resnet", '
@@ -267,6 +276,14 @@ _SERIES = {
     # the leader (op-a) loses its Lease at minute 4 and nobody takes over.
     f'modelyard_operator_leader{{pod="op-a", {_OPERATOR}}}': "1 1 1 1 0x16",
     f'modelyard_operator_leader{{pod="op-b", {_OPERATOR}}}': "0x20",
+    # The activator: a request for vision/idle times out at minute 12; its lookups fail from
+    # minute 5 on.
+    'modelyard_activator_requests_total{namespace="vision", model_deployment="idle", '
+    f'outcome="timeout", {_ACTIVATOR}}}': "0x12 1x10",
+    'modelyard_activator_requests_total{namespace="vision", model_deployment="idle", '
+    f'outcome="forwarded", {_ACTIVATOR}}}': "0+3x22",
+    f'modelyard_activator_lookup_errors_total{{{_ACTIVATOR}, namespace="ops"}}':
+        "0x5 0+2x17",
 }
 
 
@@ -309,6 +326,13 @@ def test_the_alerts_fire_when_they_should(chart: Chart, tmp_path: Path) -> None:
                    {"namespace": "ops", "severity": "warning"}),
             _fired("ModelyardOperatorNoLeader", "8m"),
             _fired("ModelyardOperatorNoLeader", "9m", {"severity": "critical"}),
+            _fired("ModelyardColdStartTimeouts", "11m"),
+            _fired("ModelyardColdStartTimeouts", "13m", {"namespace": "vision",
+                                                         "model_deployment": "idle",
+                                                         "severity": "warning"}),
+            _fired("ModelyardColdStartTimeouts", "23m"),  # 10 minutes later it is history
+            _fired("ModelyardActivatorLookupErrors", "14m"),
+            _fired("ModelyardActivatorLookupErrors", "17m", {"severity": "warning"}),
         ],
     }]
     (tmp_path / "tests.yaml").write_text(yaml.safe_dump(
