@@ -27,6 +27,8 @@ __all__ = ["SIMD_MIN_BYTES", "load_request"]
 #: below this size orjson is as fast and its Python values are what we need anyway
 SIMD_MIN_BYTES = 16 * 1024
 
+_REUSE_MAX_BYTES = 4 * 1024 * 1024
+
 _FLOAT = frozenset({"FP32", "FP16", "BF16", "FP64"})
 _INT = frozenset({"INT64", "INT32", "INT16", "INT8", "UINT8"})
 _local = threading.local()  # a Parser reuses its buffers; one per thread
@@ -37,7 +39,9 @@ def load_request(body: bytes) -> Any | None:
     (float64 or int64), or None when orjson should parse this body instead."""
     if len(body) < SIMD_MIN_BYTES:
         return None
-    parser = _parser()
+    # A parser keeps buffers sized to the largest document it has read: only ordinary
+    # bodies go through the kept one, so one huge request does not hold memory for good.
+    parser = _parser() if len(body) <= _REUSE_MAX_BYTES else simdjson.Parser()
     try:
         document = parser.parse(body)
     except (ValueError, RuntimeError):  # malformed: orjson says why

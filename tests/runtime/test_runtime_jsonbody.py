@@ -91,3 +91,14 @@ def test_a_real_image_request_takes_the_fast_path_exactly() -> None:
     tensor = decode_infer_request(body).inputs["input"]
     assert tensor.dtype == torch.float32
     assert torch.equal(tensor, torch.from_numpy(x))
+
+
+def test_a_huge_body_gets_a_parser_of_its_own_and_the_next_request_still_decodes() -> None:
+    x = np.arange(6, dtype=np.float32)
+    body = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 3],
+                                     "data": x.tolist()}]})
+    huge = body + b" " * (5 * 1024 * 1024)
+    assert torch.equal(decode_infer_request(huge).inputs["input"],
+                       torch.from_numpy(x.reshape(2, 3)))
+    assert torch.equal(decode_infer_request(body + PAD).inputs["input"],
+                       torch.from_numpy(x.reshape(2, 3)))
