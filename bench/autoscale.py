@@ -53,7 +53,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import yaml
@@ -360,16 +360,34 @@ def zero_manifest() -> str:
 
 
 @dataclass
-class ZeroWatches:
+class ModelWatches:
+    """What the benchmark follows of the model: the autoscaler's decision, the Deployments'
+    replicas, the pods, and the model Service's EndpointSlices (the activator's one while
+    at zero)."""
+
     model: Watch
     deployments: Watch
     pods: Watch
-    slices: Watch  # the model Service's: the activator's slice while at zero
+    slices: Watch
+
+    @classmethod
+    def open(cls, kube: Kube) -> Self:
+        selector = f"{render.MODEL_LABEL}={NAME}"
+        return cls(
+            model=kube.watch("md", path_fields("status", "autoscaler", "desiredReplicas"),
+                             name=NAME),
+            deployments=kube.watch("deployments", path_fields("spec", "replicas"),
+                                   selector=selector),
+            pods=kube.watch("pods", pod_fields, selector=selector),
+            slices=kube.watch("endpointslices", slice_fields,
+                              selector=f"kubernetes.io/service-name={NAME}"))
 
     def stop(self) -> None:
         for watch in (self.model, self.deployments, self.pods, self.slices):
             watch.stop()
 
+
+class ZeroWatches(ModelWatches):
     def at_zero(self) -> bool:
         """No replica, no pod, and the Service leading to the activator."""
         return (_replicas(self.deployments.state()) == 0 and not self.pods.state()
@@ -442,15 +460,7 @@ def coldstart_part(env: Environment, args: argparse.Namespace) -> dict[str, Any]
         kube = Kube(env.cluster, namespace)
         kube.apply(activator.service())
         stack.enter_context(OperatorThread(namespaces=[namespace]))
-        selector = f"{render.MODEL_LABEL}={NAME}"
-        watches = ZeroWatches(
-            model=kube.watch("md", path_fields("status", "autoscaler", "desiredReplicas"),
-                             name=NAME),
-            deployments=kube.watch("deployments", path_fields("spec", "replicas"),
-                                   selector=selector),
-            pods=kube.watch("pods", pod_fields, selector=selector),
-            slices=kube.watch("endpointslices", slice_fields,
-                              selector=f"kubernetes.io/service-name={NAME}"))
+        watches = ZeroWatches.open(kube)
         stack.callback(watches.stop)
         kube.apply(zero_manifest())
         for _ in range(args.repeats):
@@ -502,17 +512,7 @@ def _replicas(objects: dict[str, tuple[str, ...]]) -> int:
     return sum(int(f[0] or 0) for f in objects.values())
 
 
-@dataclass
-class StepWatches:
-    model: Watch
-    deployments: Watch
-    pods: Watch
-    slices: Watch
-
-    def stop(self) -> None:
-        for watch in (self.model, self.deployments, self.pods, self.slices):
-            watch.stop()
-
+class StepWatches(ModelWatches):
     def describe(self) -> str:
         return (f"desired {self.model.state()}, deployments {self.deployments.state()}, "
                 f"ready pods {sorted(ready_pods(self.pods.state()))}, "
@@ -576,16 +576,7 @@ def step_part(env: Environment, args: argparse.Namespace) -> dict[str, Any]:
     with fresh_namespace(env.cluster, "step") as namespace, as_operator(env.cluster), \
             OperatorThread(namespaces=[namespace]):
         kube = Kube(env.cluster, namespace)
-        selector = f"{render.MODEL_LABEL}={NAME}"
-        watches = StepWatches(
-            model=kube.watch("md", path_fields("status", "autoscaler", "desiredReplicas"),
-                             name=NAME),
-            deployments=kube.watch("deployments", path_fields("spec", "replicas"),
-                                   selector=selector),
-            pods=kube.watch("pods", pod_fields, selector=selector),
-            slices=kube.watch("endpointslices", slice_fields,
-                              selector=f"kubernetes.io/service-name={NAME}"),
-        )
+        watches = StepWatches.open(kube)
         load = PacedLoad(lambda: serving(watches.slices.state()), NAME, SIZE)
         try:
             kube.apply(step_manifest("rps", STEP_TARGET_RPS))

@@ -27,7 +27,6 @@ it. Needs root (CAP_NET_ADMIN), as creating any network namespace does.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import ipaddress
 import logging
 import os
@@ -36,6 +35,8 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Self
+
+from .locks import try_lock
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,8 @@ class PodNetwork:
         except PermissionError as exc:
             raise PodNetworkError(_NEEDS_ROOT) from exc
         for block in range(BLOCKS):
-            handle = (LOCK_DIR / f"{block}.lock").open("wb")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
+            handle = try_lock(LOCK_DIR / f"{block}.lock")
+            if handle is None:
                 continue
             network = cls(block, handle)
             try:

@@ -12,13 +12,14 @@ benchmark processes on one machine never pick the same one.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import random
 import socket
 import tempfile
 import threading
 from pathlib import Path
 from typing import IO
+
+from .locks import try_lock
 
 LOCK_DIR = Path(tempfile.gettempdir()) / "modelyard-ports"
 _SPAN = 12_000  # ports handed out: the _SPAN just below the ephemeral range
@@ -43,11 +44,8 @@ def reserve_port() -> int:
             port = low + (start - low + offset) % (high - low)
             if port in _held:
                 continue
-            handle = (LOCK_DIR / f"{port}.lock").open("wb")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
+            handle = try_lock(LOCK_DIR / f"{port}.lock")
+            if handle is None:
                 continue
             if _bindable(port):
                 _held[port] = handle
