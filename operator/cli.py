@@ -6,6 +6,7 @@
 * ``modelyard dev cluster``: just the local cluster, until Ctrl-C.
 * ``modelyard operator``: run the operator (what the operator image runs).
 * ``modelyard build-binaries``: build and cache the cluster binaries now.
+* ``modelyard build-node``: build and cache a real node's binaries and images now.
 * ``modelyard status|history|promote NAME -n NS``: look at and steer a ModelDeployment.
 """
 
@@ -59,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("activator", add_help=False,
                    help="run the activator (scale from zero); `modelyard activator --help`")
     sub.add_parser("build-binaries", help="build and cache the local cluster's binaries")
+    sub.add_parser("build-node", help="build and cache a real node's binaries (kubelet, "
+                   "kube-proxy, containerd) and images (operator, runtime, pause)")
     for name, text in (("status", "a ModelDeployment's state in a few lines"),
                        ("history", "the versions a ModelDeployment has served"),
                        ("promote", "promote the rollout in progress now"),
@@ -85,6 +88,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .devcluster import ensure_binaries
 
         print(ensure_binaries().root)
+        return 0
+    if args.command == "build-node":
+        from .devcluster.nodeartefacts import ensure_node_artefacts
+
+        built = ensure_node_artefacts()
+        print(built.binaries.root)
+        for image in (built.images.base, *built.images.all()):
+            size = image.archive.stat().st_size / 1e6
+            print(f"{image.name}\t{size:.0f} MB\t{image.archive}")
         return 0
     if args.command == "operator":
         return _run_operator(args.namespace, args.liveness)

@@ -95,11 +95,28 @@ def cached_build(what: str, key: str, complete: Callable[[Path], bool],
                  build: Callable[[str, Path, Path], None], *, root: Path | None = None) -> Path:
     """``<cache>/<key>``, made by ``build(go, out_dir, work_dir)`` first when missing.
 
+    Every pinned upstream artefact of the local cluster (Kubernetes, kwok, Prometheus,
+    Helm, the Gateway API CRDs, the real node's kubelet and containerd) is made this way,
+    through Go's module proxy only. See :func:`cached_tree` for the locking.
+    """
+    def with_go(out: Path, work: Path) -> None:
+        go = shutil.which("go")
+        if go is None:
+            raise BuildError(f"Go (>= 1.26) is needed once to build {what}; install it and "
+                             "try again (nothing is downloaded outside Go's module proxy).")
+        build(go, out, work)
+
+    return cached_tree(f"{what} from source", key, complete, with_go, root=root)
+
+
+def cached_tree(what: str, key: str, complete: Callable[[Path], bool],
+                build: Callable[[Path, Path], None], *, root: Path | None = None,
+                verb: str = "building") -> Path:
+    """``<cache>/<key>``, made by ``build(out_dir, work_dir)`` first when missing.
+
     Safe to call from several processes at once: one builds, the others wait on a file
     lock and then find the finished tree. The build goes to a temporary folder that is
-    renamed into place, so an interrupted build leaves nothing half-written behind. Every
-    pinned upstream artefact of the local cluster (Kubernetes, kwok, Prometheus, Helm, the
-    Gateway API CRDs) is made this way, through Go's module proxy only.
+    renamed into place, so an interrupted build leaves nothing half-written behind.
     """
     base = root or cache_root()
     target = base / key
@@ -109,40 +126,28 @@ def cached_build(what: str, key: str, complete: Callable[[Path], bool],
     with _locked(base / f"{key}.lock"):
         if complete(target):
             return target
-        go = shutil.which("go")
-        if go is None:
-            raise BuildError(f"Go (>= 1.26) is needed once to build {what}; install it and "
-                             "try again (nothing is downloaded outside Go's module proxy).")
         started = time.monotonic()
-        print(f"modelyard: building {what} from source (once; cached in {target})...",
-              flush=True)
+        print(f"modelyard: {verb} {what} (once; cached in {target})...", flush=True)
         with tempfile.TemporaryDirectory(dir=base, prefix=f".build-{key}-") as tmp:
             staging = Path(tmp) / "out"
             staging.mkdir()
             work = Path(tmp) / "work"
             work.mkdir()
-            build(go, staging, work)
+            build(staging, work)
             if target.exists():
                 shutil.rmtree(target)
             staging.rename(target)
         elapsed = time.monotonic() - started
         (target / "build-seconds").write_text(f"{elapsed:.0f}\n")
-        print(f"modelyard: {what} built in {elapsed:.0f} s", flush=True)
+        print(f"modelyard: {what} done in {elapsed:.0f} s", flush=True)
     return target
 
 
-def _build(go: str, workdir: Path, out: Binaries) -> None:
-    out.bin.mkdir(parents=True, exist_ok=True)
-    module = workdir / "gomod"
-    module.mkdir()
-    for name in ("go.mod", "go.sum", "tools.go"):
-        source = resources.files("modelyard.operator.devcluster").joinpath("gomod", name)
-        (module / name).write_bytes(source.read_bytes())
-
-    env = {**os.environ, "GOFLAGS": "-mod=readonly -buildvcs=false", "CGO_ENABLED": "0"}
+def kube_ldflags() -> str:
+    """``-ldflags`` that stamp the pinned Kubernetes version into its binaries."""
     version_pkg = "k8s.io/component-base/version"
     major, minor, _ = KUBERNETES_VERSION.split(".")
-    ldflags = " ".join(
+    return " ".join(
         [
             "-s -w",
             f"-X {version_pkg}.gitVersion=v{KUBERNETES_VERSION}",
@@ -152,17 +157,34 @@ def _build(go: str, workdir: Path, out: Binaries) -> None:
             f"-X k8s.io/client-go/pkg/version.gitVersion=v{KUBERNETES_VERSION}",
         ]
     )
-    build = [go, "build", "-trimpath", f"-ldflags={ldflags}"]
-    _run([*build, "-o", f"{out.bin}/", *(f"k8s.io/kubernetes/cmd/{c}" for c in _KUBE_COMMANDS)],
-         cwd=module, env=env)
-    _run([*build, "-o", str(out.path("etcd")), "go.etcd.io/etcd/server/v3"], cwd=module, env=env)
+
+
+def write_wrapper_module(workdir: Path) -> Path:
+    """A copy of the wrapper module ``gomod/`` (go.mod, go.sum, tools.go) in ``workdir``."""
+    module = workdir / "gomod"
+    module.mkdir()
+    for name in ("go.mod", "go.sum", "tools.go"):
+        source = resources.files("modelyard.operator.devcluster").joinpath("gomod", name)
+        (module / name).write_bytes(source.read_bytes())
+    return module
+
+
+def _build(go: str, workdir: Path, out: Binaries) -> None:
+    out.bin.mkdir(parents=True, exist_ok=True)
+    module = write_wrapper_module(workdir)
+    env = {**os.environ, "GOFLAGS": "-mod=readonly -buildvcs=false", "CGO_ENABLED": "0"}
+    build = [go, "build", "-trimpath", f"-ldflags={kube_ldflags()}"]
+    run_tool([*build, "-o", f"{out.bin}/",
+              *(f"k8s.io/kubernetes/cmd/{c}" for c in _KUBE_COMMANDS)], cwd=module, env=env)
+    run_tool([*build, "-o", str(out.path("etcd")), "go.etcd.io/etcd/server/v3"],
+             cwd=module, env=env)
     kwok = f"sigs.k8s.io/kwok/cmd/kwok@v{KWOK_VERSION}"
-    _run([go, "install", "-trimpath", "-ldflags=-s -w", kwok],
+    run_tool([go, "install", "-trimpath", "-ldflags=-s -w", kwok],
          cwd=module, env={**env, "GOBIN": str(out.bin), "GOFLAGS": "-buildvcs=false"})
 
     # kwok has no built-in lifecycle: it plays the Stage objects it is given. Use the
     # upstream "fast" stages from the very module version we built.
-    listing = _run([go, "list", "-m", "-json", f"sigs.k8s.io/kwok@v{KWOK_VERSION}"],
+    listing = run_tool([go, "list", "-m", "-json", f"sigs.k8s.io/kwok@v{KWOK_VERSION}"],
                    cwd=module, env={**env, "GOFLAGS": "-mod=mod"})
     kwok_dir = Path(_json_field(listing, "Dir"))
     docs = [(kwok_dir / "kustomize" / "stage" / rel).read_text() for rel in _KWOK_STAGES]
@@ -178,12 +200,15 @@ def _json_field(text: str, field: str) -> str:
     return value
 
 
-def _run(cmd: list[str], *, cwd: Path, env: dict[str, str]) -> str:
+def run_tool(cmd: list[str], *, cwd: Path, env: dict[str, str]) -> str:
     log.info("running %s", " ".join(cmd[:3]))
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise BuildError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc.stdout
+
+
+_run = run_tool  # the name the other pinned builds (helm, gateway, prometheus) use
 
 
 @contextlib.contextmanager
