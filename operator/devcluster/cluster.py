@@ -42,9 +42,11 @@ from typing import Any, Self
 import yaml
 
 from .binaries import Binaries, ensure_binaries
+from .images import Image, Images
 from .pki import ADMIN_USER, OPERATOR_USER, Pki, create_pki
 from .podnet import PodNetwork
 from .ports import release_port, reserve_port
+from .realnode import RealNode
 from .stages import real_pod_stages
 from .topology import DEFAULT_TOPOLOGY, NodePool, node_manifests
 
@@ -93,6 +95,9 @@ class ClusterConfig:
     # Install the Gateway API's standard CRDs (HTTPRoute, Gateway, ...), as a cluster with a
     # Gateway API implementation has them.
     gateway_api: bool = False
+    # Real nodes (containerd + kubelet + kube-proxy, :mod:`.realnode`) beside the kwok ones,
+    # labelled modelyard.dev/node=real, running the images `modelyard build-node` built.
+    real_nodes: int = 0
     extra_apiserver_args: list[str] = field(default_factory=list)
 
 
@@ -108,6 +113,8 @@ class LocalCluster:
         self.ports: dict[str, int] = {}
         self.started_in_s: float | None = None
         self.pod_network: PodNetwork | None = None
+        self.real_nodes: list[RealNode] = []
+        self.real_node_images: Images | None = None  # what the real nodes have imported
 
     # -- public surface -------------------------------------------------------------
 
@@ -196,12 +203,16 @@ class LocalCluster:
             self._create_nodes()
             if self.config.gateway_api:
                 self._install_gateway_api()
+            self._start_real_nodes()
         except BaseException:
             self.stop()
             raise
 
     def stop(self) -> None:
         """Stop every component (newest first), the pod network and the data directory."""
+        for node in reversed(self.real_nodes):
+            node.stop()
+        self.real_nodes.clear()
         for component in reversed(self._components):
             _terminate(component.process)
         self._components.clear()
@@ -389,6 +400,31 @@ class LocalCluster:
         # Pods cannot be created in a namespace before its default ServiceAccount exists.
         self._kubectl_or_fail("wait", "--for=create", "serviceaccount/default",
                               "--namespace=default", "--timeout=60s")
+
+    def add_real_node(self, name: str, images: Sequence[Image] | None = None) -> RealNode:
+        """Start one more real node (``images`` default: all that `modelyard build-node`
+        built) and wait until it is Ready; :meth:`stop` stops it with the rest."""
+        from .nodeartefacts import find_node_artefacts
+
+        found = find_node_artefacts()
+        self.real_node_images = found.images
+        node = RealNode(name, self.data_dir / "nodes" / name, binaries=found.binaries,
+                        tools=found.tools, pki=Pki(self.data_dir / "pki"),
+                        apiserver_port=self.ports["apiserver"], service_cidr=SERVICE_CIDR)
+        self.real_nodes.append(node)
+        kubectl = [str(self.binaries.path("kubectl")), f"--kubeconfig={self.kubeconfig}"]
+        node.start(found.images.all() if images is None else images, kubectl)
+        return node
+
+    def _start_real_nodes(self) -> None:
+        if not self.config.real_nodes:
+            return
+        for index in range(self.config.real_nodes):
+            self.add_real_node(f"real-{index}")
+        # In-cluster clients (the chart's operator) reach the API server through the
+        # `kubernetes` Service; with no endpoint reconciler, point it at the first node's
+        # forwarder (the API server's certificate names the Service's address).
+        self._kubectl_or_fail("apply", "-f", "-", input=self.real_nodes[0].api_endpoints())
 
     def _install_gateway_api(self) -> None:
         from .gateway import ensure_gateway_crds

@@ -89,6 +89,21 @@ def create_pki(directory: Path, service_ip: str) -> Pki:
     return pki
 
 
+def issue_client_cert(pki: Pki, stem: str, common_name: str,
+                      organisation: str | None) -> tuple[Path, Path]:
+    """A client certificate signed by the cluster's CA (``<stem>.crt``, ``<stem>.key``):
+    a real node's kubelet (``system:node:NAME`` in ``system:nodes``) or kube-proxy."""
+    ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise TypeError(f"{pki.ca_key} is not the EC key create_pki writes")
+    cert, key = pki.dir / f"{stem}.crt", pki.dir / f"{stem}.key"
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    _leaf(cert, key, common_name, organisation, ca_cert=ca_cert, ca_key=ca_key, now=now,
+          sans=[], server=False)
+    return cert, key
+
+
 def _builder(
     subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey,
     now: dt.datetime,
