@@ -156,7 +156,17 @@ def ensure_project_image(context: Path, flavour: str, base: Image,
 
     tree = cached_tree(f"the {flavour} image {image.name} (buildah, {dockerfile.name})",
                        image.key, _has_archive, build)
+    _prune(f"image-{flavour}-", keep=tree)
     return _image(tree, image.name)
+
+
+def _prune(prefix: str, keep: Path, spare: int = 1) -> None:
+    """Delete older builds of one image (6 GB each for the runtime): all but ``keep`` and the
+    ``spare`` newest others (another checkout's tree may still use its own)."""
+    others = sorted((p for p in cache_root().glob(f"{prefix}*")
+                     if p.is_dir() and p != keep), key=lambda p: p.stat().st_mtime)
+    for old in others[:-spare] if spare else others:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def ensure_torch_wheelhouse(version: str) -> Path:

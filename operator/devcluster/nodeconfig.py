@@ -155,7 +155,10 @@ def kubelet_config(layout: NodeLayout) -> str:
         "authorization": {"mode": "AlwaysAllow"},
         "podCIDR": layout.pod_cidr,
         "podLogsDir": str(layout.data / "pod-logs"),
+        # Pods ask the node's cluster DNS (.clusterdns, on the host's end of the link) and
+        # nothing else: no upstream resolver.
         "resolvConf": str(layout.file("resolv.conf")),
+        "clusterDNS": [layout.host_ip],
         "clusterDomain": "cluster.local",
         "failSwapOn": False,
         "protectKernelDefaults": False,

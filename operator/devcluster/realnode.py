@@ -19,7 +19,8 @@ and lives in namespaces made for it, so nothing it does reaches this machine's o
 * **cgroups**: pods go under ``/modelyard-node-<n>`` in every cgroup v1 hierarchy.
 
 The API server listens on loopback only, so a ``socat`` forwarder on ``10.251.<n>.1``
-carries the node's connections to it. Teardown kills every process of the node (pods by
+carries the node's connections to it, and pods resolve Services through a small cluster
+DNS on the same address (:mod:`.clusterdns`). Teardown kills every process of the node (pods by
 their cgroups, the rest by the network namespace), drops both namespaces, the veth, the
 route, the cgroups and the node's files; containerd's image store stays, under the
 cache, so the next run need not import the images again. A block left behind by a killed
@@ -36,12 +37,13 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
 from . import nodeconfig as nc
 from .binaries import cache_root
+from .clusterdns import ClusterDns
 from .images import Image
 from .locks import try_lock
 from .nodebinaries import HostTools, NodeBinaries
@@ -79,6 +81,7 @@ class RealNode:
         self._lock: IO[bytes] | None = None
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
         self.layout: nc.NodeLayout | None = None
+        self._dns: ClusterDns | None = None
         self.started_in_s: float | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -92,6 +95,7 @@ class RealNode:
             layout = self.layout
             assert layout is not None
             self._network(layout)
+            self._dns = ClusterDns(layout.host_ip, _service_lookup([*kubectl]))
             self._mount_namespace(layout)
             self._cgroups(layout)
             self._write_configs(layout)
@@ -134,6 +138,9 @@ class RealNode:
         for process in reversed(list(self._processes.values())):
             _terminate(process)
         self._processes.clear()
+        if self._dns is not None:
+            self._dns.stop()
+            self._dns = None
         _clear_block(layout)
         shutil.rmtree(layout.data, ignore_errors=True)
         release_port(layout.apiserver_port)
@@ -302,6 +309,16 @@ class RealNode:
                     self._ctr("tasks", "delete", "--force", name, check=False)
                 else:
                     self._ctr("containers", "delete", name, check=False)
+
+
+def _service_lookup(kubectl: list[str]) -> Callable[[str, str], str | None]:
+    def lookup(service: str, namespace: str) -> str | None:
+        proc = subprocess.run([*kubectl, "get", "service", service, "-n", namespace,
+                               "-o", "jsonpath={.spec.clusterIP}"], capture_output=True,
+                              text=True, check=False, timeout=10)
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    return lookup
 
 
 def _netns(block: int) -> str:

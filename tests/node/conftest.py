@@ -45,6 +45,6 @@ def real_cluster(node_artefacts: Any) -> Iterator[Any]:
         yield local
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def real_node(real_cluster: Any) -> Any:
     return real_cluster.real_nodes[0]

@@ -8,18 +8,14 @@ the operator image's entrypoints start as the chart runs them.
 
 from __future__ import annotations
 
-import contextlib
-import http.server
-import json
-import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
+from nodesupport import NODE_SELECTOR, kube_json, restricted_namespace, serve_file
 from support import wait_for
 
 from modelyard.operator import api, render
@@ -28,51 +24,8 @@ from modelyard.operator.devcluster.nodebinaries import CONTAINERD_VERSION
 
 pytestmark = [pytest.mark.realnode, pytest.mark.cluster]
 
-NODE_SELECTOR = {"modelyard.dev/node": "real"}
-
-
-def _json(cluster: Any, *args: str) -> Any:
-    return json.loads(cluster.kubectl(*args, "-o", "json").stdout)
-
-
-@contextlib.contextmanager
-def _restricted_namespace(cluster: Any) -> Iterator[str]:
-    name = f"rn-{uuid.uuid4().hex[:8]}"
-    cluster.kubectl("create", "namespace", name)
-    cluster.kubectl("label", "namespace", name, "pod-security.kubernetes.io/enforce=restricted",
-                    "pod-security.kubernetes.io/enforce-version=latest")
-    cluster.kubectl("wait", "--for=create", "serviceaccount/default", "-n", name,
-                    "--timeout=30s")
-    try:
-        yield name
-    finally:
-        cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-@contextlib.contextmanager
-def _serve_file(path: Path, address: str) -> Iterator[str]:
-    """``path`` over HTTP on ``address`` (the host's end of the node's link): the URL."""
-    directory = str(path.parent)
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, directory=directory, **kwargs)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer((address, 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://{address}:{server.server_address[1]}/{path.name}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_real_node_registers_ready_without_gpus(real_cluster: Any, real_node: Any) -> None:
-    node = _json(real_cluster, "get", "node", real_node.name)
+    node = kube_json(real_cluster, "get", "node", real_node.name)
     ready = next(c for c in node["status"]["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True", ready
     assert node["metadata"]["labels"]["modelyard.dev/node"] == "real"
@@ -86,14 +39,14 @@ def test_real_node_registers_ready_without_gpus(real_cluster: Any, real_node: An
     assert "nvidia.com/gpu" not in node["status"]["allocatable"]
     assert not node["spec"].get("taints")
     # It sits beside the kwok GPU nodes, which stay simulated.
-    kwok = _json(real_cluster, "get", "nodes", "-l", "nvidia.com/gpu.present=true")["items"]
+    kwok = kube_json(real_cluster, "get", "nodes", "-l", "nvidia.com/gpu.present=true")["items"]
     assert kwok
     assert all(n["metadata"]["annotations"].get("kwok.x-k8s.io/node") == "fake"
                         for n in kwok)
     assert real_node.started_in_s is not None
 
 
-def test_runtime_image_serves_in_a_restricted_namespace(real_cluster: Any, real_node: Any,
+def test_runtime_image_serves_in_arestricted_namespace(real_cluster: Any, real_node: Any,
                                                         tmp_path: Path) -> None:
     import torch
 
@@ -101,8 +54,8 @@ def test_runtime_image_serves_in_a_restricted_namespace(real_cluster: Any, real_
     model_file = tmp_path / "model.pt"
     torch.jit.save(model, str(model_file))
     images = real_cluster.real_node_images
-    with (_restricted_namespace(real_cluster) as namespace,
-          _serve_file(model_file, real_node.layout.host_ip) as url):
+    with (restricted_namespace(real_cluster) as namespace,
+          serve_file(model_file, real_node.layout.host_ip) as url):
         spec = api.ModelDeploymentSpec.model_validate({
             "model": {"version": "1", "uri": url, "format": "torchscript"},
             "runtime": {"image": images.runtime.name, "batching": {"maxBatchSize": 4}},
@@ -122,7 +75,7 @@ def test_runtime_image_serves_in_a_restricted_namespace(real_cluster: Any, real_
                                       "--timeout=240s", check=False, timeout=260)
         assert waited.returncode == 0, (waited.stderr, real_node.log_tail("kubelet"))
 
-        pod = _json(real_cluster, "get", "pods", "-n", namespace, "-l",
+        pod = kube_json(real_cluster, "get", "pods", "-n", namespace, "-l",
                     render.selector_string("tiny"))["items"][0]
         assert pod["spec"]["nodeName"] == real_node.name
         started = next(c for c in pod["status"]["conditions"] if c["type"] == "Ready")
@@ -177,7 +130,7 @@ def _run_to_completion(cluster: Any, namespace: str, name: str, image: str,
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(pod))
 
     def finished() -> str | None:
-        phase = _json(cluster, "get", "pod", name, "-n", namespace)["status"].get("phase")
+        phase = kube_json(cluster, "get", "pod", name, "-n", namespace)["status"].get("phase")
         return phase if phase in ("Succeeded", "Failed") else None
 
     phase = wait_for(finished, timeout=120, interval=0.5, what=f"pod {name} to finish")
@@ -187,7 +140,7 @@ def _run_to_completion(cluster: Any, namespace: str, name: str, image: str,
 
 def test_operator_image_help(real_cluster: Any) -> None:
     image = real_cluster.real_node_images.operator.name
-    with _restricted_namespace(real_cluster) as namespace:
+    with restricted_namespace(real_cluster) as namespace:
         phase, log = _run_to_completion(real_cluster, namespace, "help", image,
                                         ["modelyard", "operator", "--help"])
     assert phase == "Succeeded", log
@@ -199,7 +152,7 @@ def test_operator_image_help(real_cluster: Any) -> None:
                    "branch; this test turns green with it)")
 def test_operator_image_runs_the_activator(real_cluster: Any) -> None:
     image = real_cluster.real_node_images.operator.name
-    with _restricted_namespace(real_cluster) as namespace:
+    with restricted_namespace(real_cluster) as namespace:
         phase, log = _run_to_completion(real_cluster, namespace, "activator", image,
                                         ["modelyard", "activator", "--help"])
     assert phase == "Succeeded", log

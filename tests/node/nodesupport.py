@@ -1,0 +1,54 @@
+"""Helpers of the real-node tests."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+NODE_SELECTOR = {"modelyard.dev/node": "real"}
+
+
+def kube_json(cluster: Any, *args: str) -> Any:
+    return json.loads(cluster.kubectl(*args, "-o", "json").stdout)
+
+
+@contextlib.contextmanager
+def restricted_namespace(cluster: Any) -> Iterator[str]:
+    name = f"rn-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name)
+    cluster.kubectl("label", "namespace", name, "pod-security.kubernetes.io/enforce=restricted",
+                    "pod-security.kubernetes.io/enforce-version=latest")
+    cluster.kubectl("wait", "--for=create", "serviceaccount/default", "-n", name,
+                    "--timeout=30s")
+    try:
+        yield name
+    finally:
+        cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@contextlib.contextmanager
+def serve_file(path: Path, address: str) -> Iterator[str]:
+    """``path`` over HTTP on ``address`` (the host's end of the node's link): the URL."""
+    directory = str(path.parent)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=directory, **kwargs)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((address, 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{address}:{server.server_address[1]}/{path.name}"
+    finally:
+        server.shutdown()
+        server.server_close()
