@@ -43,6 +43,7 @@ import yaml
 
 from .binaries import Binaries, ensure_binaries
 from .images import Image, Images
+from .nodeartefacts import NodeArtefacts
 from .pki import ADMIN_USER, OPERATOR_USER, Pki, create_pki
 from .podnet import PodNetwork
 from .ports import release_port, reserve_port
@@ -115,6 +116,7 @@ class LocalCluster:
         self.pod_network: PodNetwork | None = None
         self.real_nodes: list[RealNode] = []
         self.real_node_images: Images | None = None  # what the real nodes have imported
+        self._node_artefacts: NodeArtefacts | None = None
 
     # -- public surface -------------------------------------------------------------
 
@@ -406,7 +408,9 @@ class LocalCluster:
         built) and wait until it is Ready; :meth:`stop` stops it with the rest."""
         from .nodeartefacts import find_node_artefacts
 
-        found = find_node_artefacts()
+        # Looked up once: the images a running cluster's nodes hold stay those it started
+        # with, even if the source tree changes meanwhile.
+        found = self._node_artefacts = self._node_artefacts or find_node_artefacts()
         self.real_node_images = found.images
         node = RealNode(name, self.data_dir / "nodes" / name, binaries=found.binaries,
                         tools=found.tools, pki=Pki(self.data_dir / "pki"),

@@ -30,6 +30,7 @@ process is cleared by the next owner.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -91,7 +92,7 @@ class RealNode:
         API server has it Ready (``kubectl`` is the cluster's admin kubectl argv)."""
         started = time.monotonic()
         try:
-            self._take_block()
+            self._take_block(images)
             layout = self.layout
             assert layout is not None
             self._network(layout)
@@ -175,7 +176,7 @@ class RealNode:
 
     # -- start-up --------------------------------------------------------------------
 
-    def _take_block(self) -> None:
+    def _take_block(self, images: Sequence[Image]) -> None:
         RUN_DIR.mkdir(parents=True, exist_ok=True)
         for block in range(BLOCKS):
             handle = try_lock(RUN_DIR / f"{block}.lock")
@@ -184,7 +185,7 @@ class RealNode:
             self._lock = handle
             self.layout = nc.NodeLayout(
                 name=self.name, block=block, data=self._data, run=RUN_DIR / str(block),
-                containerd_root=cache_root() / "realnode" / f"containerd-{block}",
+                containerd_root=_store(block, images),
                 node_ip=f"10.251.{block}.2", host_ip=f"10.251.{block}.1",
                 pod_cidr=f"10.252.{block}.0/24", service_cidr=self._service_cidr,
                 apiserver_port=reserve_port())
@@ -286,13 +287,8 @@ class RealNode:
                               check=check, timeout=timeout)
 
     def _import(self, image: Image) -> None:
-        present = self._ctr("images", "ls", "--quiet").stdout.split()
-        if image.name in present:
+        if image.name in self._ctr("images", "ls", "--quiet").stdout.split():
             return  # imported by an earlier run: the store is kept under the cache
-        repository = image.name.rsplit(":", 1)[0]
-        stale = [p for p in present if p.rsplit(":", 1)[0] == repository]
-        if stale:  # older builds of the same image: this store keeps one of each
-            self._ctr("images", "delete", "--sync", *stale, check=False)
         started = time.monotonic()
         proc = self._ctr("images", "import", "--local", str(image.archive), check=False)
         if proc.returncode != 0:
@@ -309,6 +305,21 @@ class RealNode:
                     self._ctr("tasks", "delete", "--force", name, check=False)
                 else:
                     self._ctr("containers", "delete", name, check=False)
+
+
+def _store(block: int, images: Sequence[Image]) -> Path:
+    """containerd's root for block ``block`` holding exactly ``images``: kept between runs
+    (an image is imported once), and any other store of the block (older images, 12 GB for
+    a runtime image: its layers and their unpacked snapshot) is removed, which containerd's
+    own image deletion did not reliably do."""
+    names = "\n".join(sorted(image.name for image in images))
+    digest = hashlib.sha256(names.encode()).hexdigest()[:12]
+    keep = cache_root() / "realnode" / f"containerd-{block}-{digest}"
+    for old in keep.parent.glob(f"containerd-{block}*"):
+        ours = old.name == f"containerd-{block}" or old.name.startswith(f"containerd-{block}-")
+        if ours and old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+    return keep
 
 
 def _service_lookup(kubectl: list[str]) -> Callable[[str, str], str | None]:
