@@ -22,23 +22,16 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from .kube import Writer
+from .world import ActivatorEndpoints
 
 log = logging.getLogger(__name__)
 
 WAITING = "modelyard_activator_waiting_requests"
-
-
-@dataclass(frozen=True)
-class ActivatorEndpoints:
-    addresses: tuple[str, ...]
-    port: int  # the proxy
-    admin_port: int  # /metrics
 
 
 class ActivatorLink:

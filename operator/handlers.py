@@ -23,7 +23,7 @@ import contextlib
 import copy
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -32,9 +32,10 @@ from . import api, metrics
 from .activation import ActivatorLink
 from .kube import Writer, load_api_client
 from .leader import ElectionConfig, Elector
-from .reconcile import Observed, Reconciler
+from .reconcile import Reconciler
 from .render import ENDPOINTSLICE_MANAGER, MANAGED_BY, MANAGER, MODEL_LABEL
 from .scaling import Autoscaler, nobody_waits
+from .world import Observed
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     if port := os.environ.get("MODELYARD_METRICS_PORT"):
         memo["metrics_server"] = metrics.start(int(port))
     metrics.set_leader(reconciler.leading)
-    metrics.set_models_provider(lambda: _statuses(reconciler))
+    metrics.set_models_provider(lambda: _statuses(reconciler, loop))
     memo["resync"] = loop.create_task(reconciler.resync_forever(SAFETY_INTERVAL_S),
                                       name="modelyard-resync")
     autoscaler = Autoscaler(reconciler, waiting=(lambda key: activator.waiting(*key))
@@ -102,12 +103,11 @@ async def shutdown(memo: kopf.Memo, **_: Any) -> None:
     metrics.set_leader(False)
 
 
-def _statuses(reconciler: Reconciler) -> Iterator[tuple[str, str, Mapping[str, Any]]]:
-    """Every known ModelDeployment's status, for the per-resource metrics."""
-    for (namespace, name), snapshot in list(reconciler.known.items()):
-        observed = snapshot()
-        if observed is not None:
-            yield namespace, name, observed.resource.get("status") or {}
+def _statuses(reconciler: Reconciler, loop: asyncio.AbstractEventLoop
+              ) -> list[tuple[str, str, Mapping[str, Any]]]:
+    """Every known ModelDeployment's status, for the per-resource metrics. Called on the
+    metrics server's thread; the indexes are read on the event loop."""
+    return asyncio.run_coroutine_threadsafe(reconciler.statuses(), loop).result(timeout=10)
 
 
 @kopf.on.login()
