@@ -29,6 +29,11 @@ from .analysis import Verdict
 from .status import Event, compute_status, invalid_status
 from .world import VersionState, World
 
+# A model at zero whose activator has no ready endpoint yet looks again this often; one
+# whose traffic goes to the activator checks that its addresses still hold this often.
+ACTIVATOR_RECHECK_S = 5.0
+AT_ZERO_RECHECK_S = 30.0
+
 
 @dataclass(frozen=True)
 class Retire:
@@ -99,9 +104,13 @@ def plan(world: World, verdict: Verdict | None, scale_request: api.AutoscalerSta
 
     status, events = compute_status(world, step, autoscaler=autoscaler, now=now)
     scaled = _scaled_event(world, autoscaler)
+    recheck = step.recheck_after
+    if needs_activator(spec, versions) and world.activator_configured:
+        every = ACTIVATOR_RECHECK_S if world.activator is None else AT_ZERO_RECHECK_S
+        recheck = min(recheck or every, every)
     return Plan(apply=tuple(desired), scale=scale,
                 retire=tuple(r for r in retire if _present(world, r.kind, r.name)),
-                status=status, events=(*scaled, *events), recheck_after=step.recheck_after)
+                status=status, events=(*scaled, *events), recheck_after=recheck)
 
 
 def needs_activator(spec: api.ModelDeploymentSpec, versions: Mapping[str, VersionState]) -> bool:

@@ -148,7 +148,8 @@ class Reconciler:
         meta = observed.resource["metadata"]
         key = (meta["namespace"], meta["name"])
         seen = world.build(observed, self._executor.latest_status(key, observed.resource),
-                           gateway=await self._gateway_api(), activator=None)
+                           gateway=await self._gateway_api(), activator=None,
+                           activator_configured=self.activator is not None)
         if seen.spec is not None and self.activator is not None \
                 and plan.needs_activator(seen.spec, seen.versions):
             seen = dataclasses.replace(seen, activator=await self.activator.endpoints())

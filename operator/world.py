@@ -110,6 +110,7 @@ class World:
     pods: Sequence[Mapping[str, Any]]
     gateway: bool  # the cluster serves the Gateway API's HTTPRoute
     activator: ActivatorEndpoints | None  # None: no activator, or none ready
+    activator_configured: bool = False  # the operator was told of an activator Service
 
     def ready_pod_ips(self, version: str) -> list[str]:
         """Addresses of the version's ready, not terminating pods."""
@@ -120,7 +121,7 @@ class World:
 
 
 def build(observed: Observed, previous: Mapping[str, Any], *, gateway: bool,
-          activator: ActivatorEndpoints | None) -> World:
+          activator: ActivatorEndpoints | None, activator_configured: bool = False) -> World:
     """The world of one pass. ``previous`` is the latest status: the index's, or what the
     last pass wrote when the index has not caught up with it yet."""
     meta = observed.resource["metadata"]
@@ -150,6 +151,7 @@ def build(observed: Observed, previous: Mapping[str, Any], *, gateway: bool,
         pods=tuple(observed.pods),
         gateway=gateway,
         activator=activator,
+        activator_configured=activator_configured,
     )
 
 

@@ -17,7 +17,7 @@ from worlds import world_of
 
 from modelyard.operator import api, plan, rollout
 from modelyard.operator.analysis import Verdict
-from modelyard.operator.world import VersionState, World
+from modelyard.operator.world import ActivatorEndpoints, VersionState, World
 
 T0 = dt.datetime(2026, 12, 5, 12, 0, tzinfo=dt.UTC)
 EVENT_LAG_S = 1.0  # a changed child's watch event reaches the operator this much later
@@ -265,3 +265,16 @@ def test_at_rest_a_pass_plans_no_change_and_no_timer(strategy: dict[str, Any]) -
     assert (todo.scale, todo.retire, todo.recheck_after) == ({}, (), None)
     assert todo.status == last
     assert todo.events == ()
+
+
+def test_a_model_at_zero_looks_again_for_an_activator_that_is_not_ready_yet() -> None:
+    spec = model(replicas=1, autoscaling={"minReplicas": 0, "maxReplicas": 2, "target": 4})
+    waiting = world_of(spec, {}, activator_configured=True)
+    todo = plan.plan(waiting, None, None, T0)
+    assert todo.recheck_after == plan.ACTIVATOR_RECHECK_S
+    assert not any(o["kind"] == "EndpointSlice" for o in todo.apply)
+    found = dataclasses.replace(waiting, activator=ActivatorEndpoints(("10.0.0.9",), 8080, 9090))
+    todo = plan.plan(found, None, None, T0)
+    assert todo.recheck_after == plan.AT_ZERO_RECHECK_S  # the activator may move meanwhile
+    [endpoints] = [o for o in todo.apply if o["kind"] == "EndpointSlice"]
+    assert [e["addresses"] for e in endpoints["endpoints"]] == [["10.0.0.9"]]
