@@ -26,12 +26,14 @@ import time
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from modelyard import contract
+
 from .kube import Writer
 from .world import ActivatorEndpoints
 
 log = logging.getLogger(__name__)
 
-WAITING = "modelyard_activator_waiting_requests"
+WAITING = contract.ACTIVATOR_WAITING
 
 
 class ActivatorLink:

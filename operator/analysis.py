@@ -27,10 +27,12 @@ from typing import Literal
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from modelyard import contract
+
 from . import api
 
-REQUESTS = "modelyard_requests"
-LATENCY = "modelyard_request_duration_seconds"
+REQUESTS = contract.REQUESTS
+LATENCY = contract.REQUEST_DURATION
 
 
 @dataclass(frozen=True)

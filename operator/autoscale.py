@@ -37,6 +37,8 @@ from typing import Any, Literal
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from modelyard import contract
+
 from . import api
 from .analysis import quantile
 
@@ -47,11 +49,11 @@ TOTAL_METRICS = frozenset({"concurrency", "rps", "queueDepth"})
 # all pods): the load is ``value * ready replicas`` (the HPA's ``ratio * current``).
 AVERAGE_METRICS = frozenset({"latencyP95", "gpuUtilization"})
 
-INFLIGHT = "modelyard_inflight_requests"
-QUEUE_DEPTH = "modelyard_queue_depth"
-REQUESTS = "modelyard_requests_total"
-LATENCY = "modelyard_request_duration_seconds_bucket"
-GPU_UTILIZATION = "modelyard_gpu_utilization_ratio"
+INFLIGHT = contract.INFLIGHT
+QUEUE_DEPTH = contract.QUEUE_DEPTH
+REQUESTS = f"{contract.REQUESTS}_total"
+LATENCY = f"{contract.REQUEST_DURATION}_bucket"
+GPU_UTILIZATION = contract.GPU_UTILIZATION
 
 _EPSILON = 1e-9
 

@@ -58,6 +58,8 @@ from typing import Any, Self
 
 import httpx
 
+from modelyard import contract
+
 from .analysis import LATENCY, REQUESTS, Counts
 
 __all__ = [
@@ -78,10 +80,10 @@ __all__ = [
 
 REQUESTS_TOTAL = f"{REQUESTS}_total"
 LATENCY_BUCKET = f"{LATENCY}_bucket"
-INFLIGHT = "modelyard_inflight_requests"
-QUEUE_DEPTH = "modelyard_queue_depth"
-MODEL_READY = "modelyard_model_ready"
-GPU_UTILIZATION = "modelyard_gpu_utilization_ratio"
+INFLIGHT = contract.INFLIGHT
+QUEUE_DEPTH = contract.QUEUE_DEPTH
+MODEL_READY = contract.MODEL_READY
+GPU_UTILIZATION = contract.GPU_UTILIZATION
 DEFAULT_LOOKBACK_S = 300.0
 
 
