@@ -12,8 +12,9 @@ modules it calls.
   the scheduler gives up on a pod); and on one operator-wide resync loop, a safety
   net that needs no per-resource timer (so no finalizer blocks deletion). A quiet
   cluster causes no writes at all.
-* kopf's own state (finalizer, progress and diff-base annotations) is kept under
-  ``modelyard.dev``; kopf's logging-to-Events is off (we post our own Events).
+* kopf's own state (progress and diff-base annotations) is kept under
+  ``kopf.modelyard.dev``, apart from the control annotations; kopf's logging-to-Events is
+  off (we post our own Events).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ _RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
 # Full passes for every resource, as a safety net for missed events; they write nothing when
 # nothing changed. Read at import: set MODELYARD_RESYNC_SECONDS before the operator starts.
 SAFETY_INTERVAL_S = float(os.environ.get("MODELYARD_RESYNC_SECONDS", "300"))
+KOPF_PREFIX = f"kopf.{api.GROUP}"  # kopf's own annotations (never the controls' prefix)
 # How often the autoscaler measures and decides (its rate limits are per decision).
 AUTOSCALE_TICK_S = float(os.environ.get("MODELYARD_AUTOSCALE_TICK_SECONDS", "2"))
 
@@ -51,9 +53,12 @@ AUTOSCALE_TICK_S = float(os.environ.get("MODELYARD_AUTOSCALE_TICK_SECONDS", "2")
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.finalizer = f"{api.GROUP}/finalizer"
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
+    # kopf ignores every annotation under its own prefix when it looks for changes, so its
+    # state must not share ``modelyard.dev``: the controls (modelyard.dev/promote, abort,
+    # retry) would never wake a pass.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=api.GROUP, key="last-handled-configuration")
+        prefix=KOPF_PREFIX, key="last-handled-configuration")
     settings.posting.enabled = False
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
