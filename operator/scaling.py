@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 
 import pydantic
 
-from . import api, autoscale, promql, render
+from . import api, autoscale, promql, render, signals
 from .reconcile import Key, Observed, Reconciler, scrape_metrics
 from .world import pod_ready, stamp
 
@@ -136,14 +136,15 @@ class Autoscaler:
         versions = sorted({p["metadata"].get("labels", {}).get(render.VERSION_LABEL, "")
                            for p in observed.pods} - {""})
         ready = sum(1 for p in observed.pods if pod_ready(p))
+        signal = signals.signal(spec.autoscaling.metric)
+        rate_window = promql.duration(min(60.0, spec.autoscaling.stable_window_seconds))
         values: list[float] = []
         try:
             async with promql.Prometheus(spec.autoscaling.prometheus_url) as prometheus:
                 for version in versions:
-                    load = await prometheus.load(promql.VersionRef(*key, version), at=now,
-                                                 rate_window_s=min(
-                                                     60.0, spec.autoscaling.stable_window_seconds))
-                    value = _metric(load, spec.autoscaling.metric)
+                    series = promql.selector(promql.VersionRef(*key, version), prometheus.names)
+                    value = promql.sample_value(
+                        await prometheus.query(signal.promql(series, rate_window), now))
                     if value is not None:
                         values.append(value)
         except promql.MetricsUnavailable as exc:
@@ -151,21 +152,9 @@ class Autoscaler:
             return
         if not values and ready:
             return  # nothing known yet: no sample, so the decision holds
-        per_replica = spec.autoscaling.metric in autoscale.AVERAGE_METRICS
+        per_replica = signal.aggregate == "average"
         value = (sum(values) / len(values) if values else 0.0) if per_replica else sum(values)
         window.append(autoscale.Sample(now, ready, value, waiting))
-
-
-def _metric(load: promql.Load, metric: str) -> float | None:
-    if metric == "concurrency":
-        return load.inflight
-    if metric == "rps":
-        return load.rps
-    if metric == "queueDepth":
-        return load.queue_depth
-    if metric == "latencyP95":
-        return None if load.latency_p95_s is None else load.latency_p95_s * 1000
-    return None if load.gpu_utilization is None else load.gpu_utilization * 100
 
 
 def _autoscaling(observed: Observed | None) -> api.ModelDeploymentSpec | None:
