@@ -37,7 +37,9 @@ from support import Kube, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = {"operator": ROOT / "Dockerfile.operator", "runtime": ROOT / "Dockerfile.runtime"}
-EXTRAS = {"operator": "operator", "runtime": "runtime"}
+# Each image's extras: one for every command the chart runs on it (the operator image runs
+# `modelyard operator` and `modelyard activator`).
+EXTRAS = {"operator": "operator,activator", "runtime": "runtime"}
 CUDA_FLAVOUR = {"BASE_IMAGE": "nvidia/cuda:13.0.2-base-ubuntu24.04",
                 "TORCH_INDEX": "https://pypi.org/simple"}
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -80,7 +82,8 @@ def test_the_final_stage_installs_the_wheel_its_build_stage_built(dockerfile: Do
     assert Path(wheel).name == f"modelyard-{PROJECT['version']}-py3-none-any.whl"
     # the build stage sees only the files that build the wheel; the final stage no source
     build_sources = {w for s in build.all("COPY") for w in s.words()[:-1]}
-    assert build_sources == {"pyproject.toml", "README.md", "operator/", "runtime/"}
+    assert build_sources == {"pyproject.toml", "README.md", "operator/", "activator/",
+                             "runtime/"}
     assert not [s for s in final.all("COPY") if "--from=" not in s.value]
     extra = EXTRAS[dockerfile.path.name.split(".")[1]]
     installs = [w for s in final.all("RUN") for w in s.words() if w.startswith("modelyard[")]
@@ -93,9 +96,10 @@ def test_the_build_context_holds_only_what_builds_the_wheel() -> None:
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
     sent = {p for p in exclude_paths(str(ROOT), patterns) if (ROOT / p).is_file()}
-    assert {"pyproject.toml", "README.md", "operator/cli.py", "runtime/__main__.py"} <= sent
+    assert {"pyproject.toml", "README.md", "operator/cli.py", "activator/server.py",
+            "runtime/__main__.py"} <= sent
     assert {p.split("/")[0] for p in sent} <= {
-        "pyproject.toml", "README.md", "operator", "runtime", ".dockerignore"}
+        "pyproject.toml", "README.md", "operator", "activator", "runtime", ".dockerignore"}
     assert not [p for p in sent if "__pycache__" in p or p.endswith((".pyc", ".pyo"))]
 
 
@@ -335,3 +339,4 @@ def test_the_operator_image_reconciles_on_the_local_cluster(
         if process.poll() is None:
             process.kill()
             process.wait()
+
