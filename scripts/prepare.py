@@ -43,7 +43,7 @@ def _parts() -> list[Part]:
     return [
         Part(f"Kubernetes v{binaries.KUBERNETES_VERSION}, etcd v{binaries.ETCD_VERSION} and "
              f"kwok v{binaries.KWOK_VERSION} binaries", run_and_test,
-             "~7 min on a quiet machine, ~15 min on a busy one",
+             "~7 min on a quiet machine, ~22 min on a busy one",
              binaries.Binaries(cache / binaries.version_key()).is_complete,
              binaries.ensure_binaries),
         Part(f"Gateway API v{gateway.GATEWAY_API_VERSION} CRDs", run_and_test, "~10 s",
@@ -51,12 +51,12 @@ def _parts() -> list[Part]:
               / "gateway.networking.k8s.io_httproutes.yaml").is_file,
              gateway.ensure_gateway_crds),
         Part(f"Helm v{helm.HELM_VERSION} (chart tests)", frozenset({"test"}),
-             "a few minutes; 7 min on a busy machine",
+             "~7 min on a busy machine",
              helm.Helm(cache / f"helm-v{helm.HELM_VERSION}").is_complete,
              helm.ensure_helm),
         Part(f"Prometheus v{prometheus.PROMETHEUS_VERSION} with Kubernetes discovery "
              "(metrics tests)", frozenset({"test"}),
-             "~4 min on a quiet machine, ~9 min on a busy one",
+             "~4 min on a quiet machine, ~19 min on a busy one",
              (cache / f"prometheus-v{prometheus.PROMETHEUS_VERSION}" / "prometheus").is_file,
              prometheus.ensure_prometheus),
     ]
@@ -74,7 +74,8 @@ def prepare(group: str, out: Callable[[str], None] = print) -> float:
         out(f"{step}: building (first time, {part.first_time})...")
         began = time.monotonic()
         part.build()
-        out(f"{step}: built in {time.monotonic() - began:.0f} s")
+        # "ready", not "built": another process may have held the lock and built it
+        out(f"{step}: ready in {time.monotonic() - began:.0f} s")
     spent = time.monotonic() - started
     out(f"prepare: ready for `make {'run' if group == 'cluster' else 'test'}` "
         f"in {spent:.0f} s (cache: {_cache()})")

@@ -42,7 +42,7 @@ def test_it_builds_what_is_missing_and_says_so(prepare: ModuleType,
     assert built == ["b"]
     assert lines[0] == "prepare: [1/2] a: cached"
     assert lines[1] == "prepare: [2/2] b: building (first time, ~1 min)..."
-    assert lines[2].startswith("prepare: [2/2] b: built in ")
+    assert lines[2].startswith("prepare: [2/2] b: ready in ")
     assert lines[3].startswith("prepare: ready for `make run` in ")
     built.clear()
     prepare.prepare("test", lines.append)
