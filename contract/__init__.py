@@ -144,6 +144,16 @@ def unknown_variables(names: Iterable[str]) -> list[str]:
             if name.startswith(ENV_PREFIX) and name not in _BY_ENV]
 
 
+def parse_bool(raw: str) -> bool:
+    """A boolean setting's text: 1/true/yes/on or 0/false/no/off/empty (any case)."""
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {raw!r}")
+
+
 def _hint(name: str, known: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(known), n=1)
     return f" (did you mean {close[0]}?)" if close else ""

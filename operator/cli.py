@@ -5,6 +5,8 @@
   they are Ready, prints what to look at next, and runs until Ctrl-C.
 * ``modelyard dev cluster``: just the local cluster, until Ctrl-C.
 * ``modelyard operator``: run the operator (what the operator image runs).
+* ``modelyard activator``: run the activator (:mod:`modelyard.activator`, scale from zero;
+  the operator image runs it too, with the ``activator`` extra).
 * ``modelyard build-binaries``: build and cache the cluster binaries now.
 * ``modelyard status|history|promote NAME -n NS``: look at and steer a ModelDeployment.
 """
@@ -73,10 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         "that served before the current)")
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["activator"]:  # its own flags: see activator.parse_settings
-        from .activator import main as activator_main
-
-        return activator_main(argv[1:])
+    if argv[:1] == ["activator"]:  # its own flags: see modelyard.activator.settings
+        return _run_activator(argv[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -125,6 +125,17 @@ def _run_operator(namespaces: list[str], liveness: str | None) -> int:
     with _stop_on_signals() as stop, OperatorThread(namespaces, liveness=liveness):
         stop.wait()
     return 0
+
+
+def _run_activator(argv: list[str]) -> int:
+    """The activator is its own package (``modelyard.activator``) with its own extra."""
+    try:
+        from modelyard.activator.server import main as activator_main
+    except ModuleNotFoundError as exc:
+        print(f"modelyard: the activator needs the `activator` extra "
+              f"(pip install 'modelyard[activator]'): {exc}", file=sys.stderr)
+        return 1
+    return activator_main(argv)
 
 
 def _dev(args: argparse.Namespace) -> int:

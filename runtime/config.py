@@ -96,17 +96,8 @@ class RuntimeConfig:
             raise ConfigError("; ".join(problems))
 
 
-def _bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"not a boolean: {text!r}")
-
-
 _CONVERT: dict[str, Callable[[str], object]] = {
-    "str": str, "int": int, "float": float, "bool": _bool, "path": Path}
+    "str": str, "int": int, "float": float, "bool": contract.parse_bool, "path": Path}
 
 
 def _parser() -> argparse.ArgumentParser:
