@@ -35,6 +35,7 @@ import argparse
 import collections
 import contextlib
 import datetime as dt
+import itertools
 import json
 import math
 import os
@@ -204,6 +205,68 @@ def handler_failures(log_text: str) -> dict[str, int]:
     return {k: v for k, v in found.items() if v}
 
 
+class Profile:
+    """``py-spy record`` of the operator process over one phase (``--profile``): the
+    collapsed stacks (samples of threads on a CPU; idle ones are left out) to ``path``."""
+
+    def __init__(self, pid: int, path: Path, duration_s: float | None = None):
+        self.path = path
+        argv = [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid),
+                "--format", "raw", "--output", str(path), "--rate", "50", "--nonblocking",
+                "--full-filenames"]
+        if duration_s is not None:
+            argv += ["--duration", str(math.ceil(duration_s))]
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+
+    def stop(self) -> dict[str, Any]:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        self.process.wait(120)
+        return summarize_profile(self.path) if self.path.exists() else {}
+
+
+def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
+    """Where the samples are: by package (the innermost frame of ours, kopf's, the
+    kubernetes client's... that each sample is in, for what the time is spent on) and the
+    functions that hold the most samples, inclusive of what they call."""
+    packages: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        samples = int(count)
+        total += samples
+        frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")]
+        packages[_package(frames)] += samples
+        for frame in set(frames):
+            inclusive[frame] += samples
+    def share(n: int) -> float:
+        return round(100 * n / total, 1) if total else 0.0
+    return {"samples": total,
+            "by_package_pct": {k: share(v) for k, v in packages.most_common()},
+            "top_inclusive_pct": dict(itertools.islice(
+                ((k.replace(f"{ROOT}/", ""), share(v)) for k, v in inclusive.most_common()
+                 if f"{ROOT}/operator/" in k), top))}
+
+
+_PACKAGES = (("modelyard", f"{ROOT}/operator/"), ("pydantic", "/pydantic"),
+             ("kubernetes client", "/kubernetes/"), ("kopf", "/kopf/"),
+             ("aiohttp", "/aiohttp/"), ("urllib3", "/urllib3/"), ("json", "/json/"),
+             ("asyncio", "/asyncio/"), ("logging", "/logging/"), ("yaml", "/yaml/"))
+
+
+def _package(frames: list[str]) -> str:
+    """The package of the innermost frame that belongs to a known one."""
+    for frame in reversed(frames):
+        for name, marker in _PACKAGES:
+            if marker in frame:
+                return name
+    return "other"
+
+
 # ================================================================ one N
 
 
@@ -321,26 +384,35 @@ def limit_part(cluster: Any, n: int, timeout: float) -> dict[str, Any]:
     return out
 
 
-def operator_part(cluster: Any, n: int, timeout: float, operator: OperatorProcess,
-                  rest_s: float) -> dict[str, Any]:
+def operator_part(cluster: Any, n: int, timeout: float, operator: OperatorProcess, *,
+                  rest_s: float, profile_dir: Path | None) -> dict[str, Any]:
     out: dict[str, Any] = {"rest_window_s": rest_s}
+
+    def profile(phase: str, duration_s: float | None = None) -> Profile | None:
+        return None if profile_dir is None else Profile(
+            operator.process.pid, profile_dir / f"operator-{n}-{phase}.txt", duration_s)
+
     audit = OperatorWrites(cluster)
     with cluster.fresh_namespace("models") as namespace:
         models = Stopwatch(cluster, namespace)
         watch = models.watch("md", md_fields)
         try:
-            before = operator.usage()
+            before, profiling = operator.usage(), profile("create")
             start, out["apply_s"] = models.apply(model_manifests(n, "1"))
             out["ready_s"] = until(watch, start, all_ready(n), "all Ready", timeout)
             after = operator.usage()
+            if profiling:
+                out["profile_create"] = profiling.stop()
             out["cpu_per_model_s"] = (after.cpu_s - before.cpu_s) / n
             out["peak_rss_create_mb"] = after.peak_rss_mb
             print(f"  operator: {n} Ready after {out['ready_s']:.1f} s", flush=True)
 
             out["settle_s"] = audit.settle(timeout)
-            rest_start, before = time.time(), operator.usage()
+            rest_start, before, profiling = time.time(), operator.usage(), profile("rest", rest_s)
             time.sleep(rest_s)  # the measurement window itself
             rest_end, after = time.time(), operator.usage()
+            if profiling:
+                out["profile_rest"] = profiling.stop()
             writes = audit.between(rest_start, rest_end)
             out["rest_writes"] = len(writes)
             out["rest_writes_by_kind"] = dict(collections.Counter(map(_describe, writes)))
@@ -362,7 +434,8 @@ def operator_part(cluster: Any, n: int, timeout: float, operator: OperatorProces
     return out
 
 
-def run_one(n: int, workdir: Path, rest_s: float) -> dict[str, Any]:
+def run_one(n: int, workdir: Path, rest_s: float, profile_dir: Path | None
+            ) -> dict[str, Any]:
     timeout = 120 + 2.0 * n
     out: dict[str, Any] = {"n": n, "nodes": nodes_for(n)}
     with local_cluster(n) as cluster:
@@ -370,7 +443,8 @@ def run_one(n: int, workdir: Path, rest_s: float) -> dict[str, Any]:
         operator = OperatorProcess(cluster, workdir / f"operator-{n}.log")
         try:
             operator.wait_started()
-            out |= operator_part(cluster, n, timeout, operator, rest_s)
+            out |= operator_part(cluster, n, timeout, operator, rest_s=rest_s,
+                                 profile_dir=profile_dir)
         finally:
             operator.stop()
             out["failures"] = handler_failures(operator.log_path.read_text())
@@ -403,6 +477,9 @@ def render_markdown(results: dict[str, Any]) -> str:
                  lambda r: f"{r['limit_ready_s']:.1f} s"),
              row("`kubectl apply` itself: models / plain",
                  lambda r: f"{r['apply_s']:.1f} s / {r['limit_apply_s']:.1f} s"),
+             row("all Ready after `kubectl apply` returned: models / plain",
+                 lambda r: f"{r['ready_s'] - r['apply_s']:.1f} s / "
+                           f"{r['limit_ready_s'] - r['limit_apply_s']:.1f} s"),
              row("**version bump: all Stable / limit**",
                  lambda r: f"**{_ratio(r['bump_s'], r['limit_bump_s'])}**"),
              row("version bump: all Stable", lambda r: f"{r['bump_s']:.1f} s"),
@@ -420,6 +497,17 @@ def render_markdown(results: dict[str, Any]) -> str:
              row("handler failures", lambda r: "; ".join(
                  f"{k}: {v}" for k, v in r["failures"].items()) or "0"),
              ""]
+    for r in runs:
+        for phase in ("create", "rest"):
+            found = r.get(f"profile_{phase}")
+            if not found or not found.get("samples"):
+                continue
+            lines += [f"Profile of the operator, N={r['n']}, {phase} ({found['samples']} "
+                      "samples at 50/s, threads on a CPU): by package "
+                      + ", ".join(f"{k} {v} %" for k, v in found["by_package_pct"].items()),
+                      "", "| function (inclusive) | share |", "|---|---|",
+                      *(f"| `{k}` | {v} % |" for k, v in
+                        list(found["top_inclusive_pct"].items())[:12]), ""]
     return "\n".join(lines)
 
 
@@ -429,6 +517,8 @@ def main() -> None:
                         help="ModelDeployments per run (repeatable); default 100")
     parser.add_argument("--rest", type=float, default=AT_REST_S,
                         help="seconds of the at-rest window (default %(default)s)")
+    parser.add_argument("--profile", action="store_true",
+                        help="sample the operator with py-spy while it creates and at rest")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="modelyard-bench-operator-"))
@@ -437,7 +527,8 @@ def main() -> None:
         "machine": f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}", "runs": []}
     for n in args.n or [100]:
         print(f"N={n}", flush=True)
-        results["runs"].append(run_one(n, workdir, args.rest))
+        results["runs"].append(run_one(n, workdir, args.rest,
+                                       workdir if args.profile else None))
     text = render_markdown(results)
     print("\n" + text)
     print(f"operator logs: {workdir}")
