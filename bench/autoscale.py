@@ -13,7 +13,7 @@ Parts (``--part``, repeatable; default all):
   ``PodProcesses`` spawns a pod's; stamped when the port answers, when the model is ready
   and when the first inference is answered; the runtime's own log gives load and warm-up.
   (2) End to end on the local cluster: a request sent to the activator
-  (``modelyard.operator.activator``) for a model at zero pods, until its answer, with the
+  (``modelyard.activator``) for a model at zero pods, until its answer, with the
   Deployment scaled 0 -> 1 as soon as the activator reports the request held; a watch
   stamps the pod's creation, scheduling, Running and Ready on the way.
 * ``step``: the real operator (in-process, its own namespace), real runtime pods and a
@@ -320,14 +320,14 @@ class Activator:
 
 @contextlib.contextmanager
 def running_activator(cluster: Any, log_path: Path) -> Iterator[Activator]:
-    """``python -m modelyard.operator.activator`` on this machine at the pod network's
+    """``python -m modelyard.activator`` on this machine at the pod network's
     host address, as its pod would run, with the operator's credentials."""
     address, port, admin = cluster.pod_network.host_address, reserve_port(), reserve_port()
     env = {**os.environ, "KUBECONFIG": str(cluster.operator_kubeconfig)}
     env.pop("KUBERNETES_SERVICE_HOST", None)
     with log_path.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "modelyard.operator.activator", "--host", address,
+            [sys.executable, "-m", "modelyard.activator", "--host", address,
              "--port", str(port), "--admin-port", str(admin), "--timeout-seconds",
              f"{DEADLINE:g}", "--log-level", "warning"],
             env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

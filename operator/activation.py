@@ -1,9 +1,10 @@
 """The operator's side of scale-to-zero: where the activator is, and who waits in it.
 
-The activator (:mod:`.activator`, shipped with the operator) runs behind its own Service,
-named by ``MODELYARD_ACTIVATOR_SERVICE=NAMESPACE/NAME``, with a port named ``http`` (the
-proxy) and one named ``admin`` (``/metrics``). :class:`ActivatorLink` reads that Service's
-EndpointSlices for the activator's ready addresses, and their ``/metrics`` for
+The activator (:mod:`modelyard.activator`, its own package, run from the operator image)
+runs behind its own Service, named by ``MODELYARD_ACTIVATOR_SERVICE=NAMESPACE/NAME``, with a
+port named ``http`` (the proxy) and one named ``admin`` (``/metrics``).
+:class:`ActivatorLink` reads that Service's EndpointSlices for the activator's ready
+addresses, and their ``/metrics`` for
 ``modelyard_activator_waiting_requests{namespace,model_deployment}``:
 
 * a reconcile pass of a model with ``minReplicas: 0`` and no ready replica points the
@@ -22,23 +23,18 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from modelyard import contract
+
 from .kube import Writer
+from .world import ActivatorEndpoints
 
 log = logging.getLogger(__name__)
 
-WAITING = "modelyard_activator_waiting_requests"
-
-
-@dataclass(frozen=True)
-class ActivatorEndpoints:
-    addresses: tuple[str, ...]
-    port: int  # the proxy
-    admin_port: int  # /metrics
+WAITING = contract.ACTIVATOR_WAITING
 
 
 class ActivatorLink:

@@ -20,17 +20,19 @@ Imports no Kubernetes client.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from . import api
+from modelyard import contract
 
-REQUESTS = "modelyard_requests"
-LATENCY = "modelyard_request_duration_seconds"
+from . import api
+from .signals import quantile
+
+REQUESTS = contract.REQUESTS
+LATENCY = contract.REQUEST_DURATION
 
 
 @dataclass(frozen=True)
@@ -88,24 +90,6 @@ def total(counts: Iterable[Counts]) -> Counts:
     for c in counts:
         out = out + c
     return out
-
-
-def quantile(buckets: tuple[tuple[float, float], ...], q: float) -> float | None:
-    """PromQL ``histogram_quantile`` over cumulative buckets; None without observations."""
-    if not buckets or buckets[-1][1] <= 0:
-        return None
-    rank = q * buckets[-1][1]
-    lower_bound, lower_count = 0.0, 0.0
-    for bound, count in buckets:
-        if count >= rank:
-            if math.isinf(bound):
-                return lower_bound  # beyond the last finite bucket: its bound is all we know
-            if count == lower_count:
-                return bound
-            share = (rank - lower_count) / (count - lower_count)
-            return lower_bound + (bound - lower_bound) * share
-        lower_bound, lower_count = bound, count
-    return None
 
 
 def judge(window: Counts, analysis: api.Analysis, stable: Counts | None = None) -> Verdict:

@@ -16,8 +16,10 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
+
+from . import signals
 
 GROUP = "modelyard.dev"
 VERSION = "v1alpha1"
@@ -213,24 +215,17 @@ class Scheduling(_Model):
         None, max_length=253, description="RuntimeClass of the pods, e.g. nvidia.")
 
 
-class AutoscalingMetric(StrEnum):
-    CONCURRENCY = "concurrency"
-    RPS = "rps"
-    LATENCY_P95 = "latencyP95"
-    QUEUE_DEPTH = "queueDepth"
-    GPU_UTILIZATION = "gpuUtilization"
-
-
 class Autoscaling(_Model):
     """Scale replicas from live inference metrics (the operator's own autoscaler; see
     docs/autoscaling.md for the algorithm)."""
 
     min_replicas: int = Field(1, ge=0, le=1000, description="Fewest replicas; 0 scales to zero.")
     max_replicas: int = Field(..., ge=1, le=1000, description="Most replicas.")
-    metric: AutoscalingMetric = Field(
-        AutoscalingMetric.CONCURRENCY,
-        description="Signal to scale on: concurrency (requests in flight), rps, queueDepth "
-                    "(queued items), latencyP95 (ms) or gpuUtilization (%).")
+    metric: str = Field(
+        "concurrency",
+        description="Signal to scale on: " + ", ".join(
+            f"{s.name} ({s.unit})" for s in signals.SIGNALS.values()) + ".",
+        json_schema_extra={"enum": list(signals.NAMES)})
     target: float = Field(..., gt=0,
                           description="Target value of the metric per replica, in its unit.")
     scale_down_delay_seconds: int = Field(
@@ -264,6 +259,12 @@ class Autoscaling(_Model):
         _cel("!has(self.source) || self.source != 'prometheus' || has(self.prometheusUrl)",
              "autoscaling.source prometheus needs prometheusUrl", ".prometheusUrl"),
     ))
+
+    @field_validator("metric")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        signals.signal(value)  # the CRD's enum refuses others first; this is for older CRDs
+        return value
 
 
 class RolloutStrategy(StrEnum):

@@ -35,24 +35,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
-from prometheus_client.parser import text_string_to_metric_families
+from . import api, signals
+from .signals import Scrape, parse_scrape
 
-from . import api
-from .analysis import quantile
+__all__ = ["Decision", "Policy", "Sample", "Scrape", "State", "Window", "decide",
+           "parse_scrape"]
 
 # Metrics whose sample value is the total over the ready pods: the load they measure is
 # spread over the replicas, so ``replicas = total / target``.
-TOTAL_METRICS = frozenset({"concurrency", "rps", "queueDepth"})
-# Metrics whose sample value is already per replica (an average, or a percentile over
-# all pods): the load is ``value * ready replicas`` (the HPA's ``ratio * current``).
-AVERAGE_METRICS = frozenset({"latencyP95", "gpuUtilization"})
-
-INFLIGHT = "modelyard_inflight_requests"
-QUEUE_DEPTH = "modelyard_queue_depth"
-REQUESTS = "modelyard_requests_total"
-LATENCY = "modelyard_request_duration_seconds_bucket"
-GPU_UTILIZATION = "modelyard_gpu_utilization_ratio"
-
 _EPSILON = 1e-9
 
 
@@ -80,8 +70,7 @@ class Policy:
     min_history: float = 0.5  # share of the stable window observed before scaling down
 
     def __post_init__(self) -> None:
-        if self.metric not in TOTAL_METRICS | AVERAGE_METRICS:
-            raise ValueError(f"unknown metric {self.metric!r}")
+        signals.signal(self.metric)  # an unknown one raises
         if self.target <= 0:
             raise ValueError("target must be above 0")
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
@@ -93,7 +82,7 @@ class Policy:
 
     @property
     def aggregate(self) -> Literal["total", "average"]:
-        return "total" if self.metric in TOTAL_METRICS else "average"
+        return signals.signal(self.metric).aggregate
 
     @property
     def panic_window_seconds(self) -> float:
@@ -119,7 +108,8 @@ class Policy:
 @dataclass(frozen=True)
 class Sample:
     """The metric of one model at one time. ``value`` is the total over the ready pods
-    for :data:`TOTAL_METRICS` and the per-replica value for :data:`AVERAGE_METRICS`.
+    for a signal whose aggregate is ``total``, and the per-replica value otherwise
+    (:mod:`.signals`).
     ``waiting`` counts requests held outside the pods (an activator, a gateway queue):
     demand that no ready pod reports yet, the signal that wakes a model from zero."""
 
@@ -360,42 +350,6 @@ def provisioning(trace: Sequence[tuple[float, float]], replicas: Sequence[tuple[
 # ----------------------------------------------------------------- scrapes → samples
 
 
-@dataclass(frozen=True)
-class Scrape:
-    """One runtime pod's ``/metrics`` at one time, reduced to what autoscaling reads."""
-
-    pod: str
-    time: float
-    ready: bool
-    inflight: float = 0.0
-    queue_depth: float = 0.0
-    requests: float = 0.0  # the counter: answered requests since the process started
-    latency: tuple[tuple[float, float], ...] = ()  # (upper bound s, cumulative count)
-    gpu_utilization: float | None = None  # 0..1, mean over the pod's devices
-
-
-def parse_scrape(pod: str, time: float, text: str, *, ready: bool) -> Scrape:
-    """Read the runtime's exposition text (``runtime/metrics.py`` names)."""
-    inflight = queue = requests = 0.0
-    buckets: dict[float, float] = {}
-    gpus: list[float] = []
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == INFLIGHT:
-                inflight += s.value
-            elif s.name == QUEUE_DEPTH:
-                queue += s.value
-            elif s.name == REQUESTS:
-                requests += s.value
-            elif s.name == LATENCY:
-                bound = float(s.labels["le"])
-                buckets[bound] = buckets.get(bound, 0.0) + s.value
-            elif s.name == GPU_UTILIZATION:
-                gpus.append(s.value)
-    return Scrape(pod, time, ready, inflight, queue, requests, tuple(sorted(buckets.items())),
-                  sum(gpus) / len(gpus) if gpus else None)
-
-
 @dataclass
 class Window:
     """Accumulates scrapes into samples for one model; keeps ``seconds`` of them.
@@ -435,32 +389,7 @@ class Window:
             self._samples.popleft()
 
     def _value(self, ready: list[Scrape]) -> float | None:
-        if self.metric == "concurrency":
-            return sum(s.inflight for s in ready)
-        if self.metric == "queueDepth":
-            return sum(s.queue_depth for s in ready)
-        if self.metric == "gpuUtilization":
-            known = [s.gpu_utilization for s in ready if s.gpu_utilization is not None]
-            return 100 * sum(known) / len(known) if known else (0.0 if not ready else None)
-        pairs = [(self._previous[s.pod], s) for s in ready
-                 if s.pod in self._previous and s.time > self._previous[s.pod].time]
-        if not ready:
-            return 0.0
-        if not pairs:
-            return None
-        if self.metric == "rps":
-            rates = [_since(now.requests, before.requests) / (now.time - before.time)
-                     for before, now in pairs]
-            return sum(rates) * len(ready) / len(pairs)
-        merged: dict[float, float] = {}  # latencyP95: the window's histogram, all pods
-        for before, now in pairs:
-            old = dict(before.latency)
-            reset = now.requests < before.requests
-            for bound, count in now.latency:
-                delta = count if reset else count - old.get(bound, 0.0)
-                merged[bound] = merged.get(bound, 0.0) + delta
-        p95 = quantile(tuple(sorted(merged.items())), 0.95)
-        return 0.0 if p95 is None else p95 * 1000
+        return signals.signal(self.metric).from_scrapes(ready, self._previous)
 
 
 # ------------------------------------------------------------------------- helpers
@@ -508,11 +437,6 @@ def _finish(replicas: int, current: int, now: float, state: State, *, reason: st
 
 def _ceil(x: float) -> int:
     return max(0, math.ceil(x - _EPSILON))
-
-
-def _since(now: float, before: float) -> float:
-    """A counter's increase; one that went down restarted from zero."""
-    return now if now < before else now - before
 
 
 def _stepper(steps: Sequence[tuple[float, float]]) -> Callable[[float], float]:

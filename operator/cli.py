@@ -5,6 +5,8 @@
   they are Ready, prints what to look at next, and runs until Ctrl-C.
 * ``modelyard dev cluster``: just the local cluster, until Ctrl-C.
 * ``modelyard operator``: run the operator (what the operator image runs).
+* ``modelyard activator``: run the activator (:mod:`modelyard.activator`, scale from zero;
+  the operator image runs it too, with the ``activator`` extra).
 * ``modelyard build-binaries``: build and cache the cluster binaries now.
 * ``modelyard build-node``: build and cache a real node's binaries and images now.
 * ``modelyard status|history|promote NAME -n NS``: look at and steer a ModelDeployment.
@@ -76,10 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         "that served before the current)")
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["activator"]:  # its own flags: see activator.parse_settings
-        from .activator import main as activator_main
-
-        return activator_main(argv[1:])
+    if argv[:1] == ["activator"]:  # its own flags: see modelyard.activator.settings
+        return _run_activator(argv[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -90,9 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(ensure_binaries().root)
         return 0
     if args.command == "build-node":
-        from .devcluster.nodeartefacts import ensure_node_artefacts
+        from .devcluster.nodeartefacts import build_node_artefacts
 
-        built = ensure_node_artefacts()
+        built = build_node_artefacts()
         print(built.binaries.root)
         for image in (built.images.base, *built.images.all()):
             size = image.archive.stat().st_size / 1e6
@@ -137,6 +137,17 @@ def _run_operator(namespaces: list[str], liveness: str | None) -> int:
     with _stop_on_signals() as stop, OperatorThread(namespaces, liveness=liveness):
         stop.wait()
     return 0
+
+
+def _run_activator(argv: list[str]) -> int:
+    """The activator is its own package (``modelyard.activator``) with its own extra."""
+    try:
+        from modelyard.activator.server import main as activator_main
+    except ModuleNotFoundError as exc:
+        print(f"modelyard: the activator needs the `activator` extra "
+              f"(pip install 'modelyard[activator]'): {exc}", file=sys.stderr)
+        return 1
+    return activator_main(argv)
 
 
 def _dev(args: argparse.Namespace) -> int:

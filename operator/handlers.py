@@ -12,8 +12,9 @@ modules it calls.
   the scheduler gives up on a pod); and on one operator-wide resync loop, a safety
   net that needs no per-resource timer (so no finalizer blocks deletion). A quiet
   cluster causes no writes at all.
-* kopf's own state (finalizer, progress and diff-base annotations) is kept under
-  ``modelyard.dev``; kopf's logging-to-Events is off (we post our own Events).
+* kopf's own state (progress and diff-base annotations) is kept under
+  ``kopf.modelyard.dev``, apart from the control annotations; kopf's logging-to-Events is
+  off (we post our own Events).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import contextlib
 import copy
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -32,9 +33,10 @@ from . import api, metrics
 from .activation import ActivatorLink
 from .kube import Writer, load_api_client
 from .leader import ElectionConfig, Elector
-from .reconcile import Observed, Reconciler
+from .reconcile import Reconciler
 from .render import ENDPOINTSLICE_MANAGER, MANAGED_BY, MANAGER, MODEL_LABEL
 from .scaling import Autoscaler, nobody_waits
+from .world import Observed
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ _RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
 # Full passes for every resource, as a safety net for missed events; they write nothing when
 # nothing changed. Read at import: set MODELYARD_RESYNC_SECONDS before the operator starts.
 SAFETY_INTERVAL_S = float(os.environ.get("MODELYARD_RESYNC_SECONDS", "300"))
+KOPF_PREFIX = f"kopf.{api.GROUP}"  # kopf's own annotations (never the controls' prefix)
 # How often the autoscaler measures and decides (its rate limits are per decision).
 AUTOSCALE_TICK_S = float(os.environ.get("MODELYARD_AUTOSCALE_TICK_SECONDS", "2"))
 
@@ -50,9 +53,12 @@ AUTOSCALE_TICK_S = float(os.environ.get("MODELYARD_AUTOSCALE_TICK_SECONDS", "2")
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.finalizer = f"{api.GROUP}/finalizer"
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
+    # kopf ignores every annotation under its own prefix when it looks for changes, so its
+    # state must not share ``modelyard.dev``: the controls (modelyard.dev/promote, abort,
+    # retry) would never wake a pass.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=api.GROUP, key="last-handled-configuration")
+        prefix=KOPF_PREFIX, key="last-handled-configuration")
     settings.posting.enabled = False
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
@@ -76,7 +82,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     if port := os.environ.get("MODELYARD_METRICS_PORT"):
         memo["metrics_server"] = metrics.start(int(port))
     metrics.set_leader(reconciler.leading)
-    metrics.set_models_provider(lambda: _statuses(reconciler))
+    metrics.set_models_provider(lambda: _statuses(reconciler, loop))
     memo["resync"] = loop.create_task(reconciler.resync_forever(SAFETY_INTERVAL_S),
                                       name="modelyard-resync")
     autoscaler = Autoscaler(reconciler, waiting=(lambda key: activator.waiting(*key))
@@ -102,12 +108,11 @@ async def shutdown(memo: kopf.Memo, **_: Any) -> None:
     metrics.set_leader(False)
 
 
-def _statuses(reconciler: Reconciler) -> Iterator[tuple[str, str, Mapping[str, Any]]]:
-    """Every known ModelDeployment's status, for the per-resource metrics."""
-    for (namespace, name), snapshot in list(reconciler.known.items()):
-        observed = snapshot()
-        if observed is not None:
-            yield namespace, name, observed.resource.get("status") or {}
+def _statuses(reconciler: Reconciler, loop: asyncio.AbstractEventLoop
+              ) -> list[tuple[str, str, Mapping[str, Any]]]:
+    """Every known ModelDeployment's status, for the per-resource metrics. Called on the
+    metrics server's thread; the indexes are read on the event loop."""
+    return asyncio.run_coroutine_threadsafe(reconciler.statuses(), loop).result(timeout=10)
 
 
 @kopf.on.login()

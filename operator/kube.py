@@ -4,31 +4,38 @@ Every change the operator makes goes through :class:`Writer`: server-side apply 
 child objects under the fixed field manager ``modelyard-operator``, merge patches
 of the ModelDeployment *status* subresource (never its spec), deletes that treat
 NotFound as done, and core/v1 Events. The client is the official ``kubernetes`` package;
-its calls block, so :mod:`.reconcile` runs them in a worker thread.
+its calls block, so :mod:`.reconcile` runs them in worker threads, many at once.
+
+Hence no shared mutable state here but the client's connection pool (urllib3's is
+thread-safe): the kinds the operator owns are a fixed table of typed-client calls, so
+nothing is discovered at run time. (``kubernetes.dynamic``'s discovery cache is not
+thread-safe: concurrent passes failed with ``KeyError: 'resources'`` in it, issue #16.)
+Applied objects come back as the API server's JSON, not as client models.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
+import functools
+import json
 import logging
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
-from kubernetes.dynamic import DynamicClient
-from kubernetes.dynamic.exceptions import ForbiddenError, NotFoundError, ResourceNotFoundError
 
-from . import api
+from . import api, render
 from .leader import LeaseRecord
 
 log = logging.getLogger(__name__)
 
 FIELD_MANAGER = "modelyard-operator"
 COMPONENT = "modelyard-operator"
+APPLY_PATCH = "application/apply-patch+yaml"  # server-side apply (JSON is valid YAML)
 
 
 class GoneError(RuntimeError):
@@ -45,38 +52,86 @@ def load_api_client() -> client.ApiClient:
     return api_client
 
 
+@dataclass(frozen=True)
+class _Kind:
+    """The typed-client calls for one kind the operator owns, each taking ``name``,
+    ``namespace`` and the call's options as keywords."""
+
+    patch: Callable[..., Any]
+    delete: Callable[..., Any]
+
+
 class Writer:
     def __init__(self, api_client: client.ApiClient):
         self._api = api_client
-        self._dynamic = DynamicClient(api_client)
         self._custom = client.CustomObjectsApi(api_client)
         self._core = client.CoreV1Api(api_client)
         self._apps = client.AppsV1Api(api_client)
         self._coordination = client.CoordinationV1Api(api_client)
         self._discovery = client.DiscoveryV1Api(api_client)
+        self._route_group, self._route_version = render.HTTPROUTE_API_VERSION.split("/")
+        # Every kind render.py produces; a new one must be added here (apply says so).
+        self._kinds: dict[tuple[str, str], _Kind] = {
+            ("apps/v1", "Deployment"): _Kind(self._apps.patch_namespaced_deployment,
+                                             self._apps.delete_namespaced_deployment),
+            ("v1", "Service"): _Kind(self._core.patch_namespaced_service,
+                                     self._core.delete_namespaced_service),
+            ("discovery.k8s.io/v1", "EndpointSlice"): _Kind(
+                self._discovery.patch_namespaced_endpoint_slice,
+                self._discovery.delete_namespaced_endpoint_slice),
+            (render.HTTPROUTE_API_VERSION, "HTTPRoute"): _Kind(
+                functools.partial(self._custom.patch_namespaced_custom_object,
+                                  group=self._route_group, version=self._route_version,
+                                  plural="httproutes"),
+                functools.partial(self._custom.delete_namespaced_custom_object,
+                                  group=self._route_group, version=self._route_version,
+                                  plural="httproutes")),
+        }
+
+    def _kind(self, api_version: str, kind: str) -> _Kind:
+        try:
+            return self._kinds[(api_version, kind)]
+        except KeyError:
+            raise ValueError(f"the operator does not write {kind} ({api_version})") from None
 
     def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        resource = self._dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
+        """Server-side apply ``obj`` (taking over conflicting fields); the object as stored."""
+        meta = obj["metadata"]
+        calls = self._kind(obj["apiVersion"], obj["kind"])
         try:
-            result = self._dynamic.server_side_apply(
-                resource, body=dict(obj), namespace=obj["metadata"].get("namespace"),
-                field_manager=FIELD_MANAGER, force_conflicts=True,
-            )
-        except ForbiddenError as exc:
-            if "NamespaceTerminating" in str(exc.body):
-                raise GoneError(f"namespace {obj['metadata'].get('namespace')} is being deleted") \
-                    from exc
+            response = calls.patch(
+                name=meta["name"], namespace=meta["namespace"], body=dict(obj),
+                field_manager=FIELD_MANAGER, force=True, _content_type=APPLY_PATCH,
+                _preload_content=False)
+        except ApiException as exc:
+            if exc.status == 403 and "NamespaceTerminating" in str(exc.body):
+                raise GoneError(f"namespace {meta['namespace']} is being deleted") from exc
             raise
-        return dict(result.to_dict())
+        return cast(dict[str, Any], json.loads(response.data))
 
     def has_httproute(self) -> bool:
-        """Does the cluster serve the Gateway API's HTTPRoute (its CRDs are installed)?"""
+        """Does the cluster serve the Gateway API's HTTPRoute (its CRDs are installed)?
+        One discovery request for that group version, asked afresh each time."""
         try:
-            self._dynamic.resources.get(api_version="gateway.networking.k8s.io/v1",
-                                        kind="HTTPRoute")
-        except ResourceNotFoundError:
-            return False
-        return True
+            found = self._custom.get_api_resources(self._route_group, self._route_version)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return any(r.kind == "HTTPRoute" for r in found.resources or [])
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        """Delete in the background (dependents by the garbage collector); gone is done."""
+        calls = self._kind(api_version, kind)
+        try:
+            response = calls.delete(name=name, namespace=namespace,
+                                    propagation_policy="Background", _preload_content=False)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            return
+        response.drain_conn()  # the body (a Status, or the object) is of no use
+        response.release_conn()
 
     def endpoint_slices(self, namespace: str, service: str) -> list[dict[str, Any]]:
         """The EndpointSlices of a Service, as the API server serves them (camelCase)."""
@@ -94,12 +149,6 @@ class Writer:
             if exc.status == 404:
                 raise GoneError(f"deployment {namespace}/{deployment} is gone") from exc
             raise
-
-    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
-        resource = self._dynamic.resources.get(api_version=api_version, kind=kind)
-        with contextlib.suppress(NotFoundError):
-            self._dynamic.delete(resource, name=name, namespace=namespace,
-                                 body={"propagationPolicy": "Background"})
 
     def patch_status(
         self, namespace: str, name: str, status: Mapping[str, Any]

@@ -58,6 +58,8 @@ from typing import Any, Self
 
 import httpx
 
+from modelyard import contract
+
 from .analysis import LATENCY, REQUESTS, Counts
 
 __all__ = [
@@ -78,10 +80,10 @@ __all__ = [
 
 REQUESTS_TOTAL = f"{REQUESTS}_total"
 LATENCY_BUCKET = f"{LATENCY}_bucket"
-INFLIGHT = "modelyard_inflight_requests"
-QUEUE_DEPTH = "modelyard_queue_depth"
-MODEL_READY = "modelyard_model_ready"
-GPU_UTILIZATION = "modelyard_gpu_utilization_ratio"
+INFLIGHT = contract.INFLIGHT
+QUEUE_DEPTH = contract.QUEUE_DEPTH
+MODEL_READY = contract.MODEL_READY
+GPU_UTILIZATION = contract.GPU_UTILIZATION
 DEFAULT_LOOKBACK_S = 300.0
 
 
@@ -146,7 +148,8 @@ def selector(ref: VersionRef, names: LabelNames = LabelNames(),
     return "{" + ",".join(matchers) + "}"
 
 
-def _range(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """A PromQL duration (milliseconds, at least 1)."""
     return f"{max(1, math.ceil(seconds * 1000))}ms"
 
 
@@ -157,14 +160,14 @@ def window_expr(ref: VersionRef, start: float, end: float,
     if end < start:
         raise ValueError(f"the window ends ({end}) before it starts ({start})")
     series = selector(ref, names, (REQUESTS_TOTAL, LATENCY_BUCKET))
-    return f"{series}[{_range(end - start + lookback_s)}]"
+    return f"{series}[{duration(end - start + lookback_s)}]"
 
 
 def load_exprs(ref: VersionRef, names: LabelNames = LabelNames(),
                rate_window_s: float = 60.0) -> dict[str, str]:
     """One instant query per :class:`Load` figure, by field name."""
     sel = selector(ref, names)
-    window = _range(rate_window_s)
+    window = duration(rate_window_s)
     return {
         "inflight": f"sum({INFLIGHT}{sel})",
         "rps": f"sum(rate({REQUESTS_TOTAL}{sel}[{window}]))",

@@ -28,16 +28,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from modelyard import contract
+
 from . import api
 
-MANAGED_BY = "app.kubernetes.io/managed-by"
-MANAGER = "modelyard"
-MODEL_LABEL = "modelyard.dev/model-deployment"
-VERSION_LABEL = "modelyard.dev/version"
-HASH_ANNOTATION = "modelyard.dev/applied-hash"
+MANAGED_BY = contract.MANAGED_BY_LABEL
+MANAGER = contract.MANAGER
+MODEL_LABEL = contract.MODEL_LABEL
+VERSION_LABEL = contract.VERSION_LABEL
+HASH_ANNOTATION = contract.HASH_ANNOTATION
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
-SERVICE_PORT = 80
+SERVICE_PORT = contract.SERVICE_PORT
 CONTAINER_NAME = "runtime"
 CACHE_DIR = "/var/cache/modelyard"
 PVC_MOUNT_ROOT = "/mnt/models"
@@ -116,28 +118,29 @@ def replicas_wanted(spec: api.ModelDeploymentSpec) -> int:
 def runtime_env(owner: Owner, spec: api.ModelDeploymentSpec) -> list[dict[str, str]]:
     """The runtime's configuration, as environment variables (the operator-runtime contract)."""
     model = spec.model
-    values: dict[str, str | None] = {
-        "MODELYARD_MODEL_NAME": served_model_name(owner.name, spec),
-        "MODELYARD_MODEL_VERSION": model.version,
-        "MODELYARD_MODEL_URI": _pod_uri(model.uri),
-        "MODELYARD_MODEL_FORMAT": str(model.format),
-        "MODELYARD_MODEL_SHA256": model.sha256,
-        "MODELYARD_ENTRY_POINT": model.entry_point,
-        "MODELYARD_MAX_BATCH_SIZE": str(spec.runtime.batching.max_batch_size),
-        "MODELYARD_MAX_DELAY_MS": _number(spec.runtime.batching.max_delay_ms),
-        "MODELYARD_HANDLER": spec.runtime.handler,
-        "MODELYARD_PORT": str(spec.runtime.port),
-        "MODELYARD_CACHE_DIR": CACHE_DIR,
-        "MODELYARD_DEVICE": "cuda" if _gpu_count(spec) else "cpu",
+    values: dict[str, str | None] = {  # RuntimeConfig field -> value (modelyard.contract)
+        "model_name": served_model_name(owner.name, spec),
+        "model_version": model.version,
+        "model_uri": _pod_uri(model.uri),
+        "model_format": str(model.format),
+        "sha256": model.sha256,
+        "entry_point": model.entry_point,
+        "max_batch_size": str(spec.runtime.batching.max_batch_size),
+        "max_delay_ms": _number(spec.runtime.batching.max_delay_ms),
+        "handler": spec.runtime.handler,
+        "port": str(spec.runtime.port),
+        "cache_dir": CACHE_DIR,
+        "device": "cuda" if _gpu_count(spec) else "cpu",
     }
     if model.optimize is not None:
-        values["MODELYARD_DTYPE"] = model.optimize.dtype
-        values["MODELYARD_QUANTIZE"] = model.optimize.quantize
-        values["MODELYARD_COMPILE"] = "true" if model.optimize.compile else None
-    env = [{"name": k, "value": v} for k, v in values.items() if v is not None]
+        values["dtype"] = model.optimize.dtype
+        values["quantize"] = model.optimize.quantize
+        values["compile"] = "true" if model.optimize.compile else None
+    env = contract.runtime_env(values)
     # User-provided variables may add to, but not silently replace, the contract.
+    ours = {e["name"] for e in env}
     env += [{"name": k, "value": v} for k, v in sorted(spec.runtime.env.items())
-            if k not in values]
+            if k not in ours]
     return env
 
 
@@ -290,7 +293,7 @@ def render_service(owner: Owner, active: str | None = None, *,
     return with_hash(service)
 
 
-ENDPOINTSLICE_MANAGER = "modelyard.dev"
+ENDPOINTSLICE_MANAGER = contract.ENDPOINTSLICE_MANAGER
 
 
 def activator_slice_name(owner_name: str) -> str:

@@ -10,11 +10,11 @@ Every ``tick_s`` (2 s), on the leading replica only, for each ModelDeployment wi
 2. :func:`.autoscale.decide` the total replicas, from the window of samples and the
    algorithm's state (kept in ``status.autoscaler.state``, so a restarted or newly
    elected operator carries on without a jump);
-3. when the decision differs from what the resource's status says, store it in
-   :attr:`.Reconciler.scaled` and run a pass: the pass splits the total between versions
-   (a canary's step weights apply to it) and sets the Deployments' replicas through their
-   scale subresource; the ModelDeployment's ``spec`` is never written. An Event is posted
-   for every change of replicas.
+3. when the decision differs from the last one, hand it over through
+   :meth:`.Reconciler.autoscaled`, which runs a pass: the pass splits the total between
+   versions (a canary's step weights apply to it), sets the Deployments' replicas through
+   their scale subresource, records the decision in status and posts a ``Scaled`` Event
+   for every change of replicas; the ModelDeployment's ``spec`` is never written.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import pydantic
 
-from . import api, autoscale, promql, render
+from . import api, autoscale, promql, render, signals
 from .reconcile import Key, Observed, Reconciler, scrape_metrics
+from .world import pod_ready, stamp
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class Autoscaler:
         self._clock = clock
         self._windows: dict[Key, autoscale.Window] = {}
         self._states: dict[Key, autoscale.State] = {}
+        self._decided: dict[Key, api.AutoscalerStatus] = {}  # what we last handed over
 
     async def run_forever(self, tick_s: float) -> None:
         while True:
@@ -59,27 +60,28 @@ class Autoscaler:
             if not self.reconciler.leading():
                 self._windows.clear()  # a follower's memory would be stale on takeover
                 self._states.clear()
+                self._decided.clear()
                 continue
             await self.tick()
 
     async def tick(self) -> None:
-        for key, snapshot in list(self.reconciler.known.items()):
+        for key in self.reconciler.known_keys():
             try:
-                await self._scale(key, snapshot)
+                await self._scale(key)
             except Exception:
                 log.exception("autoscaling %s/%s failed; the next tick retries", *key)
 
-    async def _scale(self, key: Key, snapshot: Callable[[], Observed | None]) -> None:
-        observed = snapshot()
+    async def _scale(self, key: Key) -> None:
+        observed = self.reconciler.observe(key)
         spec = _autoscaling(observed)
         if observed is None or spec is None or spec.autoscaling is None:
             self._windows.pop(key, None)
             self._states.pop(key, None)
-            self.reconciler.scaled.pop(key, None)
+            self._decided.pop(key, None)
             return
         policy = autoscale.Policy.from_spec(spec.autoscaling)
         status = api.parse_status(dict(observed.resource.get("status") or {}))
-        reported = self.reconciler.scaled.get(key) or status.autoscaler
+        reported = self._decided.get(key) or status.autoscaler
         window = self._windows.get(key)
         if window is None or window.metric != policy.metric \
                 or window.seconds != policy.stable_window_seconds:
@@ -109,20 +111,17 @@ class Autoscaler:
             panic=decision.panic, state=decision.state.to_dict())
         if reported is not None and new == reported:
             return
-        self.reconciler.scaled[key] = new
+        self._decided[key] = new
         if changed:
             log.info("autoscaling %s/%s: %d -> %d replicas (%s)", *key, current,
                      decision.replicas, decision.reason)
-            await asyncio.to_thread(
-                self.reconciler.writer.event, observed.resource, "Normal", "Scaled",
-                f"{current} -> {decision.replicas} replicas: {decision.reason}")
-        await self.reconciler.reconcile(key, snapshot)
+        await self.reconciler.autoscaled(key, new)
 
     async def _from_pods(self, window: autoscale.Window, spec: api.ModelDeploymentSpec,
                          now: float, waiting: float, observed: Observed) -> None:
         pods = [p for p in observed.pods if not p["metadata"].get("deletionTimestamp")
                 and p.get("status", {}).get("podIP")]
-        ready = [p for p in pods if _ready(p)]
+        ready = [p for p in pods if pod_ready(p)]
         texts = await asyncio.gather(*(self._scrape(p["status"]["podIP"], spec.runtime.port)
                                        for p in ready))
         scrapes = [autoscale.parse_scrape(p["metadata"]["name"], now, text, ready=True)
@@ -136,15 +135,16 @@ class Autoscaler:
         assert spec.autoscaling.prometheus_url is not None
         versions = sorted({p["metadata"].get("labels", {}).get(render.VERSION_LABEL, "")
                            for p in observed.pods} - {""})
-        ready = sum(1 for p in observed.pods if _ready(p))
+        ready = sum(1 for p in observed.pods if pod_ready(p))
+        signal = signals.signal(spec.autoscaling.metric)
+        rate_window = promql.duration(min(60.0, spec.autoscaling.stable_window_seconds))
         values: list[float] = []
         try:
             async with promql.Prometheus(spec.autoscaling.prometheus_url) as prometheus:
                 for version in versions:
-                    load = await prometheus.load(promql.VersionRef(*key, version), at=now,
-                                                 rate_window_s=min(
-                                                     60.0, spec.autoscaling.stable_window_seconds))
-                    value = _metric(load, spec.autoscaling.metric)
+                    series = promql.selector(promql.VersionRef(*key, version), prometheus.names)
+                    value = promql.sample_value(
+                        await prometheus.query(signal.promql(series, rate_window), now))
                     if value is not None:
                         values.append(value)
         except promql.MetricsUnavailable as exc:
@@ -152,21 +152,9 @@ class Autoscaler:
             return
         if not values and ready:
             return  # nothing known yet: no sample, so the decision holds
-        per_replica = spec.autoscaling.metric in autoscale.AVERAGE_METRICS
+        per_replica = signal.aggregate == "average"
         value = (sum(values) / len(values) if values else 0.0) if per_replica else sum(values)
         window.append(autoscale.Sample(now, ready, value, waiting))
-
-
-def _metric(load: promql.Load, metric: str) -> float | None:
-    if metric == "concurrency":
-        return load.inflight
-    if metric == "rps":
-        return load.rps
-    if metric == "queueDepth":
-        return load.queue_depth
-    if metric == "latencyP95":
-        return None if load.latency_p95_s is None else load.latency_p95_s * 1000
-    return None if load.gpu_utilization is None else load.gpu_utilization * 100
 
 
 def _autoscaling(observed: Observed | None) -> api.ModelDeploymentSpec | None:
@@ -182,14 +170,9 @@ def _running(observed: Observed) -> int:
     return sum(int(d.get("spec", {}).get("replicas", 0)) for d in observed.deployments)
 
 
-def _ready(pod: Mapping[str, Any]) -> bool:
-    return any(c.get("type") == "Ready" and c.get("status") == "True"
-               for c in pod.get("status", {}).get("conditions", []) or [])
-
-
 def _rounded(value: float | None) -> float | None:
     return None if value is None else float(f"{value:.3g}")
 
 
 def _stamp(epoch: float) -> str:
-    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return stamp(dt.datetime.fromtimestamp(epoch, dt.UTC))

@@ -1,14 +1,9 @@
-"""Compute a ModelDeployment's status and plan from what the cluster shows.
+"""Report's content: a ModelDeployment's status and the Events worth posting.
 
-Pure functions of (spec, previous status, observed children, clock), called by
-:mod:`.reconcile` on every pass and unit-tested without a cluster:
-
-* :func:`observe` boils live Deployment and Pod dicts down to :class:`VersionState`.
-* :func:`plan_versions` decides which version Deployments should exist and which
-  are done (the new version is fully available, so older ones are retired).
-* :func:`compute_status` derives conditions, counts, the version ledger and the
-  Events worth emitting. Condition timestamps only move when a condition's
-  status flips, so an unchanged world yields an identical status (and no write).
+Pure: :func:`compute_status` derives conditions, counts and the version ledger from this
+pass's :class:`~.world.World` and its rollout :class:`~.rollout.Step`. It is called once
+per pass, by :mod:`.plan`. Condition timestamps only move when a condition's status
+flips, so an unchanged world yields an identical status (and no write).
 
 Imports no Kubernetes client.
 """
@@ -16,18 +11,15 @@ Imports no Kubernetes client.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import api
-from .render import GPU_RESOURCE, VERSION_LABEL
+from . import api, render
+from .rollout import RollBack, Step
+from .world import VersionState, World, stamp
 
 READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
-_POD_FAILURE_REASONS = frozenset({
-    "CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
-    "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
-})
 
 
 @dataclass(frozen=True)
@@ -37,119 +29,14 @@ class Event:
     message: str
 
 
-@dataclass(frozen=True)
-class VersionState:
-    """One version's Deployment and pods, as observed."""
-
-    version: str
-    deployment: str
-    desired: int
-    replicas: int = 0
-    ready: int = 0
-    updated: int = 0
-    up_to_date: bool = True  # the Deployment controller has seen its latest spec
-    gpus: int = 0
-    unschedulable: str | None = None  # the scheduler's message for a pending pod
-    pod_failure: tuple[str, str] | None = None  # (reason, message) of a failing container
-
-    @property
-    def available(self) -> bool:
-        return self.up_to_date and self.desired > 0 and self.ready >= self.desired \
-            and self.updated >= self.desired
-
-
-@dataclass(frozen=True)
-class RollBack:
-    """Why the target version was rolled back, and what analysis measured."""
-
-    reason: str
-    figures: api.AnalysisFigures | None = None
-
-
-def rolled_back_record(versions: list[api.VersionRecord], target: str) -> api.VersionRecord | None:
-    """The target's ledger entry, if its latest rollout ended in a rollback."""
-    if versions and versions[0].version == target \
-            and versions[0].phase == api.VersionPhase.ROLLED_BACK:
-        return versions[0]
-    return None
-
-
-@dataclass(frozen=True)
-class VersionPlan:
-    target: str
-    keep: frozenset[str]  # versions whose Deployments should exist
-    retire: frozenset[str]  # versions whose Deployments are to be deleted
-
-
-def observe(
-    deployments: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]]
-) -> dict[str, VersionState]:
-    """Group live objects by the version label."""
-    pods_by_version: dict[str, list[Mapping[str, Any]]] = {}
-    for pod in pods:
-        if pod.get("metadata", {}).get("deletionTimestamp"):
-            continue
-        version = pod.get("metadata", {}).get("labels", {}).get(VERSION_LABEL)
-        if version is not None:
-            pods_by_version.setdefault(version, []).append(pod)
-    states: dict[str, VersionState] = {}
-    for dep in deployments:
-        meta, spec, st = dep.get("metadata", {}), dep.get("spec", {}), dep.get("status", {})
-        version = meta.get("labels", {}).get(VERSION_LABEL)
-        if version is None:
-            continue
-        version_pods = pods_by_version.get(version, [])
-        states[version] = VersionState(
-            version=version,
-            deployment=meta.get("name", ""),
-            desired=int(spec.get("replicas", 1)),
-            replicas=int(st.get("replicas", 0)),
-            ready=int(st.get("readyReplicas", 0)),
-            updated=int(st.get("updatedReplicas", 0)),
-            up_to_date=int(st.get("observedGeneration", 0)) >= int(meta.get("generation", 0)),
-            gpus=sum(_pod_gpus(p) for p in version_pods if p.get("spec", {}).get("nodeName")),
-            unschedulable=_unschedulable_message(version_pods),
-            pod_failure=_pod_failure(version_pods),
-        )
-    return states
-
-
-def plan_versions(
-    spec: api.ModelDeploymentSpec, observed: Mapping[str, VersionState], wanted: int
-) -> VersionPlan:
-    """The target version always runs; older versions run until it is fully available."""
-    target = spec.model.version
-    others = frozenset(v for v in observed if v != target)
-    target_state = observed.get(target)
-    target_done = target_state is not None and (
-        target_state.available or (wanted == 0 and target_state.up_to_date)
-    )
-    if target_done:
-        return VersionPlan(target, frozenset({target}), others)
-    return VersionPlan(target, frozenset({target}) | others, frozenset())
-
-
-def compute_status(
-    *,
-    generation: int,
-    spec: api.ModelDeploymentSpec,
-    previous: api.ModelDeploymentStatus,
-    observed: Mapping[str, VersionState],
-    plan: VersionPlan,
-    url: str,
-    selector: str,
-    now: dt.datetime,
-    canary: api.CanaryStatus | None = None,
-    canary_message: str = "",
-    promoted: bool = False,
-    rolled_back: RollBack | None = None,
-    handled: api.HandledRequests | None = None,
-    traffic_split: str | None = None,
-    autoscaler: api.AutoscalerStatus | None = None,
-) -> tuple[api.ModelDeploymentStatus, list[Event]]:
-    """The status for this pass. With a canary in progress (``canary``) the target version
-    stays in phase Canary until ``promoted``."""
-    stamp = now.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def compute_status(world: World, step: Step, *, autoscaler: api.AutoscalerStatus | None,
+                   now: dt.datetime) -> tuple[api.ModelDeploymentStatus, list[Event]]:
+    """The status for this pass. With a rollout in progress (``step.canary``) the target
+    version stays in phase Canary until ``step.promoted``."""
+    spec, previous, observed, plan = world.spec, world.previous, world.versions, step.versions
+    assert spec is not None
+    at = stamp(now)
+    rolled_back, canary = step.rolled_back, step.canary
     target = plan.target
     target_state = observed.get(target)
     serving = [s for s in observed.values() if s.ready > 0 and s.version not in plan.retire]
@@ -157,11 +44,11 @@ def compute_status(
     events: list[Event] = []
 
     if rolled_back is not None:
-        versions = _roll_back(previous.versions, target, rolled_back, stamp, events)
+        versions = _roll_back(previous.versions, target, rolled_back, at, events)
     else:
         versions = _ledger(previous.versions, spec=spec, target=target,
-                           target_state=target_state, stamp=stamp, events=events,
-                           canary=canary is not None, promoted=promoted)
+                           target_state=target_state, stamp=at, events=events,
+                           canary=canary is not None, promoted=step.promoted)
     stable = next((r.version for r in versions if r.phase == api.VersionPhase.STABLE), None)
 
     ready_count = sum(s.ready for s in serving)
@@ -179,7 +66,7 @@ def compute_status(
         progressing = (api.ConditionStatus.FALSE, "RolledBack",
                        f"version {target} was rolled back: {rolled_back.reason}")
     elif canary is not None:
-        progressing = (api.ConditionStatus.TRUE, "Canary", canary_message)
+        progressing = (api.ConditionStatus.TRUE, "Canary", step.message)
     elif target_state is None:
         progressing = (api.ConditionStatus.TRUE, "Creating", f"creating version {target}")
     elif not target_state.available and target_state.desired > 0:
@@ -202,27 +89,27 @@ def compute_status(
     degraded = problem or (api.ConditionStatus.FALSE, "AsExpected", "")
 
     conditions = [
-        _condition(previous.conditions, READY, ready, generation=generation, stamp=stamp),
-        _condition(previous.conditions, PROGRESSING, progressing, generation=generation,
-                   stamp=stamp),
-        _condition(previous.conditions, DEGRADED, degraded, generation=generation, stamp=stamp),
+        _condition(previous.conditions, READY, ready, generation=world.generation, stamp=at),
+        _condition(previous.conditions, PROGRESSING, progressing,
+                   generation=world.generation, stamp=at),
+        _condition(previous.conditions, DEGRADED, degraded, generation=world.generation, stamp=at),
     ]
     events += _transition_events(previous.conditions, conditions)
 
     status = api.ModelDeploymentStatus(
-        observed_generation=generation,
+        observed_generation=world.generation,
         conditions=conditions,
-        url=url,
+        url=render.service_url(world.owner),
         stable_version=stable,
         target_version=target,
         canary=canary,
         replicas=sum(s.replicas for s in observed.values()),
         ready_replicas=ready_count,
-        selector=selector,
+        selector=render.selector_string(world.owner.name),
         gpus=sum(s.gpus for s in observed.values()),
         versions=versions[: api.HISTORY_LIMIT],
-        handled_requests=handled if handled and (handled.abort or handled.retry) else None,
-        traffic_split=traffic_split,
+        handled_requests=step.handled if step.handled.abort or step.handled.retry else None,
+        traffic_split="gateway" if world.gateway else "replicas",
         autoscaler=autoscaler,
     )
     return status, events
@@ -350,27 +237,16 @@ def _transition_events(
     return events
 
 
-def _pod_gpus(pod: Mapping[str, Any]) -> int:
-    total = 0
-    for container in pod.get("spec", {}).get("containers", []):
-        limits = container.get("resources", {}).get("limits", {})
-        total += int(limits.get(GPU_RESOURCE, 0) or 0)
-    return total
-
-
-def _unschedulable_message(pods: Sequence[Mapping[str, Any]]) -> str | None:
-    for pod in pods:
-        for cond in pod.get("status", {}).get("conditions", []) or []:
-            if cond.get("type") == "PodScheduled" and cond.get("status") == "False" \
-                    and cond.get("reason") == "Unschedulable":
-                return str(cond.get("message") or "pod cannot be scheduled")
-    return None
-
-
-def _pod_failure(pods: Sequence[Mapping[str, Any]]) -> tuple[str, str] | None:
-    for pod in pods:
-        for cs in pod.get("status", {}).get("containerStatuses", []) or []:
-            waiting = (cs.get("state") or {}).get("waiting") or {}
-            if waiting.get("reason") in _POD_FAILURE_REASONS:
-                return str(waiting["reason"]), str(waiting.get("message") or waiting["reason"])
-    return None
+def invalid_status(world: World, now: dt.datetime) -> tuple[api.ModelDeploymentStatus, Event]:
+    """The status of a resource whose spec the operator cannot read: the previous status,
+    Degraded with the validation error (what runs keeps running)."""
+    message = world.spec_error or "invalid spec"
+    previous = world.previous
+    status = previous.model_copy(update={
+        "observed_generation": world.generation,
+        "conditions": [c for c in previous.conditions if c.type != DEGRADED] + [
+            _condition(previous.conditions, DEGRADED,
+                       (api.ConditionStatus.TRUE, "InvalidSpec", message),
+                       generation=world.generation, stamp=stamp(now))],
+    })
+    return status, Event("Warning", "InvalidSpec", message)

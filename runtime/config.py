@@ -3,49 +3,28 @@
 Called by ``__main__`` (``modelyard-runtime`` / ``python -m modelyard.runtime``)
 and by tests, which build a :class:`RuntimeConfig` directly.
 
-The contract with the operator, which renders these variables into every
-runtime pod (a flag, when given, wins over its variable)::
+The settings, their variables and their meaning are one table shared with the
+operator, ``modelyard.contract.SETTINGS`` (``modelyard-runtime --help`` lists them). A
+flag, when given, wins over its variable. A ``MODELYARD_*`` variable that is no setting
+(a misspelling) is logged at start-up with the closest name, never silently ignored.
 
-    MODELYARD_MODEL_NAME      --model-name       served name (required)
-    MODELYARD_MODEL_VERSION   --model-version    served version (default "1")
-    MODELYARD_MODEL_URI       --model-uri        file://, path, http(s)://, s3://
-    MODELYARD_MODEL_FORMAT    --model-format     torchscript | export | safetensors | pickle
-    MODELYARD_MODEL_SHA256    --model-sha256     verified before loading (optional)
-    MODELYARD_ENTRY_POINT     --entry-point      module:callable building the nn.Module
-    MODELYARD_MAX_BATCH_SIZE  --max-batch-size   items per batch (default 16)
-    MODELYARD_MAX_DELAY_MS    --max-delay-ms     longest wait for a batch to fill (default 5)
-    MODELYARD_HANDLER         --handler          module:Class pre/post-processing hook (optional)
-    MODELYARD_PORT            --port             default 8080
-    MODELYARD_HOST            --host             bind address, default 0.0.0.0
-    MODELYARD_CACHE_DIR       --cache-dir        download cache (default ~/.cache/modelyard/models)
-    MODELYARD_DEVICE          --device           cpu | cuda | auto (default auto: cuda if available)
-    MODELYARD_DTYPE           --dtype            float32 | float16 | bfloat16 (default: as saved)
-    MODELYARD_QUANTIZE        --quantize         dynamic-int8 (CPU only)
-    MODELYARD_COMPILE         --compile          true | false (torch.compile / TorchScript freeze)
-
-    S3 credentials come from the standard AWS_* variables (AWS_ENDPOINT_URL for
-    a custom endpoint, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION).
-
-Runtime-only settings (the operator may leave them unset)::
-
-    MODELYARD_METADATA        --metadata         tensor metadata: inline JSON or a path
-    MODELYARD_ALLOW_PICKLE    --allow-pickle     opt in to unpickling arbitrary objects
-    MODELYARD_MAX_BODY_BYTES  --max-body-bytes   413 above this (default 64 MiB)
-    MODELYARD_DRAIN_SECONDS   --drain-seconds    after SIGTERM, keep serving (unready) this long
-    MODELYARD_THREADS         --threads          torch intra-op threads (default: torch's choice)
-    MODELYARD_WARMUP          --warmup           run a warm-up inference before ready (default true)
-    MODELYARD_LOG_LEVEL       --log-level        default info
+S3 credentials come from the standard AWS_* variables (AWS_ENDPOINT_URL for a custom
+endpoint, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from modelyard import contract
 from modelyard.runtime.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["FORMATS", "RuntimeConfig", "parse_config"]
 
@@ -69,7 +48,7 @@ class RuntimeConfig:
     max_delay_ms: float = 5.0
     handler: str | None = None
     host: str = "0.0.0.0"
-    port: int = 8080
+    port: int = contract.RUNTIME_PORT
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache/modelyard/models")
     device: str = "auto"
     dtype: str | None = None
@@ -117,41 +96,8 @@ class RuntimeConfig:
             raise ConfigError("; ".join(problems))
 
 
-def _bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"not a boolean: {text!r}")
-
-
-# flag name, environment variable, converter
-_SETTINGS: tuple[tuple[str, str, type | object], ...] = (
-    ("model_name", "MODELYARD_MODEL_NAME", str),
-    ("model_version", "MODELYARD_MODEL_VERSION", str),
-    ("model_uri", "MODELYARD_MODEL_URI", str),
-    ("model_format", "MODELYARD_MODEL_FORMAT", str),
-    ("sha256", "MODELYARD_MODEL_SHA256", str),
-    ("entry_point", "MODELYARD_ENTRY_POINT", str),
-    ("max_batch_size", "MODELYARD_MAX_BATCH_SIZE", int),
-    ("max_delay_ms", "MODELYARD_MAX_DELAY_MS", float),
-    ("handler", "MODELYARD_HANDLER", str),
-    ("port", "MODELYARD_PORT", int),
-    ("host", "MODELYARD_HOST", str),
-    ("cache_dir", "MODELYARD_CACHE_DIR", Path),
-    ("device", "MODELYARD_DEVICE", str),
-    ("dtype", "MODELYARD_DTYPE", str),
-    ("quantize", "MODELYARD_QUANTIZE", str),
-    ("compile", "MODELYARD_COMPILE", _bool),
-    ("metadata", "MODELYARD_METADATA", str),
-    ("allow_pickle", "MODELYARD_ALLOW_PICKLE", _bool),
-    ("max_body_bytes", "MODELYARD_MAX_BODY_BYTES", int),
-    ("drain_seconds", "MODELYARD_DRAIN_SECONDS", float),
-    ("threads", "MODELYARD_THREADS", int),
-    ("warmup", "MODELYARD_WARMUP", _bool),
-    ("log_level", "MODELYARD_LOG_LEVEL", str),
-)
+_CONVERT: dict[str, Callable[[str], object]] = {
+    "str": str, "int": int, "float": float, "bool": contract.parse_bool, "path": Path}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -160,8 +106,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve one PyTorch model over the Open Inference Protocol (KServe v2).",
         epilog="Every flag mirrors a MODELYARD_* environment variable; the flag wins.",
     )
-    for name, env, _ in _SETTINGS:
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=env)
+    for item in contract.SETTINGS:
+        parser.add_argument(item.flag, dest=item.field, default=None,
+                            help=f"{item.help} [{item.env}]")
     return parser
 
 
@@ -172,16 +119,20 @@ def parse_config(
     env = os.environ if environ is None else environ
     flags = vars(_parser().parse_args(argv))
     values: dict[str, object] = {}
-    for name, var, convert in _SETTINGS:
+    for item in contract.SETTINGS:
+        name = item.field
         raw = flags.get(name)
         if raw is None:
-            raw = env.get(var)
+            raw = env.get(item.env)
         if raw is None or (raw == "" and name not in ("model_name", "model_uri")):
             continue
         try:
-            values[name] = convert(raw)  # type: ignore[operator]
+            values[name] = _CONVERT[item.kind](raw)
         except ValueError as error:
-            raise ConfigError(f"{var} / --{name.replace('_', '-')}: {error}") from None
+            raise ConfigError(f"{item.env} / {item.flag}: {error}") from None
+    for unknown in contract.unknown_variables(env):
+        log.warning("%s is not a runtime setting: the runtime ignores it (a handler may "
+                    "still read it)", unknown)
     values.setdefault("model_name", "")
     values.setdefault("model_uri", "")
     return RuntimeConfig(**values)  # type: ignore[arg-type]

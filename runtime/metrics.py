@@ -23,6 +23,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from modelyard import contract
+
 __all__ = ["CONTENT_TYPE", "RuntimeMetrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -48,15 +50,15 @@ class _GpuCollector(Collector):
         names = list(self._labels)
         values = list(self._labels.values())
         memory = GaugeMetricFamily(
-            "modelyard_gpu_memory_bytes", "GPU memory allocated by this process",
+            contract.GPU_MEMORY, "GPU memory allocated by this process",
             labels=[*names, "device"],
         )
         reserved = GaugeMetricFamily(
-            "modelyard_gpu_memory_reserved_bytes", "GPU memory reserved by the allocator",
+            contract.GPU_MEMORY_RESERVED, "GPU memory reserved by the allocator",
             labels=[*names, "device"],
         )
         utilisation = GaugeMetricFamily(
-            "modelyard_gpu_utilization_ratio", "GPU utilisation over the last sample period",
+            contract.GPU_UTILIZATION, "GPU utilisation over the last sample period",
             labels=[*names, "device"],
         )
         for index in range(torch.cuda.device_count()):
@@ -78,35 +80,35 @@ class RuntimeMetrics:
         self.labels = {"model": model, "version": version}
         names = ["model", "version"]
         self.requests = Counter(
-            "modelyard_requests", "Inference requests answered, by protocol and HTTP code",
+            contract.REQUESTS, "Inference requests answered, by protocol and HTTP code",
             [*names, "protocol", "code"], registry=self.registry,
         )
         self.latency = Histogram(
-            "modelyard_request_duration_seconds", "Inference request latency, body read to reply",
+            contract.REQUEST_DURATION, "Inference request latency, body read to reply",
             [*names, "protocol"], buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
         self.inflight = Gauge(
-            "modelyard_inflight_requests", "Inference requests being handled",
+            contract.INFLIGHT, "Inference requests being handled",
             names, registry=self.registry,
         ).labels(model, version)
         self.queue_depth = Gauge(
-            "modelyard_queue_depth", "Items waiting for a batch",
+            contract.QUEUE_DEPTH, "Items waiting for a batch",
             names, registry=self.registry,
         ).labels(model, version)
         self.batch_size = Histogram(
-            "modelyard_batch_size", "Items per forward pass",
+            contract.BATCH_SIZE, "Items per forward pass",
             names, buckets=_BATCH_BUCKETS, registry=self.registry,
         ).labels(model, version)
         self.inference = Histogram(
-            "modelyard_inference_duration_seconds", "Forward pass time per batch",
+            contract.INFERENCE_DURATION, "Forward pass time per batch",
             names, buckets=_LATENCY_BUCKETS, registry=self.registry,
         ).labels(model, version)
         self.load_seconds = Gauge(
-            "modelyard_model_load_seconds", "Time to fetch, load and warm up the model",
+            contract.MODEL_LOAD, "Time to fetch, load and warm up the model",
             names, registry=self.registry,
         ).labels(model, version)
         self.ready = Gauge(
-            "modelyard_model_ready", "1 when the model answers inferences",
+            contract.MODEL_READY, "1 when the model answers inferences",
             names, registry=self.registry,
         ).labels(model, version)
         self._per_outcome: dict[tuple[str, int], tuple[Counter, Histogram]] = {}

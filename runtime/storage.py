@@ -1,12 +1,13 @@
 """Fetch a model file from its URI into a local path, verifying its sha256.
 
 Called once at startup by ``__main__`` (through :func:`fetch`), before the model
-is loaded. Schemes: ``file://`` and plain paths (PVC mounts: used in place),
+is loaded. ``file://`` and plain paths (PVC mounts) are used in place. Every other
+scheme is one :data:`FETCHERS` entry, a function that downloads a URI to a path:
 ``http(s)://`` (streamed, retried with exponential backoff, timeouts) and
 ``s3://bucket/key`` through boto3 (credentials and ``AWS_ENDPOINT_URL`` from the
-environment). Downloads land in a cache directory, keyed by URI, written
-atomically, and are not repeated when the cached copy is present (and matches
-the sha256 when one is given).
+environment). :func:`fetch` does the rest for all of them alike: downloads land in a
+cache directory, keyed by URI, written atomically, verified, and are not repeated
+when the cached copy is present (and matches the sha256 when one is given).
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ import shutil
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from modelyard.runtime.errors import ChecksumMismatch, StorageError
 
-__all__ = ["fetch", "sha256_of"]
+__all__ = ["FETCHERS", "FetchOptions", "fetch", "sha256_of"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,17 @@ def _verify(path: Path, uri: str, expected: str | None) -> None:
         )
 
 
+@dataclass(frozen=True)
+class FetchOptions:
+    attempts: int = 5
+    backoff_s: float = 0.5
+    timeout_s: float = 30.0
+
+
+# Downloads ``uri`` to the path ``dest`` or raises StorageError; retries are its own.
+Fetcher = Callable[[str, Path, FetchOptions], None]
+
+
 def fetch(
     uri: str,
     cache_dir: Path,
@@ -70,8 +83,10 @@ def fetch(
             raise StorageError(f"model file not found: {path}")
         _verify(path, uri, sha256)
         return path
-    if scheme not in ("http", "https", "s3"):
-        raise StorageError(f"unsupported URI scheme {scheme!r} in {uri} (file, http, https, s3)")
+    download = FETCHERS.get(scheme)
+    if download is None:
+        raise StorageError(f"unsupported URI scheme {scheme!r} in {uri} "
+                           f"({', '.join(['file', *FETCHERS])})")
 
     name = Path(parsed.path).name or "model"
     key = hashlib.sha256(uri.encode()).hexdigest()[:24]
@@ -86,17 +101,12 @@ def fetch(
             return target
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    download: Callable[[Path], None]
-    if scheme == "s3":
-        download = lambda dest: _download_s3(parsed, dest, attempts)  # noqa: E731
-    else:
-        download = lambda dest: _download_http(uri, dest, attempts, backoff_s, timeout_s)  # noqa: E731
     handle, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".part-")
     os.close(handle)
     tmp = Path(tmp_name)
     try:
         started = time.monotonic()
-        download(tmp)
+        download(uri, tmp, FetchOptions(attempts, backoff_s, timeout_s))
         _verify(tmp, uri, sha256)
         os.replace(tmp, target)
         log.info("fetched %s (%d bytes) in %.2fs", uri, target.stat().st_size,
@@ -106,7 +116,8 @@ def fetch(
     return target
 
 
-def _download_http(uri: str, dest: Path, attempts: int, backoff_s: float, timeout_s: float) -> None:
+def _download_http(uri: str, dest: Path, options: FetchOptions) -> None:
+    attempts, backoff_s, timeout_s = options.attempts, options.backoff_s, options.timeout_s
     timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0))
     last_error = ""
     for attempt in range(1, attempts + 1):
@@ -130,16 +141,17 @@ def _download_http(uri: str, dest: Path, attempts: int, backoff_s: float, timeou
     raise StorageError(f"cannot fetch {uri} after {attempts} attempts: {last_error}")
 
 
-def _download_s3(parsed: urllib.parse.ParseResult, dest: Path, attempts: int) -> None:
+def _download_s3(uri: str, dest: Path, options: FetchOptions) -> None:
     import boto3  # type: ignore[import-untyped]
     import botocore.config  # type: ignore[import-untyped]
     import botocore.exceptions  # type: ignore[import-untyped]
 
+    parsed = urllib.parse.urlparse(uri)
     bucket, key = parsed.netloc, parsed.path.lstrip("/")
     if not bucket or not key:
         raise StorageError(f"an s3 URI needs a bucket and a key: s3://{bucket}/{key}")
     config = botocore.config.Config(
-        retries={"max_attempts": attempts, "mode": "standard"},
+        retries={"max_attempts": options.attempts, "mode": "standard"},
         connect_timeout=10,
         read_timeout=60,
     )
@@ -153,3 +165,10 @@ def _download_s3(parsed: urllib.parse.ParseResult, dest: Path, attempts: int) ->
         raise StorageError(f"cannot fetch s3://{bucket}/{key}: {code}") from None
     except botocore.exceptions.BotoCoreError as error:
         raise StorageError(f"cannot fetch s3://{bucket}/{key}: {error}") from None
+
+
+FETCHERS: Mapping[str, Fetcher] = {
+    "http": _download_http,
+    "https": _download_http,
+    "s3": _download_s3,
+}

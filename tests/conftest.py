@@ -20,8 +20,9 @@ from support import Kube, as_operator, fresh_namespace, install_crd
 
 def pytest_configure(config: pytest.Config) -> None:
     logging.getLogger("modelyard").setLevel(logging.DEBUG)  # shown only for failing tests
-    # Full resync passes every 2 s, so each idle interval a test measures includes several.
-    os.environ.setdefault("MODELYARD_RESYNC_SECONDS", "2")
+    # Every operator setting stays at its default (the resync is 300 s, a safety net only):
+    # whatever a test sees move on time, it moved on the operator's own rechecks.
+    os.environ.pop("MODELYARD_RESYNC_SECONDS", None)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

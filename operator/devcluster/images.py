@@ -14,7 +14,9 @@ Each image is saved as a ``docker-archive`` tarball under ``~/.cache/modelyard/<
 (what ``ctr images import`` reads); the key is a hash of everything that goes into it:
 the Dockerfile, the files of its build context (``.dockerignore`` applied), its build
 arguments and the keys of the images and wheels it is built from. An unchanged key
-reuses the archive. Builds run in a buildah storage of our own under the same cache.
+reuses the archive. Builds run in a buildah storage of our own under the same cache, with
+buildah's layer cache on: a changed source rebuilds only the layers after its ``COPY``, so
+the runtime's torch layer (which comes before it) is built once.
 ``modelyard build-node`` builds them all; :func:`ensure_images` is the entry point.
 """
 
@@ -68,10 +70,10 @@ class Images:
 def ensure_images(context: Path | None = None, node: NodeBinaries | None = None) -> Images:
     """Every image of a real node, built first where missing or out of date."""
     context = context or repo_root()
-    base = ensure_base_image()
-    pause = ensure_pause_image(node or ensure_node_binaries())
-    operator = ensure_project_image(context, "operator", base, {"PYTHON_IMAGE": base.name})
-    runtime = ensure_project_image(context, "runtime", base,
+    base = _ensure_base_image()
+    pause = _ensure_pause_image(node or ensure_node_binaries())
+    operator = _ensure_project_image(context, "operator", base, {"PYTHON_IMAGE": base.name})
+    runtime = _ensure_project_image(context, "runtime", base,
                                    {"PYTHON_IMAGE": base.name, "BASE_IMAGE": base.name})
     return Images(base, pause, operator, runtime)
 
@@ -101,7 +103,7 @@ def repo_root() -> Path:
 # -- the images ----------------------------------------------------------------------
 
 
-def ensure_base_image() -> Image:
+def _ensure_base_image() -> Image:
     key = _base_key()
     tree = cached_tree(f"the stand-in {BASE_IMAGE} (Debian {DEBIAN_SUITE}, mmdebstrap)", key,
                        _has_archive, _build_base)
@@ -110,7 +112,7 @@ def ensure_base_image() -> Image:
     return image
 
 
-def ensure_pause_image(node: NodeBinaries) -> Image:
+def _ensure_pause_image(node: NodeBinaries) -> Image:
     key = f"image-pause-{_digest(node.root.name)}"
 
     def build(out: Path, work: Path) -> None:
@@ -129,20 +131,20 @@ def ensure_pause_image(node: NodeBinaries) -> Image:
                   PAUSE_IMAGE)
 
 
-def ensure_project_image(context: Path, flavour: str, base: Image,
+def _ensure_project_image(context: Path, flavour: str, base: Image,
                          args: dict[str, str]) -> Image:
     """``Dockerfile.<flavour>`` built unmodified from ``context``."""
     image = _project_image(context, flavour, base, args)
     dockerfile = context / f"Dockerfile.{flavour}"
     volumes = [f"{HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro"]
     if flavour == "runtime":
-        wheels = ensure_torch_wheelhouse(_arg_default(dockerfile, "TORCH_VERSION"))
+        wheels = _ensure_torch_wheelhouse(_arg_default(dockerfile, "TORCH_VERSION"))
         volumes.append(f"{wheels}:{_WHEELHOUSE_MOUNT}:ro")
         args = {**args, "TORCH_INDEX": f"file://{_WHEELHOUSE_MOUNT}/simple"}
 
     def build(out: Path, work: Path) -> None:
         _load_into_buildah(base)
-        argv = ["bud", "--pull=never", "--network=host", "--layers=false",
+        argv = ["bud", "--pull=never", "--network=host", "--layers=true",
                 "--ulimit=nofile=20000:20000", "--ulimit=nproc=32768:32768",
                 "-f", str(dockerfile),
                 "-t", image.name]
@@ -169,7 +171,7 @@ def _prune(prefix: str, keep: Path, spare: int = 1) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def ensure_torch_wheelhouse(version: str) -> Path:
+def _ensure_torch_wheelhouse(version: str) -> Path:
     """PyPI's torch ``version`` and its dependencies for CPython 3.11 on x86-64 Linux, with
     a PEP 503 index in ``simple/``; this machine's Python must be 3.11 to fetch them."""
     if sys.version_info[:2] != (3, 11):

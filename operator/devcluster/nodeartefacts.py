@@ -1,5 +1,5 @@
 """Everything a real node needs, in one place: its binaries, Debian's runc and CNI
-plugins, and the images. ``modelyard build-node`` (:func:`ensure_node_artefacts`) builds
+plugins, and the images. ``modelyard build-node`` (:func:`build_node_artefacts`) builds
 what is missing, with progress printed; a cluster with real nodes and the tests only
 look them up (:func:`find_node_artefacts`), so no slow build runs under a test's timeout.
 """
@@ -33,7 +33,7 @@ class NodeArtefacts:
     images: Images
 
 
-def ensure_node_artefacts(context: Path | None = None) -> NodeArtefacts:
+def build_node_artefacts(context: Path | None = None) -> NodeArtefacts:
     """Build (once; cached) and return everything a real node runs."""
     tools = host_tools()
     binaries = ensure_node_binaries()
@@ -54,5 +54,5 @@ def find_node_artefacts(context: Path | None = None) -> NodeArtefacts:
     return NodeArtefacts(binaries, host_tools(), images)
 
 
-__all__ = ["BUILD_COMMAND", "NodeArtefacts", "NodeArtefactsMissing", "ensure_node_artefacts",
+__all__ = ["BUILD_COMMAND", "NodeArtefacts", "NodeArtefactsMissing", "build_node_artefacts",
            "find_node_artefacts"]

@@ -92,7 +92,7 @@ def running_activator(cluster: LocalCluster, logs: Path, timeout_s: float) -> It
     env.pop("KUBERNETES_SERVICE_HOST", None)
     with (logs / f"activator-{port}.log").open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "modelyard.operator.activator", "--host", "127.0.0.1",
+            [sys.executable, "-m", "modelyard.activator", "--host", "127.0.0.1",
              "--port", str(port), "--admin-port", str(admin),
              "--timeout-seconds", f"{timeout_s:g}", "--log-level", "debug"],
             env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -30,7 +30,7 @@ class Replica:
         env = {
             **os.environ, "KUBECONFIG": str(kube.cluster.operator_kubeconfig),
             "MODELYARD_LEADER_ELECTION": "true", "POD_NAME": name,
-            "POD_NAMESPACE": kube.namespace, "MODELYARD_RESYNC_SECONDS": "2",
+            "POD_NAMESPACE": kube.namespace,
             "MODELYARD_LEASE_DURATION_SECONDS": str(LEASE_S),
             "MODELYARD_LEASE_RENEW_DEADLINE_SECONDS": str(RENEW_S),
             "MODELYARD_LEASE_RETRY_SECONDS": str(RETRY_S),

@@ -38,6 +38,15 @@ def manifest(name: str = "resnet", version: str = "1", gpus: int = 1,
     return yaml.safe_dump(body)
 
 
+def _passes() -> float:
+    """Reconcile passes this process's operator has finished, by its own metric."""
+    from modelyard.operator import metrics
+
+    return sum(metrics.METRICS.registry.get_sample_value(
+        "modelyard_operator_reconcile_total", {"result": result}) or 0.0
+        for result in ("ok", "error"))
+
+
 def ready(kube: Kube, name: str) -> bool:
     cond = kube.condition(name, "Ready")
     md = kube.get("md", name) or {}
@@ -237,9 +246,15 @@ def test_no_writes_at_rest_and_none_after_a_restart(
         assert at_rest == [], [_describe(w) for w in at_rest]
 
     uids = {d["metadata"]["uid"] for d in kube.get("deployments")}
+    everywhere = len(json.loads(kube.run("get", "md", "--all-namespaces", "-o", "json")
+                                .stdout)["items"])
+    passes_before = _passes()
     restarted = time.time()
     with OperatorThread():
-        time.sleep(8)  # resume handlers run for every existing resource
+        # The resume handlers ran a whole pass for every existing resource (each would have
+        # written, had anything differed), and only then is the audit log read.
+        wait_for(lambda: _passes() - passes_before >= everywhere,
+                 what=f"a pass for each of the {everywhere} ModelDeployments after the restart")
         after_restart = [w for w in cluster.writes_by(OPERATOR_USER, since=restarted)
                          if w["objectRef"].get("namespace") == kube.namespace]
         assert after_restart == [], [_describe(w) for w in after_restart]

@@ -35,7 +35,7 @@ def activated(real_cluster: Any, tmp_path: Any,  # noqa: F811
         kube = Kube(real_cluster, namespace)
         log = (tmp_path / "activator.log").open("wb")
         process = subprocess.Popen(
-            [sys.executable, "-m", "modelyard.operator.activator", "--host", host,
+            [sys.executable, "-m", "modelyard.activator", "--host", host,
              "--port", str(port), "--admin-port", str(admin), "--timeout-seconds", "180"],
             env={**os.environ, "KUBECONFIG": str(real_cluster.operator_kubeconfig)},
             stdout=log, stderr=subprocess.STDOUT)

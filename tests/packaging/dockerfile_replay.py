@@ -14,9 +14,9 @@ is ``<root>/opt/venv`` here.
   ``uv pip install``, ``mkdir -p``, ``chown``, ``groupadd``/``useradd`` recorded,
   the home created), and anything else fails loudly, so a new step in a
   Dockerfile is never silently skipped.
-* ``Replay.launch`` starts ENTRYPOINT + CMD with the image's ENV (its paths mapped
-  into the root), from its WORKDIR, as its USER (``setpriv``, since tests run as
-  root here).
+* ``Replay.launch`` starts ENTRYPOINT + CMD (or a pod's ``command`` and ``args``)
+  with the image's ENV (its paths mapped into the root), from its WORKDIR, as its
+  USER (``setpriv``, since tests run as root here).
 
 Two knowingly different things, both about where bytes come from, not what gets
 installed: ``uv pip install`` is given a constraints file pinning every package
@@ -371,8 +371,12 @@ class Replay:
         known = self.users[name]
         return User(known.uid, int(group) if group else known.gid, known.home)
 
-    def argv(self, root: Path, args: Sequence[str] | None = None) -> list[str]:
-        """ENTRYPOINT + CMD (or ``args`` in place of CMD, like ``docker run IMAGE ARGS``)."""
+    def argv(self, root: Path, args: Sequence[str] | None = None,
+             command: Sequence[str] | None = None) -> list[str]:
+        """ENTRYPOINT + CMD (or ``args`` in place of CMD, like ``docker run IMAGE ARGS``).
+
+        ``command`` replaces ENTRYPOINT *and* CMD, as a Kubernetes container's ``command``
+        does (its ``args`` then follow it; without ``command`` they replace CMD alone)."""
         final = self.dockerfile.final
         entry = final.last("ENTRYPOINT")
         cmd = final.last("CMD")
@@ -380,6 +384,8 @@ class Replay:
         default = cmd.exec_form() if cmd else []
         if entrypoint is None or default is None:
             raise ReplayError(f"{self.dockerfile.path.name}: ENTRYPOINT/CMD not in exec form")
+        if command is not None:
+            entrypoint, default = list(command), []
         argv = [*entrypoint, *(default if args is None else args)]
         found = shutil.which(argv[0], path=self.image_env(root).get("PATH", DEFAULT_PATH))
         if found is None:
@@ -387,8 +393,10 @@ class Replay:
         return [found, *argv[1:]]
 
     def launch(self, root: Path, args: Sequence[str] | None = None,
-               env: Mapping[str, str] | None = None, **popen: Any) -> subprocess.Popen[bytes]:
-        """Start the image's command like ``docker run [-e K=V] IMAGE [ARGS]`` would."""
+               env: Mapping[str, str] | None = None, command: Sequence[str] | None = None,
+               **popen: Any) -> subprocess.Popen[bytes]:
+        """Start the image's command like ``docker run [-e K=V] IMAGE [ARGS]`` would, or
+        like a pod's container with ``command`` (and ``args``) would."""
         user = self.user()
         full_env = {"HOME": str(self.host(root, user.home)) if user.home != "/" else "/",
                     **self.image_env(root), **(env or {})}
@@ -397,7 +405,7 @@ class Replay:
         prefix = [] if user.uid == 0 else [
             "setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups"]
         process: subprocess.Popen[bytes] = subprocess.Popen(
-            [*prefix, *self.argv(root, args)], env=full_env, cwd=cwd, **popen)
+            [*prefix, *self.argv(root, args, command)], env=full_env, cwd=cwd, **popen)
         return process
 
 

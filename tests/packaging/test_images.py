@@ -9,7 +9,10 @@ stage installs it with the Dockerfile's own extra into a fresh venv, and the
 Dockerfile's ENTRYPOINT + CMD runs from there as the Dockerfile's USER. The
 runtime serves a tiny TorchScript model and drains on SIGTERM; the operator
 prints its help, explains a missing kubeconfig, and reconciles a
-ModelDeployment on the real local cluster.
+ModelDeployment on the real local cluster; and every container the Helm chart
+runs on the operator image (the operator and the activator) starts from the
+replayed image with the chart's own command, arguments and environment, passes
+the chart's own probes, and stops cleanly on SIGTERM.
 
 The runtime replays the CUDA flavour's build arguments (torch from PyPI), the
 index this machine can reach; the CPU flavour differs only in that index.
@@ -17,6 +20,7 @@ index this machine can reach; the CPU flavour differs only in that index.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -37,7 +41,9 @@ from support import Kube, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = {"operator": ROOT / "Dockerfile.operator", "runtime": ROOT / "Dockerfile.runtime"}
-EXTRAS = {"operator": "operator", "runtime": "runtime"}
+# Each image's extras: one for every command the chart runs on it (the operator image runs
+# `modelyard operator` and `modelyard activator`).
+EXTRAS = {"operator": "operator,activator", "runtime": "runtime"}
 CUDA_FLAVOUR = {"BASE_IMAGE": "nvidia/cuda:13.0.2-base-ubuntu24.04",
                 "TORCH_INDEX": "https://pypi.org/simple"}
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -80,7 +86,8 @@ def test_the_final_stage_installs_the_wheel_its_build_stage_built(dockerfile: Do
     assert Path(wheel).name == f"modelyard-{PROJECT['version']}-py3-none-any.whl"
     # the build stage sees only the files that build the wheel; the final stage no source
     build_sources = {w for s in build.all("COPY") for w in s.words()[:-1]}
-    assert build_sources == {"pyproject.toml", "README.md", "operator/", "runtime/"}
+    assert build_sources == {"pyproject.toml", "README.md", "operator/", "activator/", "contract/",
+                             "runtime/"}
     assert not [s for s in final.all("COPY") if "--from=" not in s.value]
     extra = EXTRAS[dockerfile.path.name.split(".")[1]]
     installs = [w for s in final.all("RUN") for w in s.words() if w.startswith("modelyard[")]
@@ -93,9 +100,11 @@ def test_the_build_context_holds_only_what_builds_the_wheel() -> None:
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
     sent = {p for p in exclude_paths(str(ROOT), patterns) if (ROOT / p).is_file()}
-    assert {"pyproject.toml", "README.md", "operator/cli.py", "runtime/__main__.py"} <= sent
+    assert {"pyproject.toml", "README.md", "operator/cli.py", "activator/server.py",
+            "runtime/__main__.py"} <= sent
     assert {p.split("/")[0] for p in sent} <= {
-        "pyproject.toml", "README.md", "operator", "runtime", ".dockerignore"}
+        "pyproject.toml", "README.md", "operator", "activator", "contract", "runtime",
+        ".dockerignore"}
     assert not [p for p in sent if "__pycache__" in p or p.endswith((".pyc", ".pyo"))]
 
 
@@ -300,20 +309,39 @@ def test_the_operator_image_without_a_cluster_exits_and_says_why(
     assert b"kube-config" in out.lower() or b"kubeconfig" in out.lower(), out.decode()
 
 
-def test_the_operator_image_reconciles_on_the_local_cluster(
-        operator_image: tuple[Replay, Path], cluster: Any, namespace: str) -> None:
-    replay, root = operator_image
+def _kubeconfig_for_the_image_user(replay: Replay, root: Path, cluster: Any) -> Path:
+    """The operator's kubeconfig on the local cluster, readable by the image's USER only."""
     kubeconfig = root / "kubeconfig"
     shutil.copy(cluster.operator_kubeconfig, kubeconfig)
     user = replay.user()
     os.chown(kubeconfig, user.uid, user.gid)
     kubeconfig.chmod(0o600)
+    return kubeconfig
+
+
+@contextlib.contextmanager
+def _stops_on_sigterm(process: subprocess.Popen[bytes], log: Path) -> Iterator[None]:
+    """Run the body; then SIGTERM must stop ``process`` with exit status 0. Killed if not."""
+    try:
+        yield
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_the_operator_image_reconciles_on_the_local_cluster(
+        operator_image: tuple[Replay, Path], cluster: Any, namespace: str) -> None:
+    replay, root = operator_image
+    kubeconfig = _kubeconfig_for_the_image_user(replay, root, cluster)
     log = root / "operator.log"
     with log.open("wb") as out:
         process = replay.launch(root, args=["operator", "--namespace", namespace],
                                 env={"KUBECONFIG": str(kubeconfig)},
                                 stdout=out, stderr=subprocess.STDOUT)
-    try:
+    with _stops_on_sigterm(process, log):
         kube = Kube(cluster, namespace)
         kube.apply(yaml.safe_dump({
             "apiVersion": "modelyard.dev/v1alpha1", "kind": "ModelDeployment",
@@ -329,9 +357,94 @@ def test_the_operator_image_reconciles_on_the_local_cluster(
         wait_for(reconciled, timeout=120, what="the operator to create tiny-v1 and write status")
         deployment = kube.get("deployment", "tiny-v1")
         assert deployment["metadata"]["ownerReferences"][0]["name"] == "tiny"
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0, log.read_text()
+
+
+def _chart_containers(chart_image: str, namespace: str, ports: dict[str, int],
+                      home: Path) -> dict[str, dict[str, Any]]:
+    """The containers of every workload ``helm template`` renders from the chart's default
+    values that run ``chart_image``, by name; only the listening ports are set, so that
+    they are free on this shared machine."""
+    from modelyard.operator.devcluster.helm import ensure_helm
+
+    values = home / "values.yaml"
+    values.write_text(yaml.safe_dump({
+        "ports": {"metrics": ports["metrics"], "health": ports["health"]},
+        "activator": {"ports": {"http": ports["http"], "admin": ports["admin"]}}}))
+    rendered = ensure_helm().run("template", "modelyard", str(ROOT / "charts" / "modelyard"),
+                                 f"--namespace={namespace}", f"--values={values}", home=home)
+    containers: dict[str, dict[str, Any]] = {}
+    for obj in yaml.safe_load_all(rendered.stdout):
+        pod = ((obj or {}).get("spec") or {}).get("template", {}).get("spec", {})
+        for container in [*pod.get("initContainers", []), *pod.get("containers", [])]:
+            if container["image"].rpartition(":")[0] == chart_image:
+                assert container["name"] not in containers
+                containers[container["name"]] = container
+    return containers
+
+
+def _pod_env(container: dict[str, Any], namespace: str, pod: str) -> dict[str, str]:
+    """The container's ``env`` as the kubelet would give it (fieldRefs resolved)."""
+    fields = {"metadata.namespace": namespace, "metadata.name": pod}
+    env = {}
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = str(item["value"])
+        else:
+            path = item["valueFrom"]["fieldRef"]["fieldPath"]  # anything else: a KeyError
+            env[item["name"]] = fields[path]
+    return env
+
+
+def _probe_urls(container: dict[str, Any]) -> set[str]:
+    named = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    urls = set()
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        get = (container.get(kind) or {}).get("httpGet")
+        if get:
+            port = named.get(get["port"], get["port"])
+            urls.add(f"http://127.0.0.1:{port}{get['path']}")
+    return urls
+
+
+def test_every_command_the_chart_runs_on_the_operator_image_starts_and_passes_its_probes(
+        operator_image: tuple[Replay, Path], cluster: Any, namespace: str,
+        tmp_path: Path) -> None:
+    """Issue #10: the chart ran `modelyard activator` on an image whose extras lacked
+    uvicorn, and no test ever started it. Here each container of the chart that names the
+    operator image runs from the replayed image exactly as the chart writes it (command,
+    args, env, the image's USER), its probes answer 200, and SIGTERM stops it with 0. In a
+    pod each would log in with its ServiceAccount; here $KUBECONFIG names the operator's
+    user on the local cluster, the one thing added to the chart's environment."""
+    from modelyard.operator.devcluster.ports import release_port, reserve_port
+
+    replay, root = operator_image
+    chart_image = replay.dockerfile.labels["org.opencontainers.image.title"]
+    kubeconfig = _kubeconfig_for_the_image_user(replay, root, cluster)
+    ports = {name: reserve_port() for name in ("metrics", "health", "http", "admin")}
+    try:
+        containers = _chart_containers(chart_image, namespace, ports, tmp_path)
+        assert {"operator", "activator"} <= set(containers), sorted(containers)
+        for name, container in sorted(containers.items()):
+            urls = _probe_urls(container)
+            assert urls, f"the chart's {name} container has no HTTP probe"
+            log = root / f"chart-{name}.log"
+            with log.open("wb") as out:
+                process = replay.launch(
+                    root, command=container["command"], args=container.get("args", []),
+                    env={**_pod_env(container, namespace, f"{name}-0"),
+                         "KUBECONFIG": str(kubeconfig)},
+                    stdout=out, stderr=subprocess.STDOUT)
+            with _stops_on_sigterm(process, log):
+                def probes_pass(urls: set[str] = urls, log: Path = log,
+                                process: subprocess.Popen[bytes] = process) -> bool:
+                    assert process.poll() is None, log.read_text()
+                    try:
+                        return all(httpx.get(url, timeout=2).status_code == 200
+                                   for url in urls)
+                    except httpx.HTTPError:
+                        return False
+
+                wait_for(probes_pass, timeout=120, what=f"the chart's {name} probes {urls}")
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        for port in ports.values():
+            release_port(port)

@@ -85,3 +85,38 @@ def test_python_dash_m_help() -> None:
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0
     assert "MODELYARD_MAX_BATCH_SIZE" in result.stdout
+
+
+def test_the_settings_table_and_the_config_agree_field_for_field() -> None:
+    """One table (modelyard.contract) names every setting's variable for both sides."""
+    import dataclasses
+
+    from modelyard import contract
+
+    assert sorted(s.field for s in contract.SETTINGS) == sorted(
+        f.name for f in dataclasses.fields(RuntimeConfig))
+
+
+def test_a_misspelt_variable_is_reported_with_the_name_it_meant(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="modelyard.runtime.config"):
+        cfg = parse_config([], {**ENV, "MODELYARD_MAX_BATCH": "64"})
+    assert cfg.max_batch_size == 32  # not taken for the real setting
+    assert "MODELYARD_MAX_BATCH (did you mean MODELYARD_MAX_BATCH_SIZE?) is not a runtime " \
+        "setting" in caplog.text
+
+
+def test_the_operator_renders_only_names_the_runtime_reads() -> None:
+    from modelyard import contract
+    from modelyard.operator import api, render
+
+    spec = api.parse_spec({"model": {"version": "1", "uri": "s3://m/1", "sha256": "ab" * 32,
+                                     "optimize": {"dtype": "float16", "compile": True}},
+                           "runtime": {"handler": "pkg:H"}})
+    env = {e["name"]: e["value"] for e in render.runtime_env(render.Owner("m", "ns", "u"), spec)}
+    assert contract.unknown_variables(env) == []
+    cfg = parse_config([], env)
+    assert (cfg.model_name, cfg.sha256, cfg.dtype, cfg.compile, cfg.handler) == (
+        "m", "ab" * 32, "float16", True, "pkg:H")
+    with pytest.raises(contract.UnknownSetting, match="did you mean max_batch_size"):
+        contract.runtime_env({"max_batchsize": "4"})

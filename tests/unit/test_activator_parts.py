@@ -7,16 +7,15 @@ from typing import Any
 
 import pytest
 
-from modelyard.operator.activator import (
+from modelyard.activator.routing import (
     Endpoint,
     ModelRef,
-    Settings,
     choose,
     forward_headers,
     parse_host,
-    parse_settings,
     ready_endpoints,
 )
+from modelyard.activator.settings import Settings, parse_settings
 
 
 @pytest.mark.parametrize("host", [

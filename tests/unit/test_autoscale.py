@@ -20,10 +20,11 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import pydantic
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from modelyard.operator import api, autoscale
+from modelyard.operator import api, autoscale, signals
 from modelyard.operator.autoscale import Decision, Policy, Sample, State
 from modelyard.runtime.metrics import RuntimeMetrics
 
@@ -430,8 +431,8 @@ def test_runtime_metric_names_are_the_ones_read() -> None:
     m = RuntimeMetrics("m", "1")
     m.observe_request("v2", 200, 0.01)
     names = {s.name for f in text_string_to_metric_families(metrics_text(m)) for s in f.samples}
-    assert {autoscale.INFLIGHT, autoscale.QUEUE_DEPTH, autoscale.REQUESTS,
-            autoscale.LATENCY} <= names
+    assert {signals.INFLIGHT, signals.QUEUE_DEPTH, signals.REQUESTS,
+            signals.LATENCY} <= names
 
 
 def test_gpu_utilization_is_the_mean_over_ready_pods_in_percent() -> None:
@@ -451,3 +452,30 @@ def test_gpu_utilization_is_the_mean_over_ready_pods_in_percent() -> None:
     assert sample is not None
     assert (sample.ready_replicas, round(sample.value, 6)) == (2, 60.0)
     assert window.add(1.0, [autoscale.parse_scrape("a", 1.0, "", ready=True)]) is None
+
+
+def test_every_signal_is_one_registry_entry_read_the_same_from_scrapes_and_promql() -> None:
+    """The CRD's enum is the registry; each entry reads its value from a round of scrapes
+    and has an instant PromQL query over the same runtime series."""
+    from modelyard.operator import crd
+
+    schema = crd.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    metric = schema["properties"]["spec"]["properties"]["autoscaling"]["properties"]["metric"]
+    assert metric["enum"] == list(signals.NAMES)
+    a = RuntimeMetrics("m", "1")
+    a.observe_request("v2", 200, 0.01)
+    first = autoscale.parse_scrape("a", 0.0, metrics_text(a), ready=True)
+    a.observe_request("v2", 200, 0.02)
+    later = autoscale.parse_scrape("a", 2.0, metrics_text(a), ready=True)
+    for entry in signals.SIGNALS.values():
+        value = entry.from_scrapes([later], {"a": first})
+        if entry.name == "gpuUtilization":
+            assert value is None  # a pod without a GPU gives no figure (not a zero)
+        else:
+            assert value is not None, entry.name
+            assert value >= 0, entry.name
+        query = entry.promql('{namespace="ns"}', "60000ms")
+        assert '{namespace="ns"}' in query, entry.name
+    with pytest.raises(pydantic.ValidationError, match="unknown metric 'cpu'"):
+        api.parse_spec({"model": {"version": "1", "uri": "s3://m/1"},
+                        "autoscaling": {"maxReplicas": 2, "target": 1, "metric": "cpu"}})

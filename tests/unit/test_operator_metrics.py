@@ -13,15 +13,12 @@ import httpx
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from worlds import plain_step, world_of
 
 from modelyard.operator import api, metrics
-from modelyard.operator.status import (
-    RollBack,
-    VersionState,
-    compute_status,
-    plan_versions,
-    status_payload,
-)
+from modelyard.operator.rollout import RollBack
+from modelyard.operator.status import compute_status, status_payload
+from modelyard.operator.world import VersionState
 
 T0 = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -49,10 +46,10 @@ def status_of(version: str, observed: dict[str, VersionState], *, replicas: int 
     """The status the operator writes for this spec and what the cluster shows."""
     spec = api.parse_spec({"model": {"version": version, "uri": f"s3://m/{version}"},
                            "replicas": replicas})
-    status, _ = compute_status(
-        generation=1, spec=spec, previous=api.parse_status(previous),
-        observed=observed, plan=plan_versions(spec, observed, replicas),
-        url="http://m", selector="a=b", now=T0, **extra)
+    world = world_of(spec, observed, previous=api.parse_status(previous))
+    autoscaler = extra.pop("autoscaler", None)
+    status, _ = compute_status(world, plain_step(world, replicas, **extra),
+                               autoscaler=autoscaler, now=T0)
     return status_payload(status)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from modelyard.operator import api, rollout
-from modelyard.operator.status import VersionState
+from modelyard.operator.world import VersionState
 
 T0 = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
 

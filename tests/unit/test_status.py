@@ -5,14 +5,13 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from worlds import plain_step, world_of
+
 from modelyard.operator import api
-from modelyard.operator.status import (
-    VersionState,
-    compute_status,
-    observe,
-    plan_versions,
-    status_payload,
-)
+from modelyard.operator.rollout import plan_versions
+from modelyard.operator.status import compute_status, status_payload
+from modelyard.operator.world import VersionState
+from modelyard.operator.world import observe_versions as observe
 
 T0 = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
 
@@ -25,9 +24,8 @@ def spec(version: str = "2", replicas: int = 2) -> api.ModelDeploymentSpec:
 def run(s: api.ModelDeploymentSpec, observed: dict[str, VersionState],
         previous: api.ModelDeploymentStatus | None = None, now: dt.datetime = T0,
         ) -> tuple[api.ModelDeploymentStatus, list[Any]]:
-    plan = plan_versions(s, observed, s.replicas)
-    return compute_status(generation=4, spec=s, previous=previous or api.ModelDeploymentStatus(),
-                          observed=observed, plan=plan, url="http://x", selector="a=b", now=now)
+    world = world_of(s, observed, previous=previous, generation=4)
+    return compute_status(world, plain_step(world, s.replicas), autoscaler=None, now=now)
 
 
 def cond(status: api.ModelDeploymentStatus, kind: str) -> api.Condition:
@@ -65,7 +63,7 @@ def test_old_version_serves_until_the_new_one_is_available() -> None:
     prev, _ = run(spec("1"), {"1": VersionState("1", "m-v1", 2, 2, 2, 2)})
     rolling = {"1": VersionState("1", "m-v1", 2, 2, 2, 2),
                "2": VersionState("2", "m-v2", 2, 1, 0, 1)}
-    plan = plan_versions(s, rolling, s.replicas)
+    plan = plan_versions(s.model.version, rolling, s.replicas)
     assert plan.keep == {"1", "2"}
     assert not plan.retire
     status, _ = run(s, rolling, previous=prev)
@@ -75,7 +73,7 @@ def test_old_version_serves_until_the_new_one_is_available() -> None:
 
     done = {"1": VersionState("1", "m-v1", 2, 2, 2, 2),
             "2": VersionState("2", "m-v2", 2, 2, 2, 2)}
-    assert plan_versions(s, done, s.replicas).retire == {"1"}
+    assert plan_versions(s.model.version, done, s.replicas).retire == {"1"}
     status, _ = run(s, done, previous=status)
     assert [(v.version, v.phase) for v in status.versions] == [("2", "Stable"),
                                                                ("1", "Superseded")]
