@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from .nodebinaries import NodeBinaries, ensure_node_binaries
 
 BASE_IMAGE = "localhost/modelyard/python:3.11-slim-bookworm"
 PAUSE_IMAGE = "localhost/modelyard/pause:3.10"
+UV_IMAGE = "localhost/modelyard/uv"  # a stand-in for ghcr.io/astral-sh/uv, tagged alike
 DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 BASE_PACKAGES = ("ca-certificates", "netbase", "tzdata", "python3", "python3-pip",
@@ -71,11 +73,17 @@ def ensure_images(context: Path | None = None, node: NodeBinaries | None = None)
     """Every image of a real node, built first where missing or out of date."""
     context = context or repo_root()
     base = _ensure_base_image()
+    uv = _ensure_uv_image(_arg_default(context / "Dockerfile.runtime", "UV_IMAGE"))
     pause = _ensure_pause_image(node or ensure_node_binaries())
-    operator = _ensure_project_image(context, "operator", base, {"PYTHON_IMAGE": base.name})
-    runtime = _ensure_project_image(context, "runtime", base,
-                                   {"PYTHON_IMAGE": base.name, "BASE_IMAGE": base.name})
+    operator = _ensure_project_image(context, "operator", base, _args(base, uv, "operator"))
+    runtime = _ensure_project_image(context, "runtime", base, _args(base, uv, "runtime"))
     return Images(base, pause, operator, runtime)
+
+
+def _args(base: Image, uv: Image, flavour: str) -> dict[str, str]:
+    """The build arguments that put the stand-ins in place of the Dockerfiles' defaults."""
+    args = {"PYTHON_IMAGE": base.name, "UV_IMAGE": uv.name}
+    return {**args, "BASE_IMAGE": base.name} if flavour == "runtime" else args
 
 
 def find_images(context: Path | None = None) -> Images | None:
@@ -83,12 +91,12 @@ def find_images(context: Path | None = None) -> Images | None:
     context = context or repo_root()
     root = cache_root()
     base = _image(root / _base_key(), BASE_IMAGE)
-    operator = _project_image(context, "operator", base, {"PYTHON_IMAGE": base.name})
-    runtime = _project_image(context, "runtime", base,
-                             {"PYTHON_IMAGE": base.name, "BASE_IMAGE": base.name})
+    uv = _uv_image(_arg_default(context / "Dockerfile.runtime", "UV_IMAGE"))
+    operator = _project_image(context, "operator", base, _args(base, uv, "operator"))
+    runtime = _project_image(context, "runtime", base, _args(base, uv, "runtime"))
     pauses = sorted(root.glob("image-pause-*/image.tar"))
     found = Images(base, Image(PAUSE_IMAGE, pauses[-1]) if pauses else base, operator, runtime)
-    if not pauses or not all(i.archive.is_file() for i in (base, operator, runtime)):
+    if not pauses or not all(i.archive.is_file() for i in (base, uv, operator, runtime)):
         return None
     return found
 
@@ -110,6 +118,45 @@ def _ensure_base_image() -> Image:
     image = _image(tree, BASE_IMAGE)
     _load_into_buildah(image)
     return image
+
+
+def _uv_image(reference: str) -> Image:
+    """The stand-in for ``reference`` (``ghcr.io/astral-sh/uv:X.Y.Z``): the same tag."""
+    version = reference.rpartition(":")[2]
+    return Image(f"{UV_IMAGE}:{version}", cache_root() / f"image-uv-{version}" / "image.tar")
+
+
+def _ensure_uv_image(reference: str) -> Image:
+    """uv's image rebuilt from its PyPI wheel: ``/uv`` and ``/uvx`` in ``scratch``, as
+    ``ghcr.io/astral-sh/uv`` has them (no registry is reachable here)."""
+    image = _uv_image(reference)
+    version = image.name.rpartition(":")[2]
+
+    def build(out: Path, work: Path) -> None:
+        run_tool([sys.executable, "-m", "pip", "download", "--no-cache-dir", "--no-deps",
+                  "--only-binary=:all:", "--progress-bar=off", "--platform=manylinux_2_17_x86_64",
+                  "-d", str(work), f"uv=={version}"], cwd=work, env=dict(os.environ))
+        [wheel] = work.glob("uv-*.whl")
+        with zipfile.ZipFile(wheel) as archive:
+            for name in ("uv", "uvx"):
+                target = work / name
+                target.write_bytes(archive.read(f"uv-{version}.data/scripts/{name}"))
+                target.chmod(0o755)
+        container = _buildah("from", "scratch").strip()
+        try:
+            for name in ("uv", "uvx"):
+                _buildah("copy", container, str(work / name), f"/{name}")
+            _buildah("config", "--entrypoint", '["/uv"]', container)
+            _buildah("commit", "--quiet", container, image.name)
+        finally:
+            _buildah("rm", container)
+        _save(image.name, out)
+
+    tree = cached_tree(f"the stand-in {reference} (uv {version} from PyPI)",
+                       image.archive.parent.name, _has_archive, build)
+    built = _image(tree, image.name)
+    _load_into_buildah(built)
+    return built
 
 
 def _ensure_pause_image(node: NodeBinaries) -> Image:

@@ -7,8 +7,9 @@ is ``<root>/opt/venv`` here.
 
 * The build stage: ``COPY`` takes files from the build context as Docker sends it
   (``.dockerignore`` applied by the Docker SDK's own matcher), ``WORKDIR`` moves,
-  ``uv build --wheel`` builds the wheel. ``pip install uv==...`` is the one step
-  not carried out: the replay brings its own uv.
+  ``uv build --wheel`` builds the wheel. ``COPY --from`` uv's own image
+  (``ghcr.io/astral-sh/uv``) is the one step not carried out: the replay brings its
+  own uv, and ``RUN --mount`` of it is dropped likewise.
 * The final stage: ``COPY --from=STAGE`` copies between roots; ``RUN`` commands
   split on ``&&`` are carried out when the replay knows them (``uv venv``,
   ``uv pip install``, ``mkdir -p``, ``chown``, ``groupadd``/``useradd`` recorded,
@@ -45,6 +46,8 @@ from dockerfile_parse.util import WordSplitter
 
 # What Docker gives a container when the image sets no PATH of its own.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# uv's own image, which the Dockerfiles take uv from; the replay runs this machine's uv.
+UV_IMAGE = "ghcr.io/astral-sh/uv"
 
 
 class ReplayError(AssertionError):
@@ -223,6 +226,8 @@ class Replay:
         words = step.words()
         flags = dict(w[2:].split("=", 1) for w in words if w.startswith("--") and "=" in w)
         *sources, dest = [w for w in words if not w.startswith("--")]
+        if "from" in flags and self.dockerfile.stage(flags["from"]).base.startswith(UV_IMAGE):
+            return  # uv's image: the replay brings its own uv
         if "from" in flags:
             source_root = self.roots[flags["from"]]
             files = {s: self.host(source_root, s) for s in sources}
@@ -274,9 +279,6 @@ class Replay:
     def _command(self, command: list[str], env: dict[str, str], root: Path, cwd: str,
                  where: str) -> None:
         program, *rest = command
-        if program == "pip" and rest[:1] == ["install"] and all(
-                w.startswith("uv==") or w.startswith("-") for w in rest[1:]):
-            return  # the build stage fetching uv: the replay brings its own
         if command[:2] == ["uv", "build"]:
             opts = _options(rest[1:])
             if "--wheel" not in rest or "--out-dir" not in opts:
