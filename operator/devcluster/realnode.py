@@ -346,6 +346,7 @@ def _clear_block(layout: nc.NodeLayout) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), signal.SIGKILL)
+    _await_exit(pids)
     subprocess.run(["ip", "link", "del", f"mynode{layout.block}"], capture_output=True,
                    check=False)
     subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
@@ -354,6 +355,24 @@ def _clear_block(layout: nc.NodeLayout) -> None:
     for hierarchy in _hierarchies():
         _remove_cgroup_tree(hierarchy / layout.cgroup_root.strip("/"))
     shutil.rmtree(layout.run, ignore_errors=True)
+
+
+def _await_exit(pids: list[str]) -> None:
+    """Wait (up to the grace period) until the killed ``pids`` are gone or only wait to be
+    reaped: SIGKILL is delivered when a process next leaves the kernel, not at once."""
+    deadline = time.monotonic() + _GRACE_S
+    while time.monotonic() < deadline:
+        living = []
+        for pid in pids:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+            except OSError:
+                continue
+            if state not in ("Z", "X"):
+                living.append(pid)
+        if not living:
+            return
+        time.sleep(0.1)
 
 
 def _v1_hierarchies() -> list[Path]:

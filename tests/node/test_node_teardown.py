@@ -21,6 +21,16 @@ def _out(*argv: str) -> str:
     return subprocess.run(argv, capture_output=True, text=True, check=False).stdout
 
 
+def _running_since(pid: str) -> str | None:
+    """A live (not zombie) process's start time, which tells it from a later one given the
+    same pid; None once it is gone or only waits to be reaped."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
 def _sysctls() -> dict[str, str]:
     return {k: Path(f"/proc/sys/{k}").read_text().strip() for k in realnode.KUBELET_SYSCTLS}
 
@@ -53,12 +63,13 @@ def test_a_stopped_node_leaves_nothing_behind(real_cluster: Any) -> None:
     pod_pids = [p for procs in cgroup.rglob("cgroup.procs") for p in procs.read_text().split()]
     assert pod_pids
 
+    started = {pid: _running_since(pid) for pid in [*inside, *pod_pids]}
     node.stop()
     real_cluster.kubectl("delete", "pod", "sleeper", "--force", "--grace-period=0", check=False)
     real_cluster.kubectl("delete", "node", "real-teardown", check=False)
 
-    alive = [pid for pid in [*inside, *pod_pids] if Path(f"/proc/{pid}").exists()]
-    assert not alive
+    alive = [pid for pid, began in started.items() if _running_since(pid) == began]
+    assert not alive, [_out("ps", "-o", "pid,stat,args", "-p", pid) for pid in alive]
     assert ns not in _out("ip", "netns", "list")
     assert f"mynode{layout.block}" not in _out("ip", "link", "show")
     assert layout.pod_cidr not in _out("ip", "route", "show")

@@ -147,9 +147,6 @@ def test_operator_image_help(real_cluster: Any) -> None:
     assert "usage: modelyard operator" in log
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 §4: the operator image's [operator] extra "
-                   "lacks uvicorn, so `modelyard activator` cannot start (fixed on another "
-                   "branch; this test turns green with it)")
 def test_operator_image_runs_the_activator(real_cluster: Any) -> None:
     image = real_cluster.real_node_images.operator.name
     with restricted_namespace(real_cluster) as namespace:
