@@ -160,8 +160,11 @@ class Autoscaler:
 def _autoscaling(observed: Observed | None) -> api.ModelDeploymentSpec | None:
     if observed is None or observed.resource.get("metadata", {}).get("deletionTimestamp"):
         return None
+    raw = observed.resource.get("spec") or {}
+    if not raw.get("autoscaling"):
+        return None  # most models: nothing to parse on every tick (#16: 91% of CPU at rest)
     try:
-        return api.parse_spec(dict(observed.resource.get("spec") or {}))
+        return api.parse_spec(dict(raw))
     except pydantic.ValidationError:
         return None  # the reconcile pass reports it
 
