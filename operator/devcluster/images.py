@@ -198,10 +198,14 @@ def _ensure_project_image(context: Path, flavour: str, base: Image,
         argv += [f"--build-arg={k}={v}" for k, v in sorted(args.items())]
         argv += [f"--volume={v}" for v in volumes]
         _buildah(*argv, str(context), stream=True)
-        try:
-            _save(image.name, out)
-        finally:
-            _buildah("rmi", image.name, check=False)
+        _save(image.name, out)
+        # The new image stays tagged: removing it would also remove its untagged parents,
+        # the cached layers (torch's among them) the next build reuses. Older builds of the
+        # same image go, and with them only the layers no other image uses.
+        repository = image.name.rpartition(":")[0]
+        listed = _buildah("images", "--format", "{{.Name}}:{{.Tag}}", repository, check=False)
+        for old in set(listed.split()) - {image.name}:
+            _buildah("rmi", old, check=False)
 
     tree = cached_tree(f"the {flavour} image {image.name} (buildah, {dockerfile.name})",
                        image.key, _has_archive, build)

@@ -125,6 +125,7 @@ class RealNode:
             self.stop()
             raise
         self.started_in_s = time.monotonic() - started
+        log.info("real node %s Ready in %.1f s", self.name, self.started_in_s)
 
     def stop(self) -> None:
         """Everything of the node gone: processes, namespaces, mounts, links, cgroups."""

@@ -128,6 +128,8 @@ def journey(real_cluster: Any, real_node: Any, tmp_path_factory: pytest.TempPath
                  "--create-namespace", f"--set=image.repository={repository}",
                  f"--set=image.tag={tag}", kubeconfig=real_cluster.kubeconfig, home=home)
         journey = Journey(real_cluster, namespace, urls)
+        # containerd up, the images imported (once per store), kubelet Ready
+        journey.timings["real node Ready after its start (s)"] = real_node.started_in_s
         try:
             rolled = journey.kubectl("rollout", "status", "deployment/modelyard",
                                      f"--namespace={RELEASE_NS}", "--timeout=110s", check=False)
