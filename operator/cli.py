@@ -84,6 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kopf").setLevel(logging.WARNING)
+    if args.command in DEV_COMMANDS and not _has_devcluster():
+        print(f"modelyard: `{args.command}` is development tooling (the local cluster), which "
+              "the product package does not ship: run it from a source checkout (`make run`, "
+              "docs/development.md)", file=sys.stderr)
+        return 2
     if args.command == "build-binaries":
         from .devcluster import ensure_binaries
 
@@ -118,6 +123,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exc.code
         return 0
     return _dev(args)
+
+
+DEV_COMMANDS = ("dev", "build-binaries", "build-node")
+
+
+def _has_devcluster() -> bool:
+    """The local cluster is in a source checkout (an editable install), not in the wheel."""
+    import importlib.util
+
+    return importlib.util.find_spec("modelyard.operator.devcluster") is not None
 
 
 def _run_operator(namespaces: list[str], liveness: str | None) -> int:

@@ -13,6 +13,7 @@ import sys
 import tomllib
 import zipfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,11 +31,14 @@ def test_wheel_contains_every_module(tmp_path: Path) -> None:
         for source in (ROOT / folder).rglob("*"):
             if source.is_dir() or "__pycache__" in source.parts:
                 continue
+            if source.is_relative_to(ROOT / "operator" / "devcluster"):
+                continue  # development tooling: not shipped (below)
             if source.suffix not in {".py", ".yaml", ".html", ".js", ".css", ".sum", ".mod"} \
                     and source.name != "py.typed":
                 continue
             rel = source.relative_to(ROOT / folder).as_posix()
             assert f"{package}/{rel}" in names, f"{folder}/{rel} is missing from the wheel"
+    assert not any(n.startswith("modelyard/operator/devcluster/") for n in names)
     assert not any(n.startswith("operator/") for n in names)  # never a top-level `operator`
     assert not any(n == "modelyard/operator/__init__.py" for n in names)
 
@@ -107,3 +111,15 @@ def test_the_activator_extra_is_exactly_what_the_activator_imports() -> None:
     imported = {owners[name][0].lower().replace("_", "-") for name in external}
     assert imported - core - extra == set(), "imported but not declared"
     assert extra - imported == set(), "declared but never imported"
+
+
+def test_development_commands_say_where_they_run_when_the_local_cluster_is_not_shipped(
+        monkeypatch: Any, capsys: Any) -> None:
+    """In the product (wheel, images) `modelyard dev up` & co. explain themselves instead of
+    failing on an import."""
+    from modelyard.operator import cli
+
+    monkeypatch.setattr(cli, "_has_devcluster", lambda: False)
+    for command in (["dev", "up"], ["build-binaries"], ["build-node"]):
+        assert cli.main(command) == 2
+        assert "source checkout" in capsys.readouterr().err
