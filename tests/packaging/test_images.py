@@ -85,9 +85,14 @@ def test_the_final_stage_installs_the_wheel_its_build_stage_built(dockerfile: Do
     assert Path(wheel).parent == Path(out_dir)
     assert Path(wheel).name == f"modelyard-{PROJECT['version']}-py3-none-any.whl"
     # the build stage sees only the files that build the wheel; the final stage no source
-    build_sources = {w for s in build.all("COPY") for w in s.words()[:-1]}
+    build_sources = {w for s in build.all("COPY") if "--from=" not in s.value
+                     for w in s.words()[:-1]}
     assert build_sources == {"pyproject.toml", "README.md", "operator/", "activator/", "contract/",
                              "runtime/"}
+    # the one other file it takes is uv, from uv's own image (as uv's docs install it)
+    [uv_copy] = [s for s in build.all("COPY") if "--from=" in s.value]
+    assert uv_copy.words() == ["--from=uv", "/uv", "/usr/local/bin/uv"]
+    assert dockerfile.stage("uv").base.startswith(("ghcr.io/astral-sh/uv:", "localhost/"))
     assert not [s for s in final.all("COPY") if "--from=" not in s.value]
     extra = EXTRAS[dockerfile.path.name.split(".")[1]]
     installs = [w for s in final.all("RUN") for w in s.words() if w.startswith("modelyard[")]
@@ -106,6 +111,7 @@ def test_the_build_context_holds_only_what_builds_the_wheel() -> None:
         "pyproject.toml", "README.md", "operator", "activator", "contract", "runtime",
         ".dockerignore"}
     assert not [p for p in sent if "__pycache__" in p or p.endswith((".pyc", ".pyo"))]
+    assert not [p for p in sent if p.startswith("operator/devcluster/")]  # not shipped
 
 
 def test_the_image_runs_as_a_numeric_non_root_user_without_a_shell(
