@@ -7,14 +7,14 @@ modules it calls.
 
 * Indexes keep the ModelDeployments and their Deployments, Services and Pods in
   memory, so a pass reads nothing from the API.
-* A pass runs when a ModelDeployment is created, resumed, or its spec changes;
+* A pass runs on every event of a ModelDeployment (its initial listing included);
   when one of its children changes (a hand edit is reverted, a pod becomes ready,
   the scheduler gives up on a pod); and on one operator-wide resync loop, a safety
   net that needs no per-resource timer (so no finalizer blocks deletion). A quiet
   cluster causes no writes at all.
-* kopf's own state (progress and diff-base annotations) is kept under
-  ``kopf.modelyard.dev``, apart from the control annotations; kopf's logging-to-Events is
-  off (we post our own Events).
+* Only event handlers, so kopf keeps no state on the objects: no progress or diff-base
+  annotations and no finalizer, and the operator needs no ``patch`` on ModelDeployments
+  (only on their status). kopf's logging-to-Events is off (we post our own Events).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import contextlib
 import copy
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import kopf
@@ -45,20 +45,12 @@ _RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
 # Full passes for every resource, as a safety net for missed events; they write nothing when
 # nothing changed. Read at import: set MODELYARD_RESYNC_SECONDS before the operator starts.
 SAFETY_INTERVAL_S = float(os.environ.get("MODELYARD_RESYNC_SECONDS", "300"))
-KOPF_PREFIX = f"kopf.{api.GROUP}"  # kopf's own annotations (never the controls' prefix)
 # How often the autoscaler measures and decides (its rate limits are per decision).
 AUTOSCALE_TICK_S = float(os.environ.get("MODELYARD_AUTOSCALE_TICK_SECONDS", "2"))
 
 
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    settings.persistence.finalizer = f"{api.GROUP}/finalizer"
-    # kopf ignores every annotation under its own prefix when it looks for changes, so its
-    # state must not share ``modelyard.dev``: the controls (modelyard.dev/promote, abort,
-    # retry) would never wake a pass.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=KOPF_PREFIX, key="last-handled-configuration")
     settings.posting.enabled = False
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
@@ -197,26 +189,26 @@ async def _reconcile(namespace: str | None, name: str, memo: kopf.Memo, **indexe
 # ------------------------------------------------------------------- triggers
 
 
-@kopf.on.resume(*_RESOURCE)
-@kopf.on.create(*_RESOURCE)
-@kopf.on.update(*_RESOURCE, field="spec")
-@kopf.on.update(*_RESOURCE, field="metadata.annotations")  # manual controls (promote)
-async def model_changed(namespace: str | None, name: str, **kwargs: Any) -> None:
-    await _reconcile(namespace, name, **kwargs)
+# Every event of a ModelDeployment (the initial listing included) wakes a pass: the
+# controller is level-based, and a pass with nothing to change writes nothing (the event
+# of its own status patch costs one pass that finds nothing to do). Event handlers keep no
+# state on the object, so there is nothing for a replica killed mid-handling to leave
+# behind: with kopf's on.create/update/resume, whose progress and diff-base annotations
+# every replica wrote, a new leader once missed a `promote` annotated while the old leader
+# was being SIGKILLed (tests/cluster/test_ha.py).
+@kopf.on.event(*_RESOURCE)
+async def model_changed(namespace: str | None, name: str, logger: kopf.Logger,
+                        **kwargs: Any) -> None:
+    await _with_retries(lambda: _reconcile(namespace, name, **kwargs), name, logger)
 
 
-@kopf.on.event("apps", "v1", "deployments", labels=_MANAGED)
-@kopf.on.event("", "v1", "services", labels=_MANAGED)
-@kopf.on.event("", "v1", "pods", labels=_MANAGED)
-async def child_changed(namespace: str | None, name: str, labels: kopf.Labels, type: str,
-                        logger: kopf.Logger, **kwargs: Any) -> None:
-    if not type:
-        return  # the initial listing: resume handlers cover it
-    # kopf never retries event handlers; a pass that hits a transient API error gets a
-    # few tries of its own (and the resync loop catches anything beyond that).
+async def _with_retries(run: Callable[[], Awaitable[None]], name: str,
+                        logger: kopf.Logger) -> None:
+    """kopf never retries event handlers; a pass that hits a transient API error gets a
+    few tries of its own (and the resync loop catches anything beyond that)."""
     for attempt, delay in enumerate((1.0, 2.0, 4.0, 0.0), start=1):
         try:
-            await _reconcile(namespace, labels[MODEL_LABEL], **kwargs)
+            await run()
             return
         except Exception as exc:
             if not delay:
@@ -225,4 +217,15 @@ async def child_changed(namespace: str | None, name: str, labels: kopf.Labels, t
                 return
             logger.warning("reconcile after a change to %s failed (%s); retrying", name, exc)
             await asyncio.sleep(delay)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=_MANAGED)
+@kopf.on.event("", "v1", "services", labels=_MANAGED)
+@kopf.on.event("", "v1", "pods", labels=_MANAGED)
+async def child_changed(namespace: str | None, name: str, labels: kopf.Labels, type: str,
+                        logger: kopf.Logger, **kwargs: Any) -> None:
+    if not type:
+        return  # the initial listing: the ModelDeployments' own listing covers it
+    await _with_retries(lambda: _reconcile(namespace, labels[MODEL_LABEL], **kwargs), name,
+                        logger)
 

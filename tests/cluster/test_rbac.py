@@ -200,7 +200,7 @@ def status(kube: Kube, name: str) -> dict[str, Any]:
 
 def drive_a_models_life(kube: Kube, name: str) -> None:
     """Create, canary to promotion, `kubectl scale`, delete: everything the operator does."""
-    steps = [{"weight": 50, "pauseSeconds": 1}]
+    steps = [{"weight": 50, "pauseSeconds": 5}]  # long enough to see the canary's two Services
     kube.apply(model(name, "1", steps))
     wait_for(lambda: status(kube, name).get("readyReplicas") == REPLICAS, what="v1 ready")
 

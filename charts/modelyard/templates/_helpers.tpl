@@ -81,7 +81,7 @@ operator needs each one and nothing more.
 {{- define "modelyard.operatorRules" -}}
 - apiGroups: [modelyard.dev]
   resources: [modeldeployments]
-  verbs: [list, watch, patch]
+  verbs: [list, watch]
 - apiGroups: [modelyard.dev]
   resources: [modeldeployments/status]
   verbs: [patch]
