@@ -6,7 +6,8 @@ Kept thin on purpose: every decision lives in :mod:`.reconcile` and the pure
 modules it calls.
 
 * Indexes keep the ModelDeployments and their Deployments, Services and Pods in
-  memory, so a pass reads nothing from the API.
+  memory, so a pass reads nothing from the API; each keeps only what a pass reads of an
+  object (:func:`.world.project_pod` and its siblings), not the whole object.
 * A pass runs on every event of a ModelDeployment (its initial listing included);
   when one of its children changes (a hand edit is reverted, a pod becomes ready,
   the scheduler gives up on a pod); and on one operator-wide resync loop, a safety
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
@@ -36,7 +36,7 @@ from .leader import ElectionConfig, Elector
 from .reconcile import Reconciler
 from .render import ENDPOINTSLICE_MANAGER, MANAGED_BY, MANAGER, MODEL_LABEL
 from .scaling import Autoscaler, nobody_waits
-from .world import Observed
+from .world import Observed, project_child, project_model, project_pod
 
 log = logging.getLogger(__name__)
 
@@ -122,34 +122,25 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 # --------------------------------------------------------------------- indexes
 
 
-def _snapshot(body: Mapping[str, Any], *, spec: bool = True) -> dict[str, Any]:
-    meta = body.get("metadata", {})
-    out: dict[str, Any] = {
-        "metadata": {k: copy.deepcopy(meta[k]) for k in
-                     ("name", "namespace", "uid", "generation", "resourceVersion", "labels",
-                      "annotations", "deletionTimestamp") if k in meta},
-        "status": copy.deepcopy(dict(body.get("status") or {})),
-    }
-    if spec:
-        out["spec"] = copy.deepcopy(dict(body.get("spec") or {}))
-    return out
+# Each index keeps a projection of its objects (world.project_*): what a pass reads, not
+# whole objects.
 
 
 @kopf.index(*_RESOURCE)
 def model_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> Any:
-    return {(namespace, name): _snapshot(body)}
+    return {(namespace, name): project_model(body)}
 
 
 @kopf.index("apps", "v1", "deployments", labels=_MANAGED)
 def deployment_index(body: kopf.Body, namespace: str | None, labels: kopf.Labels,
                      **_: Any) -> Any:
-    return {(namespace, labels[MODEL_LABEL]): _snapshot(body)}
+    return {(namespace, labels[MODEL_LABEL]): project_child(body)}
 
 
 @kopf.index("", "v1", "services", labels=_MANAGED)
 def service_index(body: kopf.Body, namespace: str | None, labels: kopf.Labels,
                   **_: Any) -> Any:
-    return {(namespace, labels[MODEL_LABEL]): _snapshot(body)}
+    return {(namespace, labels[MODEL_LABEL]): project_child(body)}
 
 
 @kopf.index("discovery.k8s.io", "v1", "endpointslices",
@@ -157,13 +148,13 @@ def service_index(body: kopf.Body, namespace: str | None, labels: kopf.Labels,
                     "endpointslice.kubernetes.io/managed-by": ENDPOINTSLICE_MANAGER})
 def endpointslice_index(body: kopf.Body, namespace: str | None, labels: kopf.Labels,
                         **_: Any) -> Any:
-    return {(namespace, labels[MODEL_LABEL]): _snapshot(body, spec=False) | {
-        k: copy.deepcopy(body.get(k)) for k in ("endpoints", "ports", "addressType")}}
+    return {(namespace, labels[MODEL_LABEL]): project_child(
+        body, fields=("endpoints", "ports", "addressType"))}
 
 
 @kopf.index("", "v1", "pods", labels=_MANAGED)
 def pod_index(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> Any:
-    return {(namespace, labels[MODEL_LABEL]): _snapshot(body)}
+    return {(namespace, labels[MODEL_LABEL]): project_pod(body)}
 
 
 async def _reconcile(namespace: str | None, name: str, memo: kopf.Memo, **indexes: Any) -> None:

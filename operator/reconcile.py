@@ -56,6 +56,7 @@ class Reconciler:
         self._clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self._locks: dict[Key, asyncio.Lock] = {}
         self._known: dict[Key, Snapshot] = {}
+        self._autoscaled: set[Key] = set()  # resources whose last pass found autoscaling
         self._gateway: tuple[bool, float] | None = None  # (HTTPRoute served?, checked at)
         self._scale_requests: dict[Key, api.AutoscalerStatus] = {}  # the autoscaler's say
         self._timers: dict[Key, asyncio.TimerHandle] = {}
@@ -66,6 +67,11 @@ class Reconciler:
     def known_keys(self) -> list[Key]:
         """Every resource seen and not yet gone."""
         return list(self._known)
+
+    def autoscaled_keys(self) -> list[Key]:
+        """The resources with ``spec.autoscaling`` as of their last pass: the autoscaler
+        looks at these only, so models without it cost nothing per tick."""
+        return list(self._autoscaled)
 
     def observe(self, key: Key) -> Observed | None:
         """The resource and its children as the indexes hold them now (None: gone)."""
@@ -86,6 +92,7 @@ class Reconciler:
         """The resource is gone: drop what we remembered of it."""
         self._locks.pop(key, None)
         self._known.pop(key, None)
+        self._autoscaled.discard(key)
         self._scale_requests.pop(key, None)
         timer = self._timers.pop(key, None)
         if timer is not None:
@@ -150,6 +157,10 @@ class Reconciler:
         seen = world.build(observed, self._executor.latest_status(key, observed.resource),
                            gateway=await self._gateway_api(), activator=None,
                            activator_configured=self.activator is not None)
+        if seen.spec is not None and seen.spec.autoscaling is not None and not seen.deleting:
+            self._autoscaled.add(key)
+        else:
+            self._autoscaled.discard(key)
         if seen.spec is not None and self.activator is not None \
                 and plan.needs_activator(seen.spec, seen.versions):
             seen = dataclasses.replace(seen, activator=await self.activator.endpoints())

@@ -1,8 +1,9 @@
 """The autoscaler loop: measure each autoscaled model, decide, and hand the decision to a
 reconcile pass. The deciding is :mod:`.autoscale` (pure); this is the I/O around it.
 
-Every ``tick_s`` (2 s), on the leading replica only, for each ModelDeployment with
-``spec.autoscaling``:
+Every ``tick_s`` (2 s), on the leading replica only, for each ModelDeployment whose last
+pass found ``spec.autoscaling`` (:meth:`.Reconciler.autoscaled_keys`; the others cost
+nothing per tick):
 
 1. read the metric: scrape ``/metrics`` of every runtime pod of the model that is Ready
    (all versions: a canary's pods carry load too), or ask Prometheus (``source:
@@ -65,7 +66,10 @@ class Autoscaler:
             await self.tick()
 
     async def tick(self) -> None:
-        for key in self.reconciler.known_keys():
+        keys = self.reconciler.autoscaled_keys()
+        for key in set(self._windows) - set(keys):
+            self._forget(key)  # gone, or no longer autoscaled
+        for key in keys:
             try:
                 await self._scale(key)
             except Exception:
@@ -75,9 +79,7 @@ class Autoscaler:
         observed = self.reconciler.observe(key)
         spec = _autoscaling(observed)
         if observed is None or spec is None or spec.autoscaling is None:
-            self._windows.pop(key, None)
-            self._states.pop(key, None)
-            self._decided.pop(key, None)
+            self._forget(key)
             return
         policy = autoscale.Policy.from_spec(spec.autoscaling)
         status = api.parse_status(dict(observed.resource.get("status") or {}))
@@ -116,6 +118,11 @@ class Autoscaler:
             log.info("autoscaling %s/%s: %d -> %d replicas (%s)", *key, current,
                      decision.replicas, decision.reason)
         await self.reconciler.autoscaled(key, new)
+
+    def _forget(self, key: Key) -> None:
+        self._windows.pop(key, None)
+        self._states.pop(key, None)
+        self._decided.pop(key, None)
 
     async def _from_pods(self, window: autoscale.Window, spec: api.ModelDeploymentSpec,
                          now: float, waiting: float, observed: Observed) -> None:

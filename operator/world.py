@@ -15,6 +15,7 @@ Imports no Kubernetes client.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,62 @@ def pod_ready(pod: Mapping[str, Any]) -> bool:
     """The pod's Ready condition is True (its readiness probe passes)."""
     return any(c.get("type") == "Ready" and c.get("status") == "True"
                for c in pod.get("status", {}).get("conditions", []) or [])
+
+
+# ------------------------------------------------------------ what the indexes keep
+# The indexes keep, per object, only what a pass (this module, plan, scaling) reads of it:
+# at 1000 models a whole pod (managedFields, env, volumes, a kubelet's status) is ~3 kB
+# of JSON and the projection below ~0.8 kB. A field a pass starts reading is added here,
+# and tests/unit/test_index_projections.py fails until it is.
+_META = ("name", "namespace", "uid", "generation", "resourceVersion", "labels",
+         "deletionTimestamp")
+_OURS = "modelyard.dev/"  # the only annotations a pass reads of a ModelDeployment
+
+
+def _meta(meta: Mapping[str, Any], *, annotations: bool) -> dict[str, Any]:
+    out = {k: copy.deepcopy(meta[k]) for k in _META if k in meta}
+    if annotations and "annotations" in meta:
+        out["annotations"] = dict(meta["annotations"])
+    return out
+
+
+def project_model(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A ModelDeployment as a pass reads it: spec and status whole; of its annotations only
+    modelyard's own (``kubectl apply``'s last-applied copy of the spec is dropped)."""
+    meta = body.get("metadata", {})
+    ours = {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith(_OURS)}
+    return {"metadata": _meta(meta, annotations=False) | {"annotations": ours},
+            "spec": copy.deepcopy(dict(body.get("spec") or {})),
+            "status": copy.deepcopy(dict(body.get("status") or {}))}
+
+
+def project_child(body: Mapping[str, Any], *, fields: Iterable[str] = ("spec",)
+                  ) -> dict[str, Any]:
+    """A Deployment, Service or EndpointSlice: what :mod:`.diff` compares (its metadata with
+    the hash annotation, and ``fields``) and its status."""
+    out = {"metadata": _meta(body.get("metadata", {}), annotations=True),
+           "status": copy.deepcopy(dict(body.get("status") or {}))}
+    return out | {k: copy.deepcopy(body[k]) for k in fields if k in body}
+
+
+def project_pod(pod: Mapping[str, Any]) -> dict[str, Any]:
+    """A pod as a pass reads it: its node and GPU limits, phase, address, conditions, and
+    each container's readiness, restarts and state."""
+    spec, status = pod.get("spec") or {}, pod.get("status") or {}
+    out_spec: dict[str, Any] = {"containers": [
+        {"name": c.get("name"), "resources": copy.deepcopy(c.get("resources") or {})}
+        for c in spec.get("containers") or []]}
+    if spec.get("nodeName"):
+        out_spec["nodeName"] = spec["nodeName"]
+    out_status: dict[str, Any] = {k: status[k] for k in ("phase", "podIP") if k in status}
+    out_status["conditions"] = [
+        {k: c[k] for k in ("type", "status", "reason", "message") if k in c}
+        for c in status.get("conditions") or []]
+    out_status["containerStatuses"] = [
+        {k: copy.deepcopy(c[k]) for k in ("name", "ready", "restartCount", "state") if k in c}
+        for c in status.get("containerStatuses") or []]
+    return {"metadata": _meta(pod.get("metadata", {}), annotations=False),
+            "spec": out_spec, "status": out_status}
 
 
 @dataclass(frozen=True)
