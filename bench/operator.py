@@ -54,7 +54,7 @@ import httpx
 import yaml
 
 from bench.cluster import Watch, install_crd, wait_for
-from modelyard.operator import api, render
+from modelyard.operator import api, api_status, render
 from modelyard.operator.devcluster.pki import OPERATOR_USER
 from modelyard.operator.devcluster.ports import reserve_port
 
@@ -129,7 +129,7 @@ def all_ready(n: int) -> Callable[[Objects], bool]:
 
 def all_stable(n: int, version: str) -> Callable[[Objects], bool]:
     return lambda objects: len(objects) == n and all(
-        f == ("True", "True", version, api.VersionPhase.STABLE) for f in objects.values())
+        f == ("True", "True", version, api_status.VersionPhase.STABLE) for f in objects.values())
 
 
 def all_available(n: int, generation: str) -> Callable[[Objects], bool]:

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from modelyard import contract
 
-from . import api
+from . import api, api_status
 from .signals import quantile
 
 REQUESTS = contract.REQUESTS
@@ -65,8 +65,8 @@ class Verdict:
     error_rate: float | None = None
     p99_ms: float | None = None
 
-    def figures(self) -> api.AnalysisFigures:
-        return api.AnalysisFigures(requests=self.requests, error_rate=self.error_rate,
+    def figures(self) -> api_status.AnalysisFigures:
+        return api_status.AnalysisFigures(requests=self.requests, error_rate=self.error_rate,
                                    p99_ms=self.p99_ms)
 
 

@@ -8,6 +8,8 @@ and the operator parses live objects with them. Everything that can be checked a
 for the person who typed the manifest; what only the operator can judge (a URI
 that 404s, a pod that cannot be scheduled) is reported in status instead.
 
+The status the operator writes is in :mod:`.api_status`.
+
 Pure data: imports no Kubernetes client.
 """
 
@@ -64,7 +66,10 @@ _QUANTITY_SCHEMA: dict[str, Any] = {
 }
 
 
-class _Model(BaseModel):
+class ApiModel(BaseModel):
+    """The base of every API model (spec here, status in :mod:`.api_status`): camelCase
+    names on the wire, unknown fields refused."""
+
     model_config = ConfigDict(
         alias_generator=to_camel, populate_by_name=True, extra="forbid",
         use_enum_values=True, validate_default=True,
@@ -80,7 +85,7 @@ class ModelFormat(StrEnum):
     SAFETENSORS = "safetensors"
 
 
-class Optimize(_Model):
+class Optimize(ApiModel):
     """Transformations the runtime applies when it loads the model."""
 
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
@@ -90,7 +95,7 @@ class Optimize(_Model):
     compile: bool = Field(False, description="Run torch.compile on the model before warm-up.")
 
 
-class ModelSource(_Model):
+class ModelSource(ApiModel):
     """Which model to serve and where to fetch it from."""
 
     name: str | None = Field(
@@ -134,7 +139,7 @@ class ModelSource(_Model):
     ))
 
 
-class Batching(_Model):
+class Batching(ApiModel):
     """Dynamic batching of concurrent requests into one forward pass."""
 
     max_batch_size: int = Field(
@@ -144,7 +149,7 @@ class Batching(_Model):
         description="Longest a request waits for others to join its batch while the model is busy.")
 
 
-class RuntimeSpec(_Model):
+class RuntimeSpec(ApiModel):
     """The serving runtime that runs in each pod."""
 
     image: str = Field(DEFAULT_RUNTIME_IMAGE, min_length=1, max_length=512,
@@ -161,7 +166,7 @@ class RuntimeSpec(_Model):
         default_factory=dict, description="Extra environment variables for the runtime.")
 
 
-class GpuRequest(_Model):
+class GpuRequest(ApiModel):
     """GPUs per replica and, optionally, which product."""
 
     count: int = Field(0, ge=0, le=64, description="GPUs per replica (nvidia.com/gpu).")
@@ -176,7 +181,7 @@ class GpuRequest(_Model):
     ))
 
 
-class Resources(_Model):
+class Resources(ApiModel):
     """Resources of each replica (requests equal limits)."""
 
     gpu: GpuRequest | None = Field(None, description="GPUs per replica.")
@@ -186,7 +191,7 @@ class Resources(_Model):
         None, description="Memory per replica (request and limit), e.g. 16Gi.")
 
 
-class Toleration(_Model):
+class Toleration(ApiModel):
     """A core/v1 Toleration."""
 
     key: str | None = Field(None, max_length=316, description="Taint key to tolerate.")
@@ -197,7 +202,7 @@ class Toleration(_Model):
     toleration_seconds: int | None = Field(None, description="For NoExecute taints.")
 
 
-class Scheduling(_Model):
+class Scheduling(ApiModel):
     """Where replicas may run, beyond what the GPU request implies."""
 
     node_selector: dict[str, str] = Field(default_factory=dict,
@@ -215,7 +220,7 @@ class Scheduling(_Model):
         None, max_length=253, description="RuntimeClass of the pods, e.g. nvidia.")
 
 
-class Autoscaling(_Model):
+class Autoscaling(ApiModel):
     """Scale replicas from live inference metrics (the operator's own autoscaler; see
     docs/autoscaling.md for the algorithm)."""
 
@@ -273,7 +278,7 @@ class RolloutStrategy(StrEnum):
     BLUE_GREEN = "BlueGreen"
 
 
-class CanaryStep(_Model):
+class CanaryStep(ApiModel):
     """One canary step: a traffic weight held for a while (or until promoted)."""
 
     weight: int = Field(..., ge=0, le=100, description="Share of traffic for the new version.")
@@ -282,7 +287,7 @@ class CanaryStep(_Model):
         description="How long to hold this step; absent means wait for a manual promote.")
 
 
-class Analysis(_Model):
+class Analysis(ApiModel):
     """Thresholds a canary must meet at each step, from the runtime's metrics."""
 
     max_error_rate: float = Field(0.01, ge=0, le=1, description="Highest acceptable error ratio.")
@@ -315,7 +320,7 @@ class Analysis(_Model):
     ))
 
 
-class Rollout(_Model):
+class Rollout(ApiModel):
     """How a new version replaces the serving one."""
 
     strategy: RolloutStrategy = Field(RolloutStrategy.ROLLING_UPDATE,
@@ -341,7 +346,7 @@ class Rollout(_Model):
     ))
 
 
-class GatewayRef(_Model):
+class GatewayRef(ApiModel):
     """The Gateway (Gateway API) whose listener serves the model's HTTPRoute."""
 
     name: str = Field(..., min_length=1, max_length=253, description="Gateway name.")
@@ -351,7 +356,7 @@ class GatewayRef(_Model):
                                      description="Listener of the Gateway to attach to.")
 
 
-class ModelDeploymentSpec(_Model):
+class ModelDeploymentSpec(ApiModel):
     """The desired state of a served model."""
 
     model: ModelSource = Field(..., description="The model to serve.")
@@ -373,127 +378,5 @@ class ModelDeploymentSpec(_Model):
                           "weights; otherwise by replica ratio behind the stable Service.")
 
 
-# ------------------------------------------------------------------------- status
-
-
-class ConditionStatus(StrEnum):
-    TRUE = "True"
-    FALSE = "False"
-    UNKNOWN = "Unknown"
-
-
-class Condition(_Model):
-    """A metav1.Condition."""
-
-    type: str = Field(..., description="Ready, Progressing or Degraded.")
-    status: ConditionStatus = Field(..., description="True, False or Unknown.")
-    reason: str = Field(..., description="CamelCase reason for the last transition.")
-    message: str = Field("", description="Human-readable detail.")
-    last_transition_time: str = Field(..., description="When status last changed (RFC 3339).")
-    observed_generation: int | None = Field(None, description="Generation this was computed at.")
-
-
-class VersionPhase(StrEnum):
-    PENDING = "Pending"
-    CANARY = "Canary"
-    STABLE = "Stable"
-    SUPERSEDED = "Superseded"
-    ROLLED_BACK = "RolledBack"
-    FAILED = "Failed"
-
-
-class AnalysisFigures(_Model):
-    """What the canary analysis measured when it decided."""
-
-    requests: int = Field(..., description="Requests in the judged window.")
-    error_rate: float | None = Field(None, description="Share of 5xx answers.")
-    p99_ms: float | None = Field(None, description="99th percentile latency, milliseconds.")
-
-
-class VersionRecord(_Model):
-    """One entry of the version ledger."""
-
-    version: str = Field(..., description="Model version.")
-    uri: str = Field(..., description="Model URI of this version.")
-    sha256: str | None = Field(None, description="Expected digest, when given.")
-    phase: VersionPhase = Field(..., description="Where this version stands.")
-    deployed_at: str = Field(..., description="When this version was first deployed.")
-    promoted_at: str | None = Field(None, description="When it became the stable version.")
-    finished_at: str | None = Field(None, description="When it stopped serving.")
-    reason: str | None = Field(None, description="Why it is in this phase.")
-    analysis: AnalysisFigures | None = Field(
-        None, description="The canary analysis figures that decided this phase.")
-
-
-class CanaryStatus(_Model):
-    """Where a rollout of a new version stands (a canary, or a blue-green preview)."""
-
-    version: str = Field(..., description="Version being rolled out.")
-    strategy: Literal["Canary", "BlueGreen"] = Field(
-        "Canary", description="Canary (traffic moves in steps) or BlueGreen (a preview).")
-    weight: int = Field(..., description="Traffic share the current step moves to, in percent.")
-    step: int = Field(..., description="Current step (1-based); past the last step: promoting.")
-    started_at: str = Field(..., description="When the canary started.")
-    step_started_at: str = Field(..., description="When the current step started.")
-    reached_at: str | None = Field(
-        None, description="When the current step's weight was reached (its pause runs from here).")
-    progress: str = Field("", description="Human summary, e.g. 50% (step 2/3).")
-    paused: bool = Field(False, description="Waiting for a manual promote.")
-
-
-class HandledRequests(_Model):
-    """The values of the control annotations the operator has acted on."""
-
-    abort: str | None = Field(None, description="Last modelyard.dev/abort value handled.")
-    retry: str | None = Field(None, description="Last modelyard.dev/retry value handled.")
-
-
-class AutoscalerStatus(_Model):
-    """What the autoscaler decided, and why."""
-
-    desired_replicas: int = Field(..., description="Replicas the model should have now.")
-    metric: str = Field(..., description="The metric it scales on.")
-    metric_value: float | None = Field(
-        None, description="The metric (over the stable window) when replicas last changed.")
-    reason: str = Field("", description="Why replicas last changed.")
-    last_scale_time: str | None = Field(None, description="When replicas last changed.")
-    panic: bool = Field(False, description="Scaling up fast on a spike; no scale-down.")
-    state: dict[str, Any] = Field(
-        default_factory=dict,
-        description="The algorithm's memory, so a restarted operator carries on.",
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
-
-
-class ModelDeploymentStatus(_Model):
-    """Observed state, written only by the operator."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    observed_generation: int | None = Field(None, description="Generation last reconciled.")
-    conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing, "
-                                        "Degraded.")
-    url: str | None = Field(None, description="In-cluster URL of the model's endpoint.")
-    stable_version: str | None = Field(None, description="Version serving all traffic.")
-    target_version: str | None = Field(None, description="Version being rolled out to.")
-    canary: CanaryStatus | None = Field(None, description="The canary in progress, if any.")
-    replicas: int = Field(0, description="Runtime pods that exist.")
-    ready_replicas: int = Field(0, description="Runtime pods ready to serve.")
-    selector: str | None = Field(None, description="Label selector of the pods (scale).")
-    gpus: int = Field(0, description="GPUs requested by the model's scheduled pods.")
-    versions: list[VersionRecord] = Field(default_factory=list,
-                                          description="Version history, newest first.")
-    autoscaler: AutoscalerStatus | None = Field(
-        None, description="The autoscaler's last decision (with spec.autoscaling).")
-    traffic_split: Literal["gateway", "replicas"] | None = Field(
-        None, description="How traffic is split between versions: gateway (HTTPRoute "
-                          "weights) or replicas (replica ratio behind the stable Service).")
-    handled_requests: HandledRequests | None = Field(
-        None, description="Control annotations already acted on (abort, retry).")
-
-
 def parse_spec(spec: dict[str, Any]) -> ModelDeploymentSpec:
     return ModelDeploymentSpec.model_validate(spec)
-
-
-def parse_status(status: dict[str, Any] | None) -> ModelDeploymentStatus:
-    return ModelDeploymentStatus.model_validate(status or {})

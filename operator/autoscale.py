@@ -2,7 +2,7 @@
 
 Called by the operator's autoscaler loop once per tick for each ModelDeployment with
 ``spec.autoscaling``: it scrapes the ready runtime pods, feeds the scrapes to a
-:class:`Window`, and hands :attr:`Window.samples` to :func:`decide`, which returns the
+:class:`~.samples.Window`, and hands its samples to :func:`decide`, which returns the
 replicas to set and the :class:`State` to keep in the resource's status, so that a
 restarted (or newly elected) operator carries on where the last one stopped. Nothing
 here reads a clock, the network or Kubernetes; docs/autoscaling.md explains the
@@ -30,12 +30,12 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 from . import api, signals
+from .samples import Sample, Window
 from .signals import Scrape, parse_scrape
 
 __all__ = ["Decision", "Policy", "Sample", "Scrape", "State", "Window", "decide",
@@ -103,24 +103,6 @@ class Policy:
             "max_scale_down_rate": spec.max_scale_down_rate,
         }
         return cls(**(knobs | overrides))
-
-
-@dataclass(frozen=True)
-class Sample:
-    """The metric of one model at one time. ``value`` is the total over the ready pods
-    for a signal whose aggregate is ``total``, and the per-replica value otherwise
-    (:mod:`.signals`).
-    ``waiting`` counts requests held outside the pods (an activator, a gateway queue):
-    demand that no ready pod reports yet, the signal that wakes a model from zero."""
-
-    time: float
-    ready_replicas: int
-    value: float
-    waiting: float = 0.0
-
-    @property
-    def busy(self) -> bool:
-        return self.value > 0 or self.waiting > 0
 
 
 @dataclass(frozen=True)
@@ -345,51 +327,6 @@ def provisioning(trace: Sequence[tuple[float, float]], replicas: Sequence[tuple[
         over += max(0.0, have - needed) * span
         under += max(0.0, needed - have) * span
     return over, under
-
-
-# ----------------------------------------------------------------- scrapes → samples
-
-
-@dataclass
-class Window:
-    """Accumulates scrapes into samples for one model; keeps ``seconds`` of them.
-
-    Gauges (in-flight, queue depth, GPU utilisation) need one scrape; rates (rps) and
-    latency percentiles need two scrapes of a pod (counter deltas over the interval).
-    Only ready pods count. A pod with no previous scrape yet is assumed to carry the
-    average of the others (a fresh pod's counters say nothing about its rate).
-    """
-
-    metric: str
-    seconds: float = 60.0
-    _previous: dict[str, Scrape] = field(default_factory=dict)
-    _samples: deque[Sample] = field(default_factory=deque)
-
-    @property
-    def samples(self) -> tuple[Sample, ...]:
-        return tuple(self._samples)
-
-    def add(self, time: float, scrapes: Iterable[Scrape], *, waiting: float = 0.0
-            ) -> Sample | None:
-        """Add one round of scrapes (a pod that could not be scraped is left out, and so
-        counts as not ready); returns the sample it made, if the metric is known yet."""
-        ready = [s for s in scrapes if s.ready]
-        value = self._value(ready)
-        self._previous = {s.pod: s for s in ready}
-        if value is None:
-            return None
-        sample = Sample(time, len(ready), value, waiting)
-        self.append(sample)
-        return sample
-
-    def append(self, sample: Sample) -> None:
-        """Add a sample measured elsewhere (e.g. a Prometheus query)."""
-        self._samples.append(sample)
-        while self._samples and self._samples[0].time <= sample.time - self.seconds:
-            self._samples.popleft()
-
-    def _value(self, ready: list[Scrape]) -> float | None:
-        return signals.signal(self.metric).from_scrapes(ready, self._previous)
 
 
 # ------------------------------------------------------------------------- helpers

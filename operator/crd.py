@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from . import api
+from . import api, api_status
 
 CRD_FILE = "modeldeployments.modelyard.dev.yaml"
 _DROP = {"title"}
@@ -28,7 +28,7 @@ _DROP = {"title"}
 
 def crd() -> dict[str, Any]:
     spec_schema = to_structural(api.ModelDeploymentSpec.model_json_schema(by_alias=True))
-    status_schema = to_structural(api.ModelDeploymentStatus.model_json_schema(by_alias=True))
+    status_schema = to_structural(api_status.ModelDeploymentStatus.model_json_schema(by_alias=True))
     status_schema.pop("additionalProperties", None)
     root = {
         "type": "object",

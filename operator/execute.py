@@ -22,7 +22,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from . import api, diff, metrics
+from . import api_status, diff, metrics
 from .kube import GoneError, Writer
 from .plan import Plan
 from .status import status_payload
@@ -142,7 +142,7 @@ def _older(seen: str | None, written: str | None) -> bool:
 
 
 def _normalise(status: Mapping[str, Any]) -> dict[str, Any]:
-    return status_payload(api.parse_status(dict(status)))
+    return status_payload(api_status.parse_status(dict(status)))
 
 
 def describe_change(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import api, render, rollout
+from . import api, api_status, render, rollout
 from .analysis import Verdict
 from .status import Event, compute_status, invalid_status
 from .world import VersionState, World
@@ -47,12 +47,12 @@ class Plan:
     apply: tuple[dict[str, Any], ...] = ()
     scale: Mapping[str, int] = field(default_factory=dict)  # Deployment name -> replicas
     retire: tuple[Retire, ...] = ()
-    status: api.ModelDeploymentStatus | None = None  # None: leave status alone
+    status: api_status.ModelDeploymentStatus | None = None  # None: leave status alone
     events: tuple[Event, ...] = ()
     recheck_after: float | None = None  # seconds; None: nothing falls due
 
 
-def plan(world: World, verdict: Verdict | None, scale_request: api.AutoscalerStatus | None,
+def plan(world: World, verdict: Verdict | None, scale_request: api_status.AutoscalerStatus | None,
          now: dt.datetime) -> Plan:
     """What this pass does. ``scale_request`` is the autoscaler's latest decision (None:
     none since this operator started; the one recorded in status holds)."""
@@ -120,7 +120,7 @@ def needs_activator(spec: api.ModelDeploymentSpec, versions: Mapping[str, Versio
         and not any(s.ready for s in versions.values())
 
 
-def _scaled_event(world: World, decided: api.AutoscalerStatus | None) -> tuple[Event, ...]:
+def _scaled_event(world: World, decided: api_status.AutoscalerStatus | None) -> tuple[Event, ...]:
     """A ``Scaled`` Event for an autoscaler decision that status does not record yet."""
     before = world.previous.autoscaler
     if decided is None or decided.last_scale_time is None \

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import api, metrics, plan, rollout, world
+from . import api_status, metrics, plan, rollout, world
 from .activation import ActivatorLink
 from .execute import Executor
 from .kube import GoneError, Writer
@@ -58,7 +58,7 @@ class Reconciler:
         self._known: dict[Key, Snapshot] = {}
         self._autoscaled: set[Key] = set()  # resources whose last pass found autoscaling
         self._gateway: tuple[bool, float] | None = None  # (HTTPRoute served?, checked at)
-        self._scale_requests: dict[Key, api.AutoscalerStatus] = {}  # the autoscaler's say
+        self._scale_requests: dict[Key, api_status.AutoscalerStatus] = {}  # the autoscaler's say
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._woken: set[asyncio.Task[None]] = set()
 
@@ -130,7 +130,7 @@ class Reconciler:
             finally:
                 metrics.observe_pass(time.monotonic() - started, ok)
 
-    async def autoscaled(self, key: Key, decision: api.AutoscalerStatus) -> None:
+    async def autoscaled(self, key: Key, decision: api_status.AutoscalerStatus) -> None:
         """The autoscaler's decision for ``key`` (total replicas, and what status reports
         of it): the pass splits the total between versions and applies it."""
         self._scale_requests[key] = decision

@@ -1,6 +1,6 @@
 """Rollouts: which versions run, with how many replicas, and where traffic goes.
 
-The one module that shapes a rollout (:class:`~.api.CanaryStatus` included). Pure
+The one module that shapes a rollout (:class:`~.CanaryStatus` included). Pure
 functions of (spec, observed versions, previous status, verdict, clock); called by
 :mod:`.plan`:
 
@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 from . import api
 from .analysis import Verdict
+from .api_status import AnalysisFigures, CanaryStatus, HandledRequests, VersionPhase, VersionRecord
 from .world import VersionState, World, parse_stamp, stamp
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class CanaryDecision:
     """What a canary (or blue-green preview) wants now."""
 
     replicas: dict[str, int]  # version -> desired replicas
-    canary: api.CanaryStatus | None  # None once promoted or rolled back
+    canary: CanaryStatus | None  # None once promoted or rolled back
     promoted: bool
     message: str
     rolled_back: Verdict | None = None  # the failed analysis that rolled it back
@@ -69,7 +70,7 @@ class RollBack:
     """Why the target version was rolled back, and what analysis measured."""
 
     reason: str
-    figures: api.AnalysisFigures | None = None
+    figures: AnalysisFigures | None = None
 
 
 @dataclass(frozen=True)
@@ -85,11 +86,11 @@ class Step:
 
     versions: VersionPlan
     replicas: Mapping[str, int]  # every kept version -> the replicas it should have
-    canary: api.CanaryStatus | None = None  # a rollout in progress (progress filled in)
+    canary: CanaryStatus | None = None  # a rollout in progress (progress filled in)
     message: str = ""  # the Progressing condition's message while a rollout runs
     promoted: bool = False
     rolled_back: RollBack | None = None
-    handled: api.HandledRequests = field(default_factory=api.HandledRequests)
+    handled: HandledRequests = field(default_factory=HandledRequests)
     active: str | None = None  # the one version the stable Service selects (None: all)
     preview: str | None = None  # the version the preview Service selects (blue-green)
     recheck_after: float | None = None
@@ -101,7 +102,7 @@ class AnalysisRequest:
 
     target: str
     stable: str
-    canary: api.CanaryStatus
+    canary: CanaryStatus
     thresholds: api.Analysis
 
 
@@ -128,7 +129,7 @@ def plan_rollout(world: World, verdict: Verdict | None, total: int,
     assert spec is not None
     target = spec.model.version
     previous = world.previous
-    handled = previous.handled_requests or api.HandledRequests()
+    handled = previous.handled_requests or HandledRequests()
     abort = _new_request(world.annotations, api.ABORT_ANNOTATION, handled.abort)
     retry = _new_request(world.annotations, api.RETRY_ANNOTATION, handled.retry)
     handled = handled.model_copy(update={
@@ -215,7 +216,7 @@ def step_canary(
     total: int,
     stable: VersionState,
     target: VersionState | None,
-    current: api.CanaryStatus | None,
+    current: CanaryStatus | None,
     action: str | None,
     now: dt.datetime,
     verdict: Verdict | None = None,
@@ -227,7 +228,7 @@ def step_canary(
     steps = spec.rollout.steps
     at = stamp(now)
     if current is None or current.version != version:
-        current = api.CanaryStatus(version=version, weight=steps[0].weight, step=1,
+        current = CanaryStatus(version=version, weight=steps[0].weight, step=1,
                                    started_at=at, step_started_at=at)
     verdict = _failing_pods(target) or verdict  # a version that cannot even serve fails
     if verdict is not None and verdict.outcome == "fail":
@@ -285,7 +286,7 @@ def step_blue_green(
     total: int,
     stable: VersionState,
     target: VersionState | None,
-    current: api.CanaryStatus | None,
+    current: CanaryStatus | None,
     action: str | None,
     now: dt.datetime,
     verdict: Verdict | None = None,
@@ -298,7 +299,7 @@ def step_blue_green(
     version = spec.model.version
     at = stamp(now)
     if current is None or current.version != version:
-        current = api.CanaryStatus(version=version, strategy="BlueGreen", weight=0, step=1,
+        current = CanaryStatus(version=version, strategy="BlueGreen", weight=0, step=1,
                                    started_at=at, step_started_at=at)
     verdict = _failing_pods(target) or verdict
     if verdict is not None and verdict.outcome == "fail":
@@ -364,10 +365,10 @@ def stable_of(versions: Mapping[str, VersionState], stable: str | None,
     return versions.get(stable)
 
 
-def rolled_back_record(versions: list[api.VersionRecord], target: str) -> api.VersionRecord | None:
+def rolled_back_record(versions: list[VersionRecord], target: str) -> VersionRecord | None:
     """The target's ledger entry, if its latest rollout ended in a rollback."""
     if versions and versions[0].version == target \
-            and versions[0].phase == api.VersionPhase.ROLLED_BACK:
+            and versions[0].phase == VersionPhase.ROLLED_BACK:
         return versions[0]
     return None
 
@@ -392,8 +393,8 @@ def _failing_pods(target: VersionState | None) -> Verdict | None:
 
 def _hold(
     spec: api.ModelDeploymentSpec, pause_seconds: int | None, now: dt.datetime, *,
-    verdict: Verdict | None, holding: api.CanaryStatus, where: str,
-) -> tuple[api.CanaryStatus, str, float | None] | Verdict | None:
+    verdict: Verdict | None, holding: CanaryStatus, where: str,
+) -> tuple[CanaryStatus, str, float | None] | Verdict | None:
     """Whether a reached step (or a ready preview) must still hold: ``(status, message,
     seconds until it falls due)`` to keep holding, a failed :class:`Verdict` when the
     analysis waited too long, or None when it may move on. No ``pause_seconds`` means
@@ -417,7 +418,7 @@ def _hold(
     return None
 
 
-def _with_progress(canary: api.CanaryStatus | None, steps: int) -> api.CanaryStatus | None:
+def _with_progress(canary: CanaryStatus | None, steps: int) -> CanaryStatus | None:
     if canary is None:
         return None
     if canary.strategy == "BlueGreen":

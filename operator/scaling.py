@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 
 import pydantic
 
-from . import api, autoscale, promql, render, signals
+from . import api, api_status, autoscale, promql, render, signals
 from .reconcile import Key, Observed, Reconciler, scrape_metrics
 from .world import pod_ready, stamp
 
@@ -53,7 +53,7 @@ class Autoscaler:
         self._clock = clock
         self._windows: dict[Key, autoscale.Window] = {}
         self._states: dict[Key, autoscale.State] = {}
-        self._decided: dict[Key, api.AutoscalerStatus] = {}  # what we last handed over
+        self._decided: dict[Key, api_status.AutoscalerStatus] = {}  # what we last handed over
 
     async def run_forever(self, tick_s: float) -> None:
         while True:
@@ -82,7 +82,7 @@ class Autoscaler:
             self._forget(key)
             return
         policy = autoscale.Policy.from_spec(spec.autoscaling)
-        status = api.parse_status(dict(observed.resource.get("status") or {}))
+        status = api_status.parse_status(dict(observed.resource.get("status") or {}))
         reported = self._decided.get(key) or status.autoscaler
         window = self._windows.get(key)
         if window is None or window.metric != policy.metric \
@@ -103,7 +103,7 @@ class Autoscaler:
         decision = autoscale.decide(window.samples, now, current, state, policy)
         self._states[key] = decision.state
         changed = decision.replicas != current
-        new = api.AutoscalerStatus(
+        new = api_status.AutoscalerStatus(
             desired_replicas=decision.replicas, metric=policy.metric,
             metric_value=_rounded(decision.metric_value) if changed or reported is None
             else reported.metric_value,

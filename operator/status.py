@@ -16,6 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import api, render
+from .api_status import (
+    AutoscalerStatus,
+    Condition,
+    ConditionStatus,
+    ModelDeploymentStatus,
+    VersionPhase,
+    VersionRecord,
+)
 from .rollout import RollBack, Step
 from .world import VersionState, World, stamp
 
@@ -29,8 +37,8 @@ class Event:
     message: str
 
 
-def compute_status(world: World, step: Step, *, autoscaler: api.AutoscalerStatus | None,
-                   now: dt.datetime) -> tuple[api.ModelDeploymentStatus, list[Event]]:
+def compute_status(world: World, step: Step, *, autoscaler: AutoscalerStatus | None,
+                   now: dt.datetime) -> tuple[ModelDeploymentStatus, list[Event]]:
     """The status for this pass. With a rollout in progress (``step.canary``) the target
     version stays in phase Canary until ``step.promoted``."""
     spec, previous, observed, plan = world.spec, world.previous, world.versions, step.versions
@@ -49,44 +57,44 @@ def compute_status(world: World, step: Step, *, autoscaler: api.AutoscalerStatus
         versions = _ledger(previous.versions, spec=spec, target=target,
                            target_state=target_state, stamp=at, events=events,
                            canary=canary is not None, promoted=step.promoted)
-    stable = next((r.version for r in versions if r.phase == api.VersionPhase.STABLE), None)
+    stable = next((r.version for r in versions if r.phase == VersionPhase.STABLE), None)
 
     ready_count = sum(s.ready for s in serving)
     if ready_count > 0:
         served = ", ".join(f"{s.ready} of version {s.version}" for s in
                            sorted(serving, key=lambda s: s.version != target))
-        ready = (api.ConditionStatus.TRUE, "Serving", f"{ready_count} ready replicas ({served})")
+        ready = (ConditionStatus.TRUE, "Serving", f"{ready_count} ready replicas ({served})")
     elif target_state is not None and target_state.desired == 0 and target_state.up_to_date:
-        ready = (api.ConditionStatus.FALSE, "ScaledToZero", "0 replicas requested")
+        ready = (ConditionStatus.FALSE, "ScaledToZero", "0 replicas requested")
     else:
-        ready = (api.ConditionStatus.FALSE, "NoReadyReplicas",
+        ready = (ConditionStatus.FALSE, "NoReadyReplicas",
                  f"no replica of version {target} is ready yet")
 
     if rolled_back is not None:
-        progressing = (api.ConditionStatus.FALSE, "RolledBack",
+        progressing = (ConditionStatus.FALSE, "RolledBack",
                        f"version {target} was rolled back: {rolled_back.reason}")
     elif canary is not None:
-        progressing = (api.ConditionStatus.TRUE, "Canary", step.message)
+        progressing = (ConditionStatus.TRUE, "Canary", step.message)
     elif target_state is None:
-        progressing = (api.ConditionStatus.TRUE, "Creating", f"creating version {target}")
+        progressing = (ConditionStatus.TRUE, "Creating", f"creating version {target}")
     elif not target_state.available and target_state.desired > 0:
-        progressing = (api.ConditionStatus.TRUE, "RollingOut",
+        progressing = (ConditionStatus.TRUE, "RollingOut",
                        f"{target_state.ready}/{target_state.desired} replicas of version "
                        f"{target} ready")
     elif plan.retire:
-        progressing = (api.ConditionStatus.TRUE, "RetiringOldVersions",
+        progressing = (ConditionStatus.TRUE, "RetiringOldVersions",
                        f"version {target} is available; removing "
                        f"{', '.join(sorted(plan.retire))}")
     else:
-        progressing = (api.ConditionStatus.FALSE, "Complete", f"version {target} is rolled out")
+        progressing = (ConditionStatus.FALSE, "Complete", f"version {target} is rolled out")
 
     problem = _problem(live, target)
     if rolled_back is not None:
-        problem = (api.ConditionStatus.TRUE, "RolledBack",
+        problem = (ConditionStatus.TRUE, "RolledBack",
                    f"version {target} was rolled back: {rolled_back.reason}; "
                    "change spec.model.version, or ask for a retry (modelyard retry NAME), "
                    "to roll out again")
-    degraded = problem or (api.ConditionStatus.FALSE, "AsExpected", "")
+    degraded = problem or (ConditionStatus.FALSE, "AsExpected", "")
 
     conditions = [
         _condition(previous.conditions, READY, ready, generation=world.generation, stamp=at),
@@ -96,7 +104,7 @@ def compute_status(world: World, step: Step, *, autoscaler: api.AutoscalerStatus
     ]
     events += _transition_events(previous.conditions, conditions)
 
-    status = api.ModelDeploymentStatus(
+    status = ModelDeploymentStatus(
         observed_generation=world.generation,
         conditions=conditions,
         url=render.service_url(world.owner),
@@ -115,7 +123,7 @@ def compute_status(world: World, step: Step, *, autoscaler: api.AutoscalerStatus
     return status, events
 
 
-def status_payload(status: api.ModelDeploymentStatus) -> dict[str, Any]:
+def status_payload(status: ModelDeploymentStatus) -> dict[str, Any]:
     """The JSON the status subresource gets (and what a live status is compared to)."""
     return status.model_dump(by_alias=True, exclude_none=True, mode="json")
 
@@ -124,7 +132,7 @@ def status_payload(status: api.ModelDeploymentStatus) -> dict[str, Any]:
 
 
 def _ledger(
-    previous: Sequence[api.VersionRecord],
+    previous: Sequence[VersionRecord],
     *,
     spec: api.ModelDeploymentSpec,
     target: str,
@@ -133,57 +141,57 @@ def _ledger(
     events: list[Event],
     canary: bool,
     promoted: bool,
-) -> list[api.VersionRecord]:
+) -> list[VersionRecord]:
     records = [r.model_copy() for r in previous]
-    open_phases = {api.VersionPhase.PENDING, api.VersionPhase.CANARY, api.VersionPhase.STABLE}
+    open_phases = {VersionPhase.PENDING, VersionPhase.CANARY, VersionPhase.STABLE}
     current = next((r for r in records if r.version == target and r.phase in open_phases), None)
     if current is None:
-        was = next((r.version for r in records if r.phase == api.VersionPhase.STABLE), None)
-        current = api.VersionRecord(
+        was = next((r.version for r in records if r.phase == VersionPhase.STABLE), None)
+        current = VersionRecord(
             version=target, uri=spec.model.uri, sha256=spec.model.sha256,
-            phase=api.VersionPhase.PENDING, deployed_at=stamp,
+            phase=VersionPhase.PENDING, deployed_at=stamp,
         )
         records.insert(0, current)
         replacing = f" (replacing {was})" if was else ""
         events.append(Event("Normal", "RolloutStarted", f"rolling out version {target}{replacing}"))
     # A version that was asked for, then replaced before it ever served, is superseded.
     for record in records:
-        if record is not current and record.phase in (api.VersionPhase.PENDING,
-                                                      api.VersionPhase.CANARY):
-            was_canary = record.phase == api.VersionPhase.CANARY
-            record.phase = api.VersionPhase.SUPERSEDED
+        if record is not current and record.phase in (VersionPhase.PENDING,
+                                                      VersionPhase.CANARY):
+            was_canary = record.phase == VersionPhase.CANARY
+            record.phase = VersionPhase.SUPERSEDED
             record.finished_at = stamp
             record.reason = (f"replaced by version {target} during its canary" if was_canary
                              else f"replaced by version {target} before it became available")
     if canary and not promoted:
-        if current.phase == api.VersionPhase.PENDING:
-            current.phase = api.VersionPhase.CANARY
+        if current.phase == VersionPhase.PENDING:
+            current.phase = VersionPhase.CANARY
             current.reason = "canary in progress"
         return records
     done = promoted or (target_state is not None and target_state.available)
-    if done and current.phase != api.VersionPhase.STABLE:
-        current.phase = api.VersionPhase.STABLE
+    if done and current.phase != VersionPhase.STABLE:
+        current.phase = VersionPhase.STABLE
         current.promoted_at = stamp
         ready = target_state.ready if target_state else 0
         current.reason = "promoted after its canary" if promoted else f"all {ready} replicas ready"
         events.append(Event("Normal", "RolloutComplete",
                             f"version {target} is serving with {ready} replicas"))
-    if current.phase == api.VersionPhase.STABLE:
+    if current.phase == VersionPhase.STABLE:
         for record in records:
-            if record is not current and record.phase == api.VersionPhase.STABLE:
-                record.phase = api.VersionPhase.SUPERSEDED
+            if record is not current and record.phase == VersionPhase.STABLE:
+                record.phase = VersionPhase.SUPERSEDED
                 record.finished_at = stamp
                 record.reason = f"replaced by version {target}"
     return records
 
 
-def _roll_back(previous: Sequence[api.VersionRecord], target: str, why: RollBack, stamp: str,
-               events: list[Event]) -> list[api.VersionRecord]:
+def _roll_back(previous: Sequence[VersionRecord], target: str, why: RollBack, stamp: str,
+               events: list[Event]) -> list[VersionRecord]:
     records = [r.model_copy() for r in previous]
     current = records[0] if records and records[0].version == target else None
-    if current is None or current.phase == api.VersionPhase.ROLLED_BACK:
+    if current is None or current.phase == VersionPhase.ROLLED_BACK:
         return records  # already recorded
-    current.phase = api.VersionPhase.ROLLED_BACK
+    current.phase = VersionPhase.ROLLED_BACK
     current.finished_at = stamp
     current.reason = why.reason
     current.analysis = why.figures
@@ -193,32 +201,32 @@ def _roll_back(previous: Sequence[api.VersionRecord], target: str, why: RollBack
 
 def _problem(
     live: Sequence[VersionState], target: str
-) -> tuple[api.ConditionStatus, str, str] | None:
+) -> tuple[ConditionStatus, str, str] | None:
     ordered = sorted(live, key=lambda s: s.version != target)
     for state in ordered:
         if state.unschedulable:
-            return (api.ConditionStatus.TRUE, "Unschedulable",
+            return (ConditionStatus.TRUE, "Unschedulable",
                     f"version {state.version}: {state.unschedulable}")
     for state in ordered:
         if state.pod_failure:
             reason, message = state.pod_failure
-            return (api.ConditionStatus.TRUE, reason, f"version {state.version}: {message}")
+            return (ConditionStatus.TRUE, reason, f"version {state.version}: {message}")
     return None
 
 
 def _condition(
-    previous: Sequence[api.Condition], kind: str, verdict: tuple[api.ConditionStatus, str, str],
+    previous: Sequence[Condition], kind: str, verdict: tuple[ConditionStatus, str, str],
     *, generation: int, stamp: str,
-) -> api.Condition:
+) -> Condition:
     status, reason, message = verdict
     old = next((c for c in previous if c.type == kind), None)
     since = old.last_transition_time if old is not None and old.status == status else stamp
-    return api.Condition(type=kind, status=status, reason=reason, message=message,
+    return Condition(type=kind, status=status, reason=reason, message=message,
                          last_transition_time=since, observed_generation=generation)
 
 
 def _transition_events(
-    previous: Sequence[api.Condition], current: Sequence[api.Condition]
+    previous: Sequence[Condition], current: Sequence[Condition]
 ) -> list[Event]:
     before = {c.type: c for c in previous}
     events = []
@@ -227,17 +235,17 @@ def _transition_events(
         changed = old is None or (old.status, old.reason) != (cond.status, cond.reason)
         if not changed:
             continue
-        if cond.type == DEGRADED and cond.status == api.ConditionStatus.TRUE:
+        if cond.type == DEGRADED and cond.status == ConditionStatus.TRUE:
             events.append(Event("Warning", cond.reason, cond.message))
-        elif cond.type == DEGRADED and old is not None and old.status == api.ConditionStatus.TRUE:
+        elif cond.type == DEGRADED and old is not None and old.status == ConditionStatus.TRUE:
             events.append(Event("Normal", "Recovered", f"no longer degraded (was {old.reason})"))
-        elif cond.type == READY and cond.status == api.ConditionStatus.TRUE and (
-                old is None or old.status != api.ConditionStatus.TRUE):
+        elif cond.type == READY and cond.status == ConditionStatus.TRUE and (
+                old is None or old.status != ConditionStatus.TRUE):
             events.append(Event("Normal", "Ready", cond.message))
     return events
 
 
-def invalid_status(world: World, now: dt.datetime) -> tuple[api.ModelDeploymentStatus, Event]:
+def invalid_status(world: World, now: dt.datetime) -> tuple[ModelDeploymentStatus, Event]:
     """The status of a resource whose spec the operator cannot read: the previous status,
     Degraded with the validation error (what runs keeps running)."""
     message = world.spec_error or "invalid spec"
@@ -246,7 +254,7 @@ def invalid_status(world: World, now: dt.datetime) -> tuple[api.ModelDeploymentS
         "observed_generation": world.generation,
         "conditions": [c for c in previous.conditions if c.type != DEGRADED] + [
             _condition(previous.conditions, DEGRADED,
-                       (api.ConditionStatus.TRUE, "InvalidSpec", message),
+                       (ConditionStatus.TRUE, "InvalidSpec", message),
                        generation=world.generation, stamp=stamp(now))],
     })
     return status, Event("Warning", "InvalidSpec", message)

@@ -20,7 +20,7 @@ from typing import Any, TextIO, cast
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from . import api
+from . import api, api_status
 
 
 class CommandError(Exception):
@@ -47,7 +47,7 @@ def fetch(name: str, namespace: str) -> dict[str, Any]:
 
 def show_status(name: str, namespace: str, out: TextIO = sys.stdout) -> None:
     md = fetch(name, namespace)
-    status = api.parse_status(md.get("status"))
+    status = api_status.parse_status(md.get("status"))
     print(f"{namespace}/{name}: version {md['spec']['model']['version']} asked, "
           f"{status.stable_version or '-'} serving, {status.ready_replicas}/{status.replicas} "
           f"ready, {status.gpus} GPUs", file=out)
@@ -59,7 +59,7 @@ def show_status(name: str, namespace: str, out: TextIO = sys.stdout) -> None:
 
 
 def show_history(name: str, namespace: str, out: TextIO = sys.stdout) -> None:
-    status = api.parse_status(fetch(name, namespace).get("status"))
+    status = api_status.parse_status(fetch(name, namespace).get("status"))
     rows = [("VERSION", "PHASE", "DEPLOYED", "FINISHED", "REASON")]
     rows += [(r.version, str(r.phase), r.deployed_at, r.finished_at or "", r.reason or "")
              for r in status.versions]
@@ -70,7 +70,7 @@ def show_history(name: str, namespace: str, out: TextIO = sys.stdout) -> None:
 
 
 def promote(name: str, namespace: str, out: TextIO = sys.stdout) -> None:
-    status = api.parse_status(fetch(name, namespace).get("status"))
+    status = api_status.parse_status(fetch(name, namespace).get("status"))
     if status.canary is None:
         raise CommandError(f"{namespace}/{name} has no canary in progress")
     _annotate(name, namespace, api.PROMOTE_ANNOTATION, status.canary.version)
@@ -79,7 +79,7 @@ def promote(name: str, namespace: str, out: TextIO = sys.stdout) -> None:
 
 def abort(name: str, namespace: str, out: TextIO = sys.stdout) -> None:
     md = fetch(name, namespace)
-    status = api.parse_status(md.get("status"))
+    status = api_status.parse_status(md.get("status"))
     if status.canary is None:
         raise CommandError(f"{namespace}/{name} has no rollout in progress")
     _annotate(name, namespace, api.ABORT_ANNOTATION, _request_token(md, api.ABORT_ANNOTATION))
@@ -89,10 +89,10 @@ def abort(name: str, namespace: str, out: TextIO = sys.stdout) -> None:
 
 def retry(name: str, namespace: str, out: TextIO = sys.stdout) -> None:
     md = fetch(name, namespace)
-    status = api.parse_status(md.get("status"))
+    status = api_status.parse_status(md.get("status"))
     target = md["spec"]["model"]["version"]
     last = status.versions[0] if status.versions else None
-    if last is None or last.version != target or last.phase != api.VersionPhase.ROLLED_BACK:
+    if last is None or last.version != target or last.phase != api_status.VersionPhase.ROLLED_BACK:
         raise CommandError(f"{namespace}/{name}: version {target} was not rolled back; "
                            "nothing to retry")
     _annotate(name, namespace, api.RETRY_ANNOTATION, _request_token(md, api.RETRY_ANNOTATION))
@@ -103,7 +103,7 @@ def rollback(name: str, namespace: str, to: str | None = None,
              out: TextIO = sys.stdout) -> None:
     """Point ``spec.model`` back at a version that served before (the last one by default)."""
     md = fetch(name, namespace)
-    status = api.parse_status(md.get("status"))
+    status = api_status.parse_status(md.get("status"))
     current = md["spec"]["model"]["version"]
     served = [r for r in status.versions if r.promoted_at and r.version != current]
     chosen = next((r for r in served if r.version == to), None) if to else \

@@ -24,7 +24,7 @@ from typing import Any
 
 import pydantic
 
-from . import api
+from . import api, api_status
 from .render import GPU_RESOURCE, VERSION_LABEL, Owner
 
 Key = tuple[str, str]  # (namespace, name)
@@ -161,7 +161,7 @@ class World:
     deleting: bool
     spec: api.ModelDeploymentSpec | None  # None when the spec is invalid: see spec_error
     spec_error: str | None
-    previous: api.ModelDeploymentStatus  # the latest status (ours, if the index lags)
+    previous: api_status.ModelDeploymentStatus  # the latest status (ours, if the index lags)
     versions: Mapping[str, VersionState]
     live: Mapping[LiveKey, Mapping[str, Any]]  # the children that exist, by (kind, name)
     pods: Sequence[Mapping[str, Any]]
@@ -202,7 +202,7 @@ def build(observed: Observed, previous: Mapping[str, Any], *, gateway: bool,
         annotations=MappingProxyType(dict(meta.get("annotations") or {})),
         deleting=bool(meta.get("deletionTimestamp")),
         spec=spec, spec_error=error,
-        previous=api.parse_status(dict(previous)),
+        previous=api_status.parse_status(dict(previous)),
         versions=MappingProxyType(observe_versions(observed.deployments, observed.pods)),
         live=MappingProxyType(live),
         pods=tuple(observed.pods),

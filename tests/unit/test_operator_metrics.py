@@ -15,7 +15,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from worlds import plain_step, world_of
 
-from modelyard.operator import api, metrics
+from modelyard.operator import api, api_status, metrics
 from modelyard.operator.rollout import RollBack
 from modelyard.operator.status import compute_status, status_payload
 from modelyard.operator.world import VersionState
@@ -46,7 +46,7 @@ def status_of(version: str, observed: dict[str, VersionState], *, replicas: int 
     """The status the operator writes for this spec and what the cluster shows."""
     spec = api.parse_spec({"model": {"version": version, "uri": f"s3://m/{version}"},
                            "replicas": replicas})
-    world = world_of(spec, observed, previous=api.parse_status(previous))
+    world = world_of(spec, observed, previous=api_status.parse_status(previous))
     autoscaler = extra.pop("autoscaler", None)
     status, _ = compute_status(world, plain_step(world, replicas, **extra),
                                autoscaler=autoscaler, now=T0)
@@ -165,7 +165,7 @@ def test_rollouts_in_progress_by_strategy(m: metrics.OperatorMetrics) -> None:
     rolling = status_of("2", {"1": serving("1"), "2": VersionState("2", "m-v2", 2, 1, 0, 1)},
                         previous=stable)
     canary = status_of("2", {"1": serving("1"), "2": serving("2", 1)}, previous=stable,
-                       canary=api.CanaryStatus(version="2", weight=10, step=1,
+                       canary=api_status.CanaryStatus(version="2", weight=10, step=1,
                                                started_at="2026-11-25T12:00:00Z",
                                                step_started_at="2026-11-25T12:00:00Z"))
     first = status_of("1", {})  # the first version of a resource: no rollout
@@ -207,7 +207,7 @@ def test_rollouts_are_counted_by_outcome_from_zero(m: metrics.OperatorMetrics) -
 
 
 def test_autoscaler_desired_replicas(m: metrics.OperatorMetrics) -> None:
-    scaled = api.AutoscalerStatus(desired_replicas=5, metric="concurrency")
+    scaled = api_status.AutoscalerStatus(desired_replicas=5, metric="concurrency")
     status = status_of("1", {"1": serving("1", 3)}, replicas=3, autoscaler=scaled)
     m.set_models_provider(lambda: [("vision", "resnet", status)])
     m.set_leader(True)

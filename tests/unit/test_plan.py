@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from worlds import world_of
 
-from modelyard.operator import api, plan, rollout
+from modelyard.operator import api, api_status, plan, rollout
 from modelyard.operator.analysis import Verdict
 from modelyard.operator.world import ActivatorEndpoints, VersionState, World
 
@@ -37,10 +37,10 @@ class Cluster:
         self.annotations: dict[str, str] = {}
         self.desired: dict[str, int] = {}
         self.ready: dict[str, int] = {}
-        self.status = api.ModelDeploymentStatus()
+        self.status = api_status.ModelDeploymentStatus()
         self.now = T0
         self.verdict: Verdict | None = None
-        self.scale_request: api.AutoscalerStatus | None = None
+        self.scale_request: api_status.AutoscalerStatus | None = None
         self.passes: list[plan.Plan] = []
         self.history: list[dict[str, int]] = []  # replicas per version after each pass
 
@@ -100,7 +100,7 @@ class Cluster:
     def phases(self) -> list[tuple[str, str]]:
         return [(r.version, r.phase.value) for r in self.status.versions]
 
-    def condition(self, kind: str) -> api.Condition:
+    def condition(self, kind: str) -> api_status.Condition:
         return next(c for c in self.status.conditions if c.type == kind)
 
 
@@ -208,7 +208,7 @@ def test_abort_then_retry() -> None:
     cluster.settle()
     assert cluster.phases()[0] == ("2", "RolledBack")
     assert cluster.desired == {"1": 4, "2": 0}
-    assert cluster.status.handled_requests == api.HandledRequests(abort="first")
+    assert cluster.status.handled_requests == api_status.HandledRequests(abort="first")
     again = len(cluster.passes)
     cluster.settle()  # stays rolled back: the abort is handled once
     assert cluster.phases()[0] == ("2", "RolledBack")
@@ -217,7 +217,7 @@ def test_abort_then_retry() -> None:
     cluster.settle()
     assert cluster.phases()[0] == ("2", "Stable")
     assert ("1", "Superseded") in cluster.phases()
-    assert cluster.status.handled_requests == api.HandledRequests(abort="first", retry="go")
+    assert cluster.status.handled_requests == api_status.HandledRequests(abort="first", retry="go")
 
 
 def test_the_autoscalers_total_is_split_by_the_step_through_scale_only() -> None:
@@ -227,7 +227,7 @@ def test_the_autoscalers_total_is_split_by_the_step_through_scale_only() -> None
     bump(cluster)
     cluster.settle()
     assert cluster.desired == {"1": 1, "2": 1}
-    cluster.scale_request = api.AutoscalerStatus(
+    cluster.scale_request = api_status.AutoscalerStatus(
         desired_replicas=4, metric="concurrency", reason="load 16 > 4 per replica",
         last_scale_time="2026-12-05T12:05:00Z")
     cluster.settle()

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from modelyard.operator import api, rollout
+from modelyard.operator.api_status import CanaryStatus
 from modelyard.operator.world import VersionState
 
 T0 = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
@@ -28,7 +29,7 @@ def simulate(s: api.ModelDeploymentSpec, *, action_at: int | None = None,
     n = s.replicas
     stable = VersionState("1", "m-v1", desired=n, replicas=n, ready=n, updated=n)
     target: VersionState | None = None
-    canary: api.CanaryStatus | None = None
+    canary: CanaryStatus | None = None
     history: list[dict[str, int]] = []
     now = T0
     for i in range(max_passes):
@@ -106,7 +107,7 @@ def _at_step(s: api.ModelDeploymentSpec, *, failure: tuple[str, str] | None = No
     target = VersionState("2", "m-v2", 2, 2, 2, 2, pod_failure=failure)
     reached = T0 - dt.timedelta(seconds=held_s)
     stamp = reached.strftime("%Y-%m-%dT%H:%M:%SZ")
-    current = api.CanaryStatus(version="2", weight=50, step=1, started_at=stamp,
+    current = CanaryStatus(version="2", weight=50, step=1, started_at=stamp,
                                step_started_at=stamp, reached_at=stamp)
     return rollout.step_canary(spec=s, total=4, stable=stable, target=target, current=current,
                                action=None, now=T0, verdict=verdict)
@@ -149,7 +150,7 @@ def run_blue_green(s: api.ModelDeploymentSpec, *, promote_at: int | None = None,
     n = s.replicas
     stable = VersionState("1", "m-v1", desired=n, replicas=n, ready=n, updated=n)
     target: VersionState | None = None
-    current: api.CanaryStatus | None = None
+    current: CanaryStatus | None = None
     decisions = []
     for i in range(passes):
         action = rollout.PROMOTE if promote_at is not None and i >= promote_at else None
@@ -214,7 +215,7 @@ def test_a_step_follows_a_growing_total_within_the_budget() -> None:
     s = spec([{"weight": 50}], replicas=2, gpus=1)
     stable = VersionState("1", "m-v1", desired=1, replicas=1, ready=1, updated=1)
     target = VersionState("2", "m-v2", desired=1, replicas=1, ready=1, updated=1)
-    current = api.CanaryStatus(version="2", weight=50, step=1, started_at="2026-11-25T12:00:00Z",
+    current = CanaryStatus(version="2", weight=50, step=1, started_at="2026-11-25T12:00:00Z",
                                step_started_at="2026-11-25T12:00:00Z",
                                reached_at="2026-11-25T12:00:00Z")
     decision = rollout.step_canary(spec=s, total=4, stable=stable, target=target,

@@ -7,7 +7,7 @@ from typing import Any
 
 from worlds import plain_step, world_of
 
-from modelyard.operator import api
+from modelyard.operator import api, api_status
 from modelyard.operator.rollout import plan_versions
 from modelyard.operator.status import compute_status, status_payload
 from modelyard.operator.world import VersionState
@@ -22,13 +22,13 @@ def spec(version: str = "2", replicas: int = 2) -> api.ModelDeploymentSpec:
 
 
 def run(s: api.ModelDeploymentSpec, observed: dict[str, VersionState],
-        previous: api.ModelDeploymentStatus | None = None, now: dt.datetime = T0,
-        ) -> tuple[api.ModelDeploymentStatus, list[Any]]:
+        previous: api_status.ModelDeploymentStatus | None = None, now: dt.datetime = T0,
+        ) -> tuple[api_status.ModelDeploymentStatus, list[Any]]:
     world = world_of(s, observed, previous=previous, generation=4)
     return compute_status(world, plain_step(world, s.replicas), autoscaler=None, now=now)
 
 
-def cond(status: api.ModelDeploymentStatus, kind: str) -> api.Condition:
+def cond(status: api_status.ModelDeploymentStatus, kind: str) -> api_status.Condition:
     return next(c for c in status.conditions if c.type == kind)
 
 
@@ -88,7 +88,7 @@ def test_a_version_replaced_before_it_served_is_superseded() -> None:
 
 
 def test_history_is_bounded() -> None:
-    prev = api.ModelDeploymentStatus()
+    prev = api_status.ModelDeploymentStatus()
     for i in range(api.HISTORY_LIMIT + 5):
         prev, _ = run(spec(str(i)), {str(i): VersionState(str(i), f"m-{i}", 1, 1, 1, 1)},
                       previous=prev)

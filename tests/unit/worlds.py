@@ -6,13 +6,13 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from modelyard.operator import api, render, rollout
+from modelyard.operator import api, api_status, render, rollout
 from modelyard.operator.world import VersionState, World
 
 
 def world_of(spec: api.ModelDeploymentSpec | dict[str, Any],
              versions: Mapping[str, VersionState] | None = None, *,
-             previous: api.ModelDeploymentStatus | None = None, generation: int = 1,
+             previous: api_status.ModelDeploymentStatus | None = None, generation: int = 1,
              annotations: Mapping[str, str] | None = None, name: str = "m",
              namespace: str = "ns", **more: Any) -> World:
     """A World as :func:`world.build` would make it, from parts."""
@@ -24,7 +24,7 @@ def world_of(spec: api.ModelDeploymentSpec | dict[str, Any],
         "key": (namespace, name), "owner": render.Owner(name, namespace, "u-1"),
         "generation": generation, "resource": resource, "annotations": annotations or {},
         "deleting": False, "spec": spec, "spec_error": None,
-        "previous": previous or api.ModelDeploymentStatus(), "versions": versions or {},
+        "previous": previous or api_status.ModelDeploymentStatus(), "versions": versions or {},
         "live": {}, "pods": (), "gateway": False, "activator": None,
     }
     return World(**(fields | more))
