@@ -8,10 +8,12 @@ missing the fixture fails at once, naming that command.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from nodesupport import JOURNEY_TIMINGS
 from support import install_crd
 
 
@@ -48,3 +50,11 @@ def real_cluster(node_artefacts: Any) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def real_node(real_cluster: Any) -> Any:
     return real_cluster.real_nodes[0]
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    timings = config.stash.get(JOURNEY_TIMINGS, None)
+    if timings:
+        terminalreporter.section("the journey on the real node, at the chart's defaults")
+        for what, value in timings.items():
+            terminalreporter.write_line(f"{what}: {json.dumps(value)}")

@@ -11,7 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 NODE_SELECTOR = {"modelyard.dev/node": "real"}
+# The journey's timings, shown in pytest's terminal summary (tests/node/conftest.py), so a
+# plain `make test` reports them without -s.
+JOURNEY_TIMINGS = pytest.StashKey[dict[str, float]]()
 
 
 def kube_json(cluster: Any, *args: str) -> Any:

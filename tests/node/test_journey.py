@@ -23,7 +23,13 @@ from typing import Any
 
 import pytest
 import yaml
-from nodesupport import NODE_SELECTOR, kube_json, restricted_namespace, serve_file
+from nodesupport import (
+    JOURNEY_TIMINGS,
+    NODE_SELECTOR,
+    kube_json,
+    restricted_namespace,
+    serve_file,
+)
 from support import ROOT, wait_for
 
 pytestmark = [pytest.mark.realnode, pytest.mark.cluster]
@@ -104,8 +110,8 @@ class Journey:
 
 
 @pytest.fixture(scope="module")
-def journey(real_cluster: Any, real_node: Any, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[Journey]:
+def journey(real_cluster: Any, real_node: Any, tmp_path_factory: pytest.TempPathFactory,
+            request: pytest.FixtureRequest) -> Iterator[Journey]:
     import torch
 
     from modelyard.operator.devcluster.helm import ensure_helm
@@ -128,6 +134,7 @@ def journey(real_cluster: Any, real_node: Any, tmp_path_factory: pytest.TempPath
                  "--create-namespace", f"--set=image.repository={repository}",
                  f"--set=image.tag={tag}", kubeconfig=real_cluster.kubeconfig, home=home)
         journey = Journey(real_cluster, namespace, urls)
+        request.config.stash[JOURNEY_TIMINGS] = journey.timings
         # containerd up, the images imported (once per store), kubelet Ready
         journey.timings["real node Ready after its start (s)"] = real_node.started_in_s
         try:
