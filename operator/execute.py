@@ -9,7 +9,9 @@ see :mod:`.reconcile`):
 * :meth:`Executor.report` writes the status when it changed, then posts the plan's Events
   and counts finished rollouts (:mod:`.metrics`).
 
-Every write goes through :class:`~.kube.Writer` in a worker thread (the client blocks). A
+Every write goes through :class:`~.kube.Writer` in a worker thread (the client blocks),
+through a :class:`~.gate.Gate` that bounds the calls in flight and lets a model's status
+and replicas go before another's creation (:mod:`.gate`). A
 watch event can lag our own write, so the executor remembers what it last wrote (keyed by
 the resourceVersion it wrote over) and does not repeat a write only because the index has
 not caught up yet: :meth:`Executor.latest_status` is the status as it is now.
@@ -19,24 +21,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
-from . import api_status, diff, metrics
+from . import api_status, diff, gate, metrics
 from .kube import GoneError, Writer
 from .plan import Plan
 from .status import status_payload
 from .world import Key, World
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _FINISHED: tuple[tuple[str, metrics.Outcome], ...] = (
     ("RolloutComplete", "promoted"), ("RolledBack", "rolled_back"))
 
 
 class Executor:
-    def __init__(self, writer: Writer):
+    def __init__(self, writer: Writer, api_gate: gate.Gate | None = None):
         self.writer = writer
+        self.gate = api_gate or gate.Gate()
         # (verb, namespace, name, ...) -> (resourceVersion we wrote over, what we wrote)
         self._written: dict[tuple[str, ...], tuple[str | None, Any]] = {}
 
@@ -54,7 +58,8 @@ class Executor:
                 continue
             if diff.needs_apply(obj, current):
                 log.info("applying %s %s/%s", obj["kind"], key[0], ident[1])
-                await asyncio.to_thread(self.writer.apply, obj)
+                await self._call(gate.UPDATE if current else gate.CREATE, self.writer.apply,
+                                 obj)
                 self._written[cache_key] = (_rv(current), diff.applied_hash(obj))
         for deployment, replicas in plan.scale.items():
             cache_key = ("scale", *key, deployment)
@@ -62,7 +67,7 @@ class Executor:
             if self._fresh_enough(cache_key, current, str(replicas)):
                 continue
             log.info("scaling %s/%s to %d", key[0], deployment, replicas)
-            await asyncio.to_thread(self.writer.scale, key[0], deployment, replicas)
+            await self._call(gate.REPORT, self.writer.scale, key[0], deployment, replicas)
             self._written[cache_key] = (_rv(current), str(replicas))
         for gone in plan.retire:
             current = live.get((gone.kind, gone.name))
@@ -70,8 +75,8 @@ class Executor:
             if self._fresh_enough(cache_key, current, None):
                 continue
             log.info("retiring %s %s/%s", gone.kind, key[0], gone.name)
-            await asyncio.to_thread(self.writer.delete, gone.api_version, gone.kind, key[0],
-                                    gone.name)
+            await self._call(gate.UPDATE, self.writer.delete, gone.api_version, gone.kind,
+                             key[0], gone.name)
             self._written[cache_key] = (_rv(current), None)
 
     async def report(self, world: World, plan: Plan) -> None:
@@ -84,7 +89,8 @@ class Executor:
             return
         log.info("status of %s/%s changed: %s", *key, describe_change(before, payload))
         try:
-            result = await asyncio.to_thread(self.writer.patch_status, key[0], key[1], payload)
+            result = await self._call(gate.REPORT, self.writer.patch_status, key[0], key[1],
+                                      payload)
         except GoneError:
             return
         self._written[("status", *key)] = (_rv(result), payload)
@@ -93,8 +99,12 @@ class Executor:
             if reason in reasons:
                 metrics.rollout_finished(key[0], key[1], outcome)
         for event in plan.events:
-            await asyncio.to_thread(self.writer.event, world.resource, event.type,
-                                    event.reason, event.message)
+            await self._call(gate.REPORT, self.writer.event, world.resource, event.type,
+                             event.reason, event.message)
+
+    async def _call(self, priority: int, call: Callable[..., T], *args: Any) -> T:
+        async with self.gate.slot(priority):
+            return await asyncio.to_thread(call, *args)
 
     def latest_status(self, key: Key, resource: Mapping[str, Any]) -> dict[str, Any]:
         """The status as it is now: what we last wrote, until the index has caught up with
