@@ -41,6 +41,7 @@ class Executor:
     def __init__(self, writer: Writer, api_gate: gate.Gate | None = None):
         self.writer = writer
         self.gate = api_gate or gate.Gate()
+        self.calls = 0  # API calls made, all resources together
         # (verb, namespace, name, ...) -> (resourceVersion we wrote over, what we wrote)
         self._written: dict[tuple[str, ...], tuple[str | None, Any]] = {}
 
@@ -104,6 +105,7 @@ class Executor:
 
     async def _call(self, priority: int, call: Callable[..., T], *args: Any) -> T:
         async with self.gate.slot(priority):
+            self.calls += 1
             return await asyncio.to_thread(call, *args)
 
     def latest_status(self, key: Key, resource: Mapping[str, Any]) -> dict[str, Any]:

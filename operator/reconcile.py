@@ -57,6 +57,9 @@ class Reconciler:
         self._locks: dict[Key, asyncio.Lock] = {}
         self._known: dict[Key, Snapshot] = {}
         self._autoscaled: set[Key] = set()  # resources whose last pass found autoscaling
+        # The inputs of each resource's last pass that wrote nothing and set no timer: a
+        # resync pass over the same inputs would plan the same nothing, so it is skipped.
+        self._at_rest: dict[Key, tuple[Any, ...]] = {}
         self._gateway: tuple[bool, float] | None = None  # (HTTPRoute served?, checked at)
         self._scale_requests: dict[Key, api_status.AutoscalerStatus] = {}  # the autoscaler's say
         self._timers: dict[Key, asyncio.TimerHandle] = {}
@@ -93,6 +96,7 @@ class Reconciler:
         self._locks.pop(key, None)
         self._known.pop(key, None)
         self._autoscaled.discard(key)
+        self._at_rest.pop(key, None)
         self._scale_requests.pop(key, None)
         timer = self._timers.pop(key, None)
         if timer is not None:
@@ -102,10 +106,12 @@ class Reconciler:
 
     # ------------------------------------------------------------------ the triggers
 
-    async def reconcile(self, key: Key, snapshot: Snapshot | None = None) -> None:
+    async def reconcile(self, key: Key, snapshot: Snapshot | None = None, *,
+                        resync: bool = False) -> None:
         """Run one pass for ``key``. ``snapshot`` reads the indexes (the handlers give it;
         later triggers reuse it); it is called under the resource's lock, so a pass never
-        acts on a view older than the previous pass's."""
+        acts on a view older than the previous pass's. A ``resync`` pass is skipped when
+        nothing it reads changed since a pass that found nothing to do."""
         if snapshot is not None:
             self._known[key] = snapshot
         snapshot = self._known.get(key)
@@ -117,9 +123,17 @@ class Reconciler:
             if observed is None:
                 self.forget(key)
                 return
-            started, ok = time.monotonic(), False
+            await self._gateway_api()  # what the pass will read of it (asked once a minute)
+            inputs = self._inputs(key, observed)
+            if resync and self._at_rest.get(key) == inputs:
+                return
+            self._at_rest.pop(key, None)
+            started, ok, calls = time.monotonic(), False, self._executor.calls
             try:
-                self._schedule(key, await self._pass(observed))
+                recheck_after = await self._pass(observed)
+                self._schedule(key, recheck_after)
+                if recheck_after is None and self._executor.calls == calls:
+                    self._at_rest[key] = inputs
                 ok = True
             except GoneError as exc:
                 ok = True
@@ -145,9 +159,19 @@ class Reconciler:
 
     async def resync_once(self) -> None:
         """A full pass for every known resource (also run when this replica starts leading,
-        so a takeover acts at once on what the previous leader left)."""
+        so a takeover acts at once on what the previous leader left); a resource is skipped
+        when nothing a pass reads has changed since its last pass found nothing to do."""
+        await self._gateway_api()  # a fact outside the indexes: refreshed before comparing
         for key in self.known_keys():
-            await self._reconcile_logged(key, "resync")
+            await self._reconcile_logged(key, "resync", resync=True)
+
+    def _inputs(self, key: Key, observed: Observed) -> tuple[Any, ...]:
+        """What a pass reads: the indexes' versions, the Gateway API's presence, the
+        autoscaler's say. (A model at zero also reads the activator's endpoints; its passes
+        always set a timer, so they are never taken as at rest. A running canary's verdict
+        comes with a timer too.)"""
+        gateway = self._gateway[0] if self._gateway is not None else None
+        return (world.fingerprint(observed), gateway, self._scale_requests.get(key))
 
     # --------------------------------------------------------------------- one pass
 
@@ -186,9 +210,9 @@ class Reconciler:
         self._woken.add(task)
         task.add_done_callback(self._woken.discard)
 
-    async def _reconcile_logged(self, key: Key, why: str) -> None:
+    async def _reconcile_logged(self, key: Key, why: str, *, resync: bool = False) -> None:
         try:
-            await self.reconcile(key)
+            await self.reconcile(key, resync=resync)
         except Exception:
             log.exception("%s of %s/%s failed; the next pass retries", why, *key)
 

@@ -119,6 +119,16 @@ class Observed:
     endpoint_slices: list[Mapping[str, Any]] = field(default_factory=list)
 
 
+def fingerprint(observed: Observed) -> tuple[str | None, ...]:
+    """The resourceVersions of everything a pass reads from the indexes: equal
+    fingerprints, equal inputs (the resync skips a resource whose last pass found nothing
+    to do when this has not changed since)."""
+    children = (*observed.deployments, *observed.services, *observed.endpoint_slices,
+                *observed.pods)
+    return (observed.resource.get("metadata", {}).get("resourceVersion"),
+            *sorted(str(c.get("metadata", {}).get("resourceVersion")) for c in children))
+
+
 @dataclass(frozen=True)
 class VersionState:
     """One version's Deployment and pods, as observed."""
