@@ -17,8 +17,8 @@ For each N, on a fresh local cluster (kwok nodes, enough of them for 2N pods):
    with one ``kubectl apply``: time until all are Ready at their generation; the
    operator's CPU-seconds (``/proc``) over that, per model; its peak RSS (``VmHWM``).
 3. **At rest**: after the operator has settled (a quiet spell: no write of its own in the
-   audit log for 15 s), a 310 s window (one whole default resync period): its writes there (the API server's audit log, user
-   ``modelyard-operator``) and its CPU share.
+   audit log for 15 s), a 310 s window (one whole default resync period): its writes
+   there (the API server's audit log, user ``modelyard-operator``) and its CPU share.
 4. **Version bump**: all N ModelDeployments to version 2 in one apply: time until every
    one reports version 2 Stable and Ready; CPU over that.
 5. **Handler failures**: kopf's "Handler ... failed" lines and every traceback in the
