@@ -48,7 +48,7 @@ class Gate:
     @contextlib.asynccontextmanager
     async def slot(self, priority: int) -> AsyncIterator[None]:
         """Hold one of the gate's slots; waits, in ``priority`` order, while all are taken."""
-        if self._free and not self.queued:
+        if self._free:  # a free slot means nobody waits: a release hands slots to waiters
             self._free -= 1
         else:
             future = asyncio.get_running_loop().create_future()
