@@ -36,6 +36,7 @@ ENDPOINTSLICE_MANAGER = "modelyard.dev"  # endpointslice.kubernetes.io/managed-b
 # ---------------------------------------------------------------------------- ports
 
 RUNTIME_PORT = 8080  # the runtime's HTTP port (OIP REST, /metrics, health) by default
+LLM_HEALTH_PORT = 8081  # the generative engine's launcher: honest readiness (/ready, /live)
 SERVICE_PORT = 80  # the model's Services
 
 # --------------------------------------------------------------- runtime metrics
@@ -115,6 +116,24 @@ ENV_PREFIX = "MODELYARD_"
 _BY_FIELD = {s.field: s for s in SETTINGS}
 _BY_ENV = {s.env: s for s in SETTINGS}
 
+# The generative engine's launcher (``modelyard.runtime.llm``): it fetches and verifies a
+# model directory, then runs vLLM on it. It shares the runtime's settings where they mean
+# the same, and has two of its own; the engine's flags are the container's arguments.
+LLM_SETTINGS: tuple[Setting, ...] = (
+    *(_BY_FIELD[name] for name in ("model_name", "model_version", "model_uri", "sha256",
+                                   "port", "host", "cache_dir", "device", "drain_seconds",
+                                   "log_level")),
+    Setting("health_port", "MODELYARD_HEALTH_PORT", "int",
+            help=f"the launcher's /ready and /live (default {LLM_HEALTH_PORT})"),
+    Setting("cache_max_bytes", "MODELYARD_CACHE_MAX_BYTES", "int",
+            help="bound of the model cache; least recently used models go first"),
+    Setting("termination_log", "MODELYARD_TERMINATION_LOG", "path",
+            help="where the reason the engine stopped is written (default "
+                 "/dev/termination-log, which Kubernetes reports in the pod's status)"),
+)
+_LLM_BY_FIELD = {s.field: s for s in LLM_SETTINGS}
+_LLM_BY_ENV = {s.env: s for s in LLM_SETTINGS}
+
 
 class UnknownSetting(KeyError):
     """A runtime setting (a field or a ``MODELYARD_*`` variable) that the table lacks."""
@@ -137,11 +156,24 @@ def runtime_env(values: Mapping[str, str | None]) -> list[dict[str, str]]:
             for name, value in values.items() if value is not None]
 
 
-def unknown_variables(names: Iterable[str]) -> list[str]:
-    """The ``MODELYARD_*`` names among ``names`` that are no runtime setting, each with
-    the closest known name when one is near (a misspelling is reported, not ignored)."""
-    return [f"{name}{_hint(name, _BY_ENV)}" for name in sorted(names)
-            if name.startswith(ENV_PREFIX) and name not in _BY_ENV]
+def llm_env(values: Mapping[str, str | None]) -> list[dict[str, str]]:
+    """The generative launcher's ``env`` entries for settings given by field."""
+    out = []
+    for name, value in values.items():
+        if name not in _LLM_BY_FIELD:
+            raise UnknownSetting(f"no launcher setting {name!r}{_hint(name, _LLM_BY_FIELD)}")
+        if value is not None:
+            out.append({"name": _LLM_BY_FIELD[name].env, "value": value})
+    return out
+
+
+def unknown_variables(names: Iterable[str], *, llm: bool = False) -> list[str]:
+    """The ``MODELYARD_*`` names among ``names`` that are no runtime setting (or, with
+    ``llm``, no launcher setting), each with the closest known name when one is near (a
+    misspelling is reported, not ignored)."""
+    known = _LLM_BY_ENV if llm else _BY_ENV
+    return [f"{name}{_hint(name, known)}" for name in sorted(names)
+            if name.startswith(ENV_PREFIX) and name not in known]
 
 
 def parse_bool(raw: str) -> bool:

@@ -35,6 +35,7 @@ SINGULAR = "modeldeployment"
 SHORT_NAMES = ("md", "mds")
 API_VERSION = f"{GROUP}/{VERSION}"
 DEFAULT_RUNTIME_IMAGE = "modelyard-runtime:0.1.0"
+DEFAULT_VLLM_IMAGE = "modelyard-vllm:0.1.0"
 MAX_NAME_LENGTH = 42  # leaves room for "-v<version slug>" within a 63-character Service name
 HISTORY_LIMIT = 20
 
@@ -83,6 +84,12 @@ class ModelFormat(StrEnum):
     TORCHSCRIPT = "torchscript"
     EXPORT = "export"
     SAFETENSORS = "safetensors"
+    HF = "hf"  # a Hugging Face-style directory, served by a generative engine
+
+
+class Engine(StrEnum):
+    MODELYARD = "modelyard"  # modelyard's PyTorch runtime: tensors in, tensors out (OIP)
+    VLLM = "vllm"  # vLLM behind its OpenAI-compatible API: generative models
 
 
 class Optimize(ApiModel):
@@ -108,19 +115,24 @@ class ModelSource(ApiModel):
     uri: str = Field(
         ..., min_length=1, max_length=2048,
         description="Where the model file is: s3://BUCKET/KEY, http(s)://..., "
-                    "pvc://CLAIM/PATH or file:///PATH (local testing).",
+                    "pvc://CLAIM/PATH or file:///PATH (local testing). For format hf, the "
+                    "directory (prefix) holding config.json, the safetensors shards and the "
+                    "tokenizer files.",
         json_schema_extra=_rules(_cel(
             "self.matches('^(s3|http|https|pvc|file)://.+')",
             "uri must start with s3://, http://, https://, pvc:// or file://")),
     )
     format: ModelFormat = Field(
         ModelFormat.TORCHSCRIPT,
-        description="torchscript (torch.jit.save), export (torch.export .pt2) or safetensors "
-                    "(weights plus an entryPoint that builds the module).")
+        description="torchscript (torch.jit.save), export (torch.export .pt2), safetensors "
+                    "(weights plus an entryPoint that builds the module) or hf (a Hugging "
+                    "Face-style directory for a generative engine; runtime.engine vllm).")
     sha256: str | None = Field(
         None, pattern=r"^[a-f0-9]{64}$",
         description="Expected SHA-256 of the model file (64 lowercase hex digits); "
-                    "verified before the model is served.")
+                    "verified before the model is served. For format hf: the SHA-256 of the "
+                    "directory's SHA256SUMS manifest in canonical form (what `modelyard digest "
+                    "DIR` prints); every file is verified against the manifest.")
     entry_point: str | None = Field(
         None, max_length=256, pattern=_IMPORT_PATH,
         description="module:callable returning the torch.nn.Module for safetensors weights.")
@@ -134,6 +146,10 @@ class ModelSource(ApiModel):
         _cel("!has(self.format) || self.format != 'safetensors' || has(self.entryPoint)",
              "format safetensors needs entryPoint (module:callable that builds the model)",
              ".entryPoint"),
+        _cel("!has(self.format) || self.format != 'hf' || "
+             "(!has(self.entryPoint) && !has(self.optimize))",
+             "format hf is served by its engine: entryPoint and optimize do not apply "
+             "(set the engine's settings in runtime.vllm)"),
         _cel("!self.uri.startsWith('pvc://') || self.uri.matches('^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.+')",
              "a pvc:// uri must look like pvc://CLAIM/PATH/TO/MODEL", ".uri"),
     ))
@@ -149,11 +165,53 @@ class Batching(ApiModel):
         description="Longest a request waits for others to join its batch while the model is busy.")
 
 
-class RuntimeSpec(ApiModel):
-    """The serving runtime that runs in each pod."""
+# Flags modelyard sets from first-class fields or itself: extraArgs may not repeat them.
+VLLM_OWNED_FLAGS = ("--model", "--served-model-name", "--host", "--port", "--dtype",
+                    "--max-model-len", "--gpu-memory-utilization", "--tensor-parallel-size",
+                    "--api-key", "--download-dir", "--tokenizer")
 
-    image: str = Field(DEFAULT_RUNTIME_IMAGE, min_length=1, max_length=512,
-                       description="Container image of the modelyard runtime.")
+
+_EngineArg = Annotated[str, Field(max_length=256, description="One flag or value.")]
+
+
+class VllmSettings(ApiModel):
+    """vLLM's settings that matter, validated; extraArgs passes the rest through."""
+
+    max_model_len: int | None = Field(
+        None, ge=16, le=4_194_304,
+        description="Longest sequence (prompt plus completion) in tokens; default: the "
+                    "model's own (config.json).")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weights and activations dtype; auto follows the model's config.")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=0.99,
+        description="Share of each GPU's memory vLLM may use (weights plus KV cache); "
+                    "default: vLLM's (0.9).")
+    extra_args: list[_EngineArg] = Field(
+        default_factory=list, max_length=32,
+        description="Further vLLM flags, passed as they are (e.g. --enable-prefix-caching). "
+                    "Tensor parallelism is the GPUs per replica (resources.gpu.count).",
+        json_schema_extra=_rules(_cel(
+            "self.all(a, !(" + " || ".join(
+                f"a == '{flag}' || a.startsWith('{flag}=')" for flag in VLLM_OWNED_FLAGS)
+            + "))",
+            "runtime.vllm.extraArgs may not set a flag modelyard sets itself: "
+            + ", ".join(VLLM_OWNED_FLAGS))),
+    )
+
+
+class RuntimeSpec(ApiModel):
+    """The serving engine that runs in each pod."""
+
+    engine: Engine = Field(
+        Engine.MODELYARD,
+        description="modelyard: the PyTorch runtime (tensor models, Open Inference Protocol); "
+                    "vllm: vLLM behind its OpenAI-compatible API (generative models, format "
+                    "hf).")
+    image: str | None = Field(
+        None, min_length=1, max_length=512,
+        description=f"Container image; default {DEFAULT_RUNTIME_IMAGE} for engine modelyard, "
+                    f"{DEFAULT_VLLM_IMAGE} for engine vllm.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
         None, description="Image pull policy of the runtime container.")
     batching: Batching = Field(default_factory=Batching, description="Dynamic batching.",
@@ -164,6 +222,19 @@ class RuntimeSpec(ApiModel):
     port: int = Field(8080, ge=1024, le=65535, description="Port the runtime listens on.")
     env: dict[str, str] = Field(
         default_factory=dict, description="Extra environment variables for the runtime.")
+    vllm: VllmSettings | None = Field(None, description="Engine vllm: its settings.")
+
+    model_config = ConfigDict(json_schema_extra=_rules(
+        _cel("!has(self.vllm) || (has(self.engine) && self.engine == 'vllm')",
+             "runtime.vllm is set but runtime.engine is not vllm", ".vllm"),
+        _cel("!has(self.engine) || self.engine != 'vllm' || !has(self.handler)",
+             "runtime.handler is for engine modelyard; vLLM has no handler hook", ".handler"),
+    ))
+
+    def image_or_default(self) -> str:
+        if self.image:
+            return self.image
+        return DEFAULT_VLLM_IMAGE if self.engine == Engine.VLLM else DEFAULT_RUNTIME_IMAGE
 
 
 class GpuRequest(ApiModel):
@@ -358,6 +429,13 @@ class GatewayRef(ApiModel):
 
 class ModelDeploymentSpec(ApiModel):
     """The desired state of a served model."""
+
+    model_config = ConfigDict(json_schema_extra=_rules(
+        _cel("(has(self.runtime.engine) && self.runtime.engine == 'vllm') == "
+             "(has(self.model.format) && self.model.format == 'hf')",
+             "runtime.engine vllm serves format hf (a model directory), and format hf needs "
+             "runtime.engine vllm"),
+    ))
 
     model: ModelSource = Field(..., description="The model to serve.")
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec, description="The serving runtime.",

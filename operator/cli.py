@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 DEFAULT_STATE_DIR = Path(".modelyard")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modelyard", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -77,6 +77,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--to", help="the version to go back to (default: the last one "
                                         "that served before the current)")
 
+    digest = sub.add_parser(
+        "digest", help="write a model directory's SHA256SUMS manifest and print its digest "
+                       "(spec.model.sha256 of a format hf model)")
+    digest.add_argument("directory")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["activator"]:  # its own flags: see modelyard.activator.settings
         return _run_activator(argv[1:])
@@ -105,6 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "operator":
         return _run_operator(args.namespace, args.liveness)
+    if args.command == "digest":
+        from modelyard.runtime import modeldir
+
+        print(modeldir.write_manifest(Path(args.directory)))
+        return 0
     if args.command in ("status", "history", "promote", "abort", "retry", "rollback"):
         import functools
 

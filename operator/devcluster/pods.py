@@ -14,6 +14,13 @@ condition follows the runtime's real readiness probe, and a process that exits i
 restarted with exponential back-off while the pod reports ``CrashLoopBackOff``
 with its restart count, so a model that cannot load never looks Ready.
 
+A pod of a generative model (``runtime.engine: vllm``) runs its container's command the
+same way: ``python -m modelyard.runtime.llm`` with the rendered vLLM flags, under the
+Python of the vLLM environment ``scripts/prepare.py`` builds (``llm.py``), probed on the
+launcher's health port; its model cache is one directory per node, shared by that node's
+pods as a node's cache would be, and its termination message is reported in the pod's
+status as a kubelet reports ``/dev/termination-log``.
+
 Two things differ from a real node, on purpose:
 
 * ``file:///models/...`` inside a pod is ``<models_dir>/...`` on this machine, as if
@@ -58,6 +65,10 @@ class _Running:
     probe_path: str
     env: dict[str, str]
     logfile: Path
+    probe_port: int = 0
+    argv: tuple[str, ...] = ("-m", "modelyard.runtime")
+    python: str = sys.executable
+    termination_log: Path | None = None
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     start_after: float = 0.0  # back-off: do not restart before this (monotonic)
@@ -68,7 +79,7 @@ class _Running:
 class PodProcesses:
     def __init__(self, cluster: LocalCluster, models_dir: Path, log_dir: Path,
                  *, poll_s: float = 0.5, device: str | None = None,
-                 max_backoff_s: float = 30.0):
+                 max_backoff_s: float = 30.0, llm_python: str | None = None):
         self.cluster = cluster
         self.manage_status = cluster.config.real_pods
         self.max_backoff_s = max_backoff_s
@@ -76,6 +87,7 @@ class PodProcesses:
         self.log_dir = log_dir
         self.poll_s = poll_s
         self._device = device
+        self._llm_python = llm_python
         self._running: dict[str, _Running] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="pod-processes", daemon=True)
@@ -145,7 +157,7 @@ class PodProcesses:
             ready = False
         else:
             state = "running"
-            ready = _probe(running.ip, running.port, running.probe_path)
+            ready = _probe(running.ip, running.probe_port or running.port, running.probe_path)
         if running.reported != (ready, state):
             self._report(key, running, ready, state)
             running.reported = (ready, state)
@@ -165,8 +177,11 @@ class PodProcesses:
                 "message": f"back-off restarting the runtime (exit code {running.last_exit}); "
                            f"see {running.logfile}"}}
         if running.last_exit is not None:
-            container["lastState"] = {"terminated": {"exitCode": running.last_exit,
-                                                     "finishedAt": stamp, "reason": "Error"}}
+            terminated: dict[str, Any] = {"exitCode": running.last_exit, "finishedAt": stamp,
+                                          "reason": "Error"}
+            if message := _termination_message(running.termination_log):
+                terminated["message"] = message
+            container["lastState"] = {"terminated": terminated}
         patch = {"status": {
             "conditions": [{"type": kind, "status": value, "lastTransitionTime": stamp}
                            for kind in ("Ready", "ContainersReady")],
@@ -194,16 +209,40 @@ class PodProcesses:
             "MODELYARD_DEVICE": self._device or _device_for(env.get("MODELYARD_DEVICE", "auto")),
         }
         probe = (container.get("readinessProbe") or {}).get("httpGet") or {}
-        return _Running(uid=pod["metadata"]["uid"], ip=ip, port=port,
-                        probe_path=str(probe.get("path", "/v2/health/ready")), env=env,
-                        logfile=self.log_dir / f"{key.replace('/', '_')}.log")
+        probe_port = probe.get("port", "http")
+        if isinstance(probe_port, str):
+            probe_port = next((p["containerPort"] for p in container.get("ports", [])
+                               if p.get("name") == probe_port), port)
+        running = _Running(uid=pod["metadata"]["uid"], ip=ip, port=port,
+                           probe_path=str(probe.get("path", "/v2/health/ready")), env=env,
+                           logfile=self.log_dir / f"{key.replace('/', '_')}.log",
+                           probe_port=int(probe_port))
+        command = [*container.get("command", []), *container.get("args", [])]
+        if "modelyard.runtime.llm" in command:
+            # The image's python3 is vLLM's environment: here, the one prepare.py builds,
+            # with modelyard importable from the source tree.
+            from . import llm
+
+            running.python = self._llm_python or str(llm.ensure_vllm())
+            running.argv = tuple(command[command.index("-m"):])
+            node = pod["spec"].get("nodeName") or "node"
+            running.termination_log = self.log_dir / f"{key.replace('/', '_')}.termination"
+            env |= {
+                "MODELYARD_CACHE_DIR": str(self.log_dir.parent / "node-cache" / node),
+                "MODELYARD_TERMINATION_LOG": str(running.termination_log),
+                "PYTHONPATH": str(llm.IMPORT_ROOT),
+                "HOME": str(self.log_dir.parent / "home"),
+            }
+        return running
 
     def _spawn(self, key: str, running: _Running) -> None:
         network = self.cluster.pod_network
         assert network is not None, "the cluster is not running"
+        if running.termination_log is not None:
+            running.termination_log.unlink(missing_ok=True)
         with running.logfile.open("ab") as out:
             running.process = subprocess.Popen(
-                network.command([sys.executable, "-m", "modelyard.runtime"]),
+                network.command([running.python, *running.argv]),
                 env={**os.environ, **running.env}, stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
@@ -222,6 +261,12 @@ class PodProcesses:
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait(5)
         log.info("stopped the runtime of pod %s", key)
+
+
+def _termination_message(path: Path | None) -> str | None:
+    if path is None or not path.is_file():
+        return None
+    return path.read_text(errors="replace").strip()[-4096:] or None
 
 
 def _probe(ip: str, port: int, path: str) -> bool:

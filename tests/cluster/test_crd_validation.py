@@ -35,7 +35,31 @@ def with_(path: str, value: Any) -> dict[str, Any]:
     return doc
 
 
+def llm(**runtime: Any) -> dict[str, Any]:
+    """A generative model's manifest with ``runtime`` set as given."""
+    return with_("spec", {"model": {"version": "1", "uri": "s3://models/chat/1/",
+                                    "format": "hf"},
+                          "runtime": {"engine": "vllm", **runtime}})
+
+
 INVALID = [
+    ("vllm engine for a torchscript file", with_("spec.runtime", {"engine": "vllm"}),
+     "runtime.engine vllm serves format hf (a model directory), and format hf needs "
+     "runtime.engine vllm"),
+    ("hf directory without the vllm engine", with_("spec.model.format", "hf"),
+     "format hf needs runtime.engine vllm"),
+    ("vllm settings for the modelyard engine", with_("spec.runtime", {
+        "vllm": {"maxModelLen": 256}}), "runtime.vllm is set but runtime.engine is not vllm"),
+    ("extra engine argument modelyard owns", llm(vllm={"extraArgs": ["--port=9000"]}),
+     "runtime.vllm.extraArgs may not set a flag modelyard sets itself"),
+    ("extra served model name", llm(vllm={"extraArgs": ["--served-model-name", "x"]}),
+     "runtime.vllm.extraArgs may not set a flag modelyard sets itself"),
+    ("gpu memory share above 1", llm(vllm={"gpuMemoryUtilization": 1.5}),
+     "spec.runtime.vllm.gpuMemoryUtilization: Invalid value"),
+    ("unknown engine dtype", llm(vllm={"dtype": "int3"}),
+     'spec.runtime.vllm.dtype: Unsupported value: "int3"'),
+    ("handler for vllm", llm(handler="pkg.mod:Handler"), "runtime.handler is for engine "
+     "modelyard"),
     ("missing version", with_("spec.model.version", ...), "spec.model.version: Required value"),
     ("missing uri", with_("spec.model.uri", ...), "spec.model.uri: Required value"),
     ("bad uri scheme", with_("spec.model.uri", "ftp://host/model.pt"),
@@ -100,11 +124,22 @@ def test_valid_manifest_is_accepted_and_defaulted_by_the_schema(kube: Kube) -> N
     kube.apply(yaml.safe_dump(VALID))
     spec = kube.get("md", "resnet")["spec"]
     assert spec["model"]["format"] == "torchscript"
-    assert spec["runtime"]["image"] == "modelyard-runtime:0.1.0"
+    assert spec["runtime"]["engine"] == "modelyard"
+    assert "image" not in spec["runtime"]  # the engine's own image (modelyard-runtime)
     assert spec["runtime"]["batching"] == {"maxBatchSize": 32, "maxDelayMs": 5}
     assert spec["runtime"]["port"] == 8080
     assert spec["replicas"] == 1
     assert spec["rollout"]["strategy"] == "RollingUpdate"
+
+
+def test_a_generative_model_is_accepted_with_its_engine_settings(kube: Kube) -> None:
+    body = llm(vllm={"maxModelLen": 8192, "dtype": "bfloat16",
+                     "extraArgs": ["--enable-prefix-caching", "--max-num-seqs=64"]})
+    body["spec"]["resources"] = {"gpu": {"count": 2}}
+    kube.apply(yaml.safe_dump(body))
+    spec = kube.get("md", "resnet")["spec"]
+    assert spec["runtime"]["vllm"]["extraArgs"] == ["--enable-prefix-caching",
+                                                    "--max-num-seqs=64"]
 
 
 def test_scale_subresource_works_with_kubectl_scale(kube: Kube) -> None:

@@ -106,3 +106,49 @@ def test_slugs_do_not_collide_when_characters_are_replaced() -> None:
 def test_autoscaling_starts_at_its_minimum() -> None:
     s = spec(replicas=5, autoscaling={"minReplicas": 2, "maxReplicas": 4, "target": 8})
     assert render.replicas_wanted(s) == 2
+
+
+def llm_spec(**runtime: Any) -> api.ModelDeploymentSpec:
+    return api.parse_spec({
+        "model": {"version": "7", "uri": "pvc://weights/chat/7", "format": "hf",
+                  "sha256": "a" * 64},
+        "runtime": {"engine": "vllm", **runtime},
+        "resources": {"gpu": {"count": 2, "product": "NVIDIA-H100-80GB-HBM3"}}})
+
+
+def test_a_generative_model_runs_vllm_under_the_launcher() -> None:
+    dep = render.render_deployment(OWNER, llm_spec(vllm={
+        "maxModelLen": 8192, "dtype": "bfloat16", "gpuMemoryUtilization": 0.85,
+        "extraArgs": ["--enable-prefix-caching"]}), 1)
+    pod = dep["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["image"] == api.DEFAULT_VLLM_IMAGE
+    assert container["command"] == ["python3", "-m", "modelyard.runtime.llm"]
+    # Tensor parallelism is the GPUs of a replica; the launcher adds model, name and port.
+    assert container["args"] == ["--dtype", "bfloat16", "--max-model-len", "8192",
+                                 "--gpu-memory-utilization", "0.85",
+                                 "--tensor-parallel-size", "2", "--enable-prefix-caching"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["MODELYARD_MODEL_NAME"] == "resnet"
+    assert env["MODELYARD_MODEL_URI"] == "file:///mnt/models/weights/chat/7"
+    assert env["MODELYARD_MODEL_SHA256"] == "a" * 64
+    assert "MODELYARD_MAX_BATCH_SIZE" not in env  # the engine batches on its own
+    # Ready is the launcher's verdict (a real completion answered), on its own port;
+    # clients reach vLLM's port directly.
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "health"}
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "http": 8080, "health": 8081}
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+
+
+def test_the_tensor_runtime_renders_as_before() -> None:
+    # The engine field and its default image leave a tensor model's Deployment unchanged:
+    # its digest is what it was, so upgrading the operator starts no rollout.
+    dep = render.render_deployment(OWNER, spec(), 1)
+    [container] = dep["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == api.DEFAULT_RUNTIME_IMAGE
+    assert "command" not in container
+    assert dep["metadata"]["annotations"][render.HASH_ANNOTATION] == "b57a987c78fd0530"
