@@ -28,13 +28,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import kopf
+from kubernetes.utils import parse_quantity
 
 from . import api, metrics
 from .activation import ActivatorLink
 from .kube import Writer, load_api_client
 from .leader import ElectionConfig, Elector
 from .reconcile import Reconciler
-from .render import ENDPOINTSLICE_MANAGER, MANAGED_BY, MANAGER, MODEL_LABEL
+from .render import ENDPOINTSLICE_MANAGER, MANAGED_BY, MANAGER, MODEL_LABEL, NodeCache
 from .scaling import Autoscaler, nobody_waits
 from .world import Observed, project_child, project_model, project_pod
 
@@ -47,6 +48,18 @@ _RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
 SAFETY_INTERVAL_S = float(os.environ.get("MODELYARD_RESYNC_SECONDS", "300"))
 # How often the autoscaler measures and decides (its rate limits are per decision).
 AUTOSCALE_TICK_S = float(os.environ.get("MODELYARD_AUTOSCALE_TICK_SECONDS", "2"))
+
+
+def node_cache_from_env(environ: Mapping[str, str]) -> NodeCache | None:
+    """The node-local model cache the chart configures (``nodeCache`` in its values):
+    ``MODELYARD_NODE_CACHE_PATH`` on every node, bounded by ``MODELYARD_NODE_CACHE_MAX_BYTES``
+    (a quantity: 200Gi). Unset: each pod keeps its own cache in an emptyDir."""
+    path = environ.get("MODELYARD_NODE_CACHE_PATH", "").strip()
+    if not path:
+        return None
+    raw = environ.get("MODELYARD_NODE_CACHE_MAX_BYTES", "").strip()
+    bound = int(parse_quantity(raw)) if raw else None  # type: ignore[no-untyped-call]
+    return NodeCache(path, bound)
 
 
 @kopf.on.startup()
@@ -69,7 +82,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         memo["election_task"] = loop.create_task(elector.run(), name="modelyard-election")
     activator = ActivatorLink.from_env(writer)
     reconciler = Reconciler(writer, leading=lambda: elector is None or elector.leading,
-                            activator=activator)
+                            activator=activator, node_cache=node_cache_from_env(os.environ))
     memo["reconciler"] = reconciler
     if port := os.environ.get("MODELYARD_METRICS_PORT"):
         memo["metrics_server"] = metrics.start(int(port))

@@ -85,7 +85,7 @@ def plan(world: World, verdict: Verdict | None, scale_request: api_status.Autosc
     if activated and world.activator is not None:
         desired.append(render.render_activator_slice(owner, world.activator.addresses,
                                                      world.activator.port))
-    desired.append(render.render_deployment(owner, spec, rendered))
+    desired.append(render.render_deployment(owner, spec, rendered, world.node_cache))
     desired += [render.render_version_service(owner, v) for v in sorted(step.versions.keep)]
     if step.preview:
         desired.append(render.render_preview_service(owner, step.preview))

@@ -33,6 +33,7 @@ from .activation import ActivatorLink
 from .execute import Executor
 from .kube import GoneError, Writer
 from .measure import CanaryJudge, Scraper, scrape_metrics
+from .render import NodeCache
 from .world import Key, Observed
 
 __all__ = ["Key", "Observed", "Reconciler", "scrape_metrics"]
@@ -47,8 +48,10 @@ Snapshot = Callable[[], Observed | None]
 class Reconciler:
     def __init__(self, writer: Writer, clock: Callable[[], dt.datetime] | None = None,
                  scraper: Scraper | None = None, leading: Callable[[], bool] = lambda: True,
-                 activator: ActivatorLink | None = None):
+                 activator: ActivatorLink | None = None, *,
+                 node_cache: NodeCache | None = None):
         self.activator = activator  # where a model at zero sends its traffic (activation.py)
+        self.node_cache = node_cache  # the node-local model cache the pods mount, if any
         self.leading = leading  # only the leader acts (see leader.py); others keep track
         self._writer = writer
         self._executor = Executor(writer)
@@ -180,7 +183,8 @@ class Reconciler:
         key = (meta["namespace"], meta["name"])
         seen = world.build(observed, self._executor.latest_status(key, observed.resource),
                            gateway=await self._gateway_api(), activator=None,
-                           activator_configured=self.activator is not None)
+                           activator_configured=self.activator is not None,
+                           node_cache=self.node_cache)
         if seen.spec is not None and seen.spec.autoscaling is not None and not seen.deleting:
             self._autoscaled.add(key)
         else:

@@ -47,6 +47,19 @@ RUNTIME_UID = 10001
 
 
 @dataclass(frozen=True)
+class NodeCache:
+    """The node-local model cache: a directory on every node (a hostPath the chart's
+    DaemonSet prepares), shared by the node's model pods. A model version is fetched into
+    it once per node, verified, and found there by the next pod, restart or rollback."""
+
+    path: str
+    max_bytes: int | None = None
+
+
+MODEL_CACHE_DIR = f"{CACHE_DIR}/models"
+
+
+@dataclass(frozen=True)
 class Owner:
     """The identity of the ModelDeployment being rendered."""
 
@@ -115,7 +128,8 @@ def replicas_wanted(spec: api.ModelDeploymentSpec) -> int:
     return spec.replicas
 
 
-def runtime_env(owner: Owner, spec: api.ModelDeploymentSpec) -> list[dict[str, str]]:
+def runtime_env(owner: Owner, spec: api.ModelDeploymentSpec,
+                node_cache: NodeCache | None = None) -> list[dict[str, str]]:
     """The runtime's configuration, as environment variables (the operator-runtime contract)."""
     model = spec.model
     values: dict[str, str | None] = {  # RuntimeConfig field -> value (modelyard.contract)
@@ -129,7 +143,7 @@ def runtime_env(owner: Owner, spec: api.ModelDeploymentSpec) -> list[dict[str, s
         "max_delay_ms": _number(spec.runtime.batching.max_delay_ms),
         "handler": spec.runtime.handler,
         "port": str(spec.runtime.port),
-        "cache_dir": CACHE_DIR,
+        "cache_dir": MODEL_CACHE_DIR if node_cache is not None else CACHE_DIR,
         "device": "cuda" if _gpu_count(spec) else "cpu",
     }
     if model.optimize is not None:
@@ -145,16 +159,17 @@ def runtime_env(owner: Owner, spec: api.ModelDeploymentSpec) -> list[dict[str, s
 
 
 def render_deployment(
-    owner: Owner, spec: api.ModelDeploymentSpec, replicas: int
+    owner: Owner, spec: api.ModelDeploymentSpec, replicas: int,
+    node_cache: NodeCache | None = None,
 ) -> dict[str, Any]:
     version = spec.model.version
     labels = {**common_labels(owner.name), VERSION_LABEL: version}
     selector = {MODEL_LABEL: owner.name, VERSION_LABEL: version}
     port = spec.runtime.port
     if spec.runtime.engine == api.Engine.VLLM:
-        container = _vllm_container(owner, spec)
+        container = _vllm_container(owner, spec, node_cache)
     else:
-        container = _runtime_container(owner, spec)
+        container = _runtime_container(owner, spec, node_cache)
     container["securityContext"] = {
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,
@@ -173,6 +188,10 @@ def render_deployment(
         {"name": "model-cache", "mountPath": CACHE_DIR},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
+    if node_cache is not None:
+        volumes.append({"name": "node-cache", "hostPath": {"path": node_cache.path,
+                                                          "type": "DirectoryOrCreate"}})
+        container["volumeMounts"].append({"name": "node-cache", "mountPath": MODEL_CACHE_DIR})
     if spec.runtime.engine == api.Engine.VLLM:
         # vLLM's workers share tensors through /dev/shm; a container's default is 64 MiB.
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
@@ -249,13 +268,14 @@ def render_deployment(
     return deployment
 
 
-def _runtime_container(owner: Owner, spec: api.ModelDeploymentSpec) -> dict[str, Any]:
+def _runtime_container(owner: Owner, spec: api.ModelDeploymentSpec,
+                       node_cache: NodeCache | None) -> dict[str, Any]:
     """modelyard's PyTorch runtime: probed on its own model-ready endpoint."""
     model_name = served_model_name(owner.name, spec)
     return {
         "name": CONTAINER_NAME,
         "image": spec.runtime.image_or_default(),
-        "env": runtime_env(owner, spec),
+        "env": runtime_env(owner, spec, node_cache),
         "ports": [{"name": "http", "containerPort": spec.runtime.port, "protocol": "TCP"}],
         "readinessProbe": {
             "httpGet": {"path": f"/v2/models/{model_name}/ready", "port": "http"},
@@ -292,7 +312,8 @@ def vllm_args(spec: api.ModelDeploymentSpec) -> list[str]:
     return args + list(settings.extra_args)
 
 
-def llm_env(owner: Owner, spec: api.ModelDeploymentSpec) -> list[dict[str, str]]:
+def llm_env(owner: Owner, spec: api.ModelDeploymentSpec,
+            node_cache: NodeCache | None = None) -> list[dict[str, str]]:
     """The launcher's configuration (modelyard.contract.LLM_SETTINGS), then the user's."""
     model = spec.model
     env = contract.llm_env({
@@ -302,7 +323,9 @@ def llm_env(owner: Owner, spec: api.ModelDeploymentSpec) -> list[dict[str, str]]
         "sha256": model.sha256,
         "port": str(spec.runtime.port),
         "health_port": str(contract.LLM_HEALTH_PORT),
-        "cache_dir": f"{CACHE_DIR}/models",
+        "cache_dir": MODEL_CACHE_DIR,
+        "cache_max_bytes": str(node_cache.max_bytes) if node_cache and node_cache.max_bytes
+        else None,
         "device": "cuda" if _gpu_count(spec) else "cpu",
     })
     env.append({"name": "HOME", "value": LLM_HOME})
@@ -312,7 +335,8 @@ def llm_env(owner: Owner, spec: api.ModelDeploymentSpec) -> list[dict[str, str]]
     return env
 
 
-def _vllm_container(owner: Owner, spec: api.ModelDeploymentSpec) -> dict[str, Any]:
+def _vllm_container(owner: Owner, spec: api.ModelDeploymentSpec,
+                    node_cache: NodeCache | None) -> dict[str, Any]:
     """vLLM under modelyard's launcher: the launcher fetches and verifies the model
     directory, runs vLLM on it, and answers the probes on its own port: ready only once a
     real completion has been answered (and while vLLM's engine stays healthy). Clients
@@ -322,7 +346,7 @@ def _vllm_container(owner: Owner, spec: api.ModelDeploymentSpec) -> dict[str, An
         "image": spec.runtime.image_or_default(),
         "command": list(LLM_COMMAND),
         "args": vllm_args(spec),
-        "env": llm_env(owner, spec),
+        "env": llm_env(owner, spec, node_cache),
         "ports": [{"name": "http", "containerPort": spec.runtime.port, "protocol": "TCP"},
                   {"name": "health", "containerPort": contract.LLM_HEALTH_PORT,
                    "protocol": "TCP"}],

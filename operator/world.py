@@ -25,7 +25,7 @@ from typing import Any
 import pydantic
 
 from . import api, api_status
-from .render import GPU_RESOURCE, VERSION_LABEL, Owner
+from .render import GPU_RESOURCE, VERSION_LABEL, NodeCache, Owner
 
 Key = tuple[str, str]  # (namespace, name)
 LiveKey = tuple[str, str]  # (kind, name)
@@ -188,6 +188,7 @@ class World:
     gateway: bool  # the cluster serves the Gateway API's HTTPRoute
     activator: ActivatorEndpoints | None  # None: no activator, or none ready
     activator_configured: bool = False  # the operator was told of an activator Service
+    node_cache: NodeCache | None = None  # the node-local model cache pods mount, if any
 
     def ready_pod_ips(self, version: str) -> list[str]:
         """Addresses of the version's ready, not terminating pods."""
@@ -198,7 +199,8 @@ class World:
 
 
 def build(observed: Observed, previous: Mapping[str, Any], *, gateway: bool,
-          activator: ActivatorEndpoints | None, activator_configured: bool = False) -> World:
+          activator: ActivatorEndpoints | None, activator_configured: bool = False,
+          node_cache: NodeCache | None = None) -> World:
     """The world of one pass. ``previous`` is the latest status: the index's, or what the
     last pass wrote when the index has not caught up with it yet."""
     meta = observed.resource["metadata"]
@@ -228,6 +230,7 @@ def build(observed: Observed, previous: Mapping[str, Any], *, gateway: bool,
         pods=tuple(observed.pods),
         gateway=gateway,
         activator=activator,
+        node_cache=node_cache,
         activator_configured=activator_configured,
     )
 

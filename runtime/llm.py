@@ -171,7 +171,8 @@ class Launcher:
         from modelyard.runtime import modeldir
 
         began = time.monotonic()
-        cache = modeldir.NodeCache(self.config.cache_dir, self.config.cache_max_bytes)
+        cache = modeldir.NodeCache(_writable(self.config.cache_dir),
+                                   self.config.cache_max_bytes)
         # Kept for the launcher's life: a cached copy stays locked against eviction while
         # the engine reads it.
         self._fetched = modeldir.fetch_dir(self.config.model_uri, cache, self.config.sha256)
@@ -329,6 +330,19 @@ class Launcher:
         self._health.daemon_threads = True
         threading.Thread(target=self._health.serve_forever, name="health",
                          daemon=True).start()
+
+
+def _writable(cache_dir: Path) -> Path:
+    """The node's cache, or, when this pod cannot write there (the node's directory not
+    prepared yet), a cache of the pod's own: slower to start, never a failure."""
+    with contextlib.suppress(OSError):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    if os.access(cache_dir, os.W_OK | os.X_OK):
+        return cache_dir
+    own = Path(os.environ.get("HOME") or "/tmp") / "models"
+    log.warning("cannot write the node's model cache %s: using the pod's own %s (the model "
+                "is fetched for this pod alone)", cache_dir, own)
+    return own
 
 
 def _loopback(host: str) -> str:

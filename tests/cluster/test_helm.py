@@ -92,7 +92,9 @@ def test_the_charts_crd_is_the_generated_crd() -> None:
     {"watchNamespaces": ["team-a", "team-b"], "replicaCount": 3,
      "monitoring": {"podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}},
     {"activator": {"enabled": False}},
-], ids=["cluster-wide", "namespaced-with-monitoring", "no-activator"])
+    {"nodeCache": {"enabled": True, "maxBytes": "50Gi",
+                   "nodeSelector": {"nvidia.com/gpu.present": "true"}}},
+], ids=["cluster-wide", "namespaced-with-monitoring", "no-activator", "node-cache"])
 def test_helm_lint_strict_passes(chart: Chart, values: dict[str, Any]) -> None:
     linted = chart.run("lint", "--strict", str(CHART), *chart._values(values), check=False)
     assert linted.returncode == 0, linted.stdout + linted.stderr
@@ -208,6 +210,26 @@ def test_the_activator_can_be_left_out(chart: Chart) -> None:
     # the activator's EndpointSlices, no extra Role.
     inside = chart.template("r", "team-a", {"watchNamespaces": ["team-a", "team-b"]})
     assert not [o for o in inside if o["metadata"]["name"] == "r-modelyard-activator-endpoints"]
+
+
+def test_the_node_cache_is_opt_in_and_prepared_on_every_node(chart: Chart) -> None:
+    """Off by default (hostPath needs Pod Security's privileged level); on, the operator is
+    told where and how big, and a DaemonSet hands the host directory to the pods' uid."""
+    off = chart.template("r", "ops")
+    assert "MODELYARD_NODE_CACHE_PATH" not in _operator_env(off, "r-modelyard")
+    assert not [o for o in off if o["kind"] == "DaemonSet"]
+    on = chart.template("r", "ops", {"nodeCache": {"enabled": True, "maxBytes": "50Gi"}})
+    env = _operator_env(on, "r-modelyard")
+    assert env["MODELYARD_NODE_CACHE_PATH"] == "/var/lib/modelyard/models"
+    assert env["MODELYARD_NODE_CACHE_MAX_BYTES"] == "50Gi"
+    [daemonset] = [o for o in on if o["kind"] == "DaemonSet"]
+    pod = daemonset["spec"]["template"]["spec"]
+    assert pod["volumes"] == [{"name": "cache", "hostPath": {
+        "path": "/var/lib/modelyard/models", "type": "DirectoryOrCreate"}}]
+    assert pod["tolerations"] == [{"operator": "Exists"}]  # GPU nodes' taints included
+    [container] = pod["containers"]
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"],
+                                                            "add": ["CHOWN", "FOWNER"]}
 
 
 def test_the_prometheus_rules_are_valid_promql(chart: Chart, tmp_path: Path) -> None:

@@ -152,3 +152,33 @@ def test_the_tensor_runtime_renders_as_before() -> None:
     assert container["image"] == api.DEFAULT_RUNTIME_IMAGE
     assert "command" not in container
     assert dep["metadata"]["annotations"][render.HASH_ANNOTATION] == "b57a987c78fd0530"
+
+
+def test_the_node_cache_is_mounted_where_the_engines_cache_models() -> None:
+    cache = render.NodeCache("/var/lib/modelyard/models", 200 * 2**30)
+    for body, variable in ((llm_spec(), "MODELYARD_CACHE_MAX_BYTES"), (spec(), None)):
+        dep = render.render_deployment(OWNER, body, 1, cache)
+        pod = dep["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        assert {"name": "node-cache", "hostPath": {"path": "/var/lib/modelyard/models",
+                                                   "type": "DirectoryOrCreate"}} in pod["volumes"]
+        assert {"name": "node-cache", "mountPath": render.MODEL_CACHE_DIR} in \
+            container["volumeMounts"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["MODELYARD_CACHE_DIR"] == render.MODEL_CACHE_DIR
+        if variable:
+            assert env[variable] == str(200 * 2**30)
+    # Without one, nothing changes: the pod's own emptyDir.
+    plain = render.render_deployment(OWNER, spec(), 1)["spec"]["template"]["spec"]
+    assert not [v for v in plain["volumes"] if "hostPath" in v]
+
+
+def test_the_operator_reads_the_node_cache_from_the_chart_s_variables() -> None:
+    from modelyard.operator.handlers import node_cache_from_env
+
+    assert node_cache_from_env({}) is None
+    assert node_cache_from_env({"MODELYARD_NODE_CACHE_PATH": "/c",
+                                "MODELYARD_NODE_CACHE_MAX_BYTES": "2Gi"}) == \
+        render.NodeCache("/c", 2 * 2**30)
+    assert node_cache_from_env({"MODELYARD_NODE_CACHE_PATH": "/c",
+                                "MODELYARD_NODE_CACHE_MAX_BYTES": ""}) == render.NodeCache("/c")
