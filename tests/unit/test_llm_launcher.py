@@ -48,3 +48,18 @@ def test_settings_come_from_the_contract_and_the_arguments_are_vllm_s() -> None:
     with pytest.raises(llm.ConfigError, match="MODELYARD_HEALTH_PORT"):
         llm.parse_config([], {"MODELYARD_MODEL_NAME": "c", "MODELYARD_MODEL_URI": "s3://m/c/",
                               "MODELYARD_HEALTH_PORT": "http"})
+
+
+def test_modelyard_digest_writes_the_manifest_and_prints_its_digest(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from modelyard.operator.cli import main
+    from modelyard.runtime import modeldir
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "model-00001.safetensors").write_bytes(b"\0" * 64)
+    assert main(["digest", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == modeldir.digest(modeldir.manifest_of(tmp_path))
+    assert modeldir.parse_manifest((tmp_path / "SHA256SUMS").read_text()).keys() == {
+        "config.json", "shards/model-00001.safetensors"}
