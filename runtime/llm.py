@@ -153,6 +153,7 @@ class Launcher:
         self._health: http.server.ThreadingHTTPServer | None = None
         self._fetched: object | None = None
         self._engine_began = 0.0
+        self._cache_root = config.cache_dir
 
     # ------------------------------------------------------------------ the phases
 
@@ -171,8 +172,8 @@ class Launcher:
         from modelyard.runtime import modeldir
 
         began = time.monotonic()
-        cache = modeldir.NodeCache(_writable(self.config.cache_dir),
-                                   self.config.cache_max_bytes)
+        self._cache_root = _writable(self.config.cache_dir)
+        cache = modeldir.NodeCache(self._cache_root, self.config.cache_max_bytes)
         # Kept for the launcher's life: a cached copy stays locked against eviction while
         # the engine reads it.
         self._fetched = modeldir.fetch_dir(self.config.model_uri, cache, self.config.sha256)
@@ -195,7 +196,12 @@ class Launcher:
         log.info("starting vLLM: %s", " ".join(command))
         self.state.phase = "starting"
         self._engine_began = time.monotonic()
-        self.engine = subprocess.Popen(command, stdout=subprocess.PIPE,
+        # vLLM's own caches (the model-class inspection it otherwise repeats in a
+        # subprocess at every start, torch.compile's artefacts) beside the models: with the
+        # node's cache they outlive the pod, so the next start on the node skips that work.
+        env = {**os.environ}
+        env.setdefault("VLLM_CACHE_ROOT", str(self._cache_root / ".vllm"))
+        self.engine = subprocess.Popen(command, stdout=subprocess.PIPE, env=env,
                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         threading.Thread(target=self._pump, name="engine-output", daemon=True).start()
 

@@ -48,14 +48,14 @@ class Launched:
 
 
 def launch(tmp: Path, uri: str, sha256: str | None, *, name: str = "tiny",
-           drain_s: float = 0) -> Launched:
+           drain_s: float = 0, cache: Path | None = None) -> Launched:
     port, health = free_port("127.0.0.1"), free_port("127.0.0.1")
     tmp.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **CPU_ENV,
            "PYTHONPATH": str(llm.IMPORT_ROOT), "HOME": str(tmp / "home"),
            "MODELYARD_MODEL_NAME": name, "MODELYARD_MODEL_URI": uri,
            "MODELYARD_HOST": "127.0.0.1", "MODELYARD_PORT": str(port),
-           "MODELYARD_HEALTH_PORT": str(health), "MODELYARD_CACHE_DIR": str(tmp / "cache"),
+           "MODELYARD_HEALTH_PORT": str(health), "MODELYARD_CACHE_DIR": str(cache or tmp / "cache"),
            "MODELYARD_DRAIN_SECONDS": str(drain_s),
            "MODELYARD_TERMINATION_LOG": str(tmp / "termination-log")}
     if sha256:
@@ -78,6 +78,12 @@ def _status(url: str) -> int | None:
 
 
 @pytest.fixture(scope="module")
+def node_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for the module's launches, as the pods of one node share theirs."""
+    return tmp_path_factory.mktemp("node-cache")
+
+
+@pytest.fixture(scope="module")
 def models(tiny_llm: tuple[Path, str],
            tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
     corrupt = tmp_path_factory.mktemp("llm-models") / "corrupt"
@@ -85,12 +91,13 @@ def models(tiny_llm: tuple[Path, str],
 
 
 @pytest.fixture(scope="module")
-def served(models: dict[str, tuple[Path, str]],
+def served(models: dict[str, tuple[Path, str]], node_cache: Path,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Launched, list[str]]]:
     """The good model, watched from its start: every distinct (/ready, engine /health)
     pair the probes saw before the launcher said ready, in order."""
     path, digest = models["good"]
-    launched = launch(tmp_path_factory.mktemp("served"), path.as_uri(), digest, drain_s=3)
+    launched = launch(tmp_path_factory.mktemp("served"), path.as_uri(), digest, drain_s=3,
+                      cache=node_cache)
     seen: list[str] = []
     deadline = time.monotonic() + ENGINE_START_S
     try:
@@ -125,9 +132,9 @@ def test_a_directory_that_does_not_match_its_digest_never_reaches_the_engine(
 
 
 def test_an_engine_that_cannot_load_the_weights_reports_its_own_error(
-        models: dict[str, tuple[Path, str]], tmp_path: Path) -> None:
+        models: dict[str, tuple[Path, str]], node_cache: Path, tmp_path: Path) -> None:
     path, digest = models["corrupt"]  # its manifest matches: only the engine can refuse it
-    launched = launch(tmp_path, path.as_uri(), digest)
+    launched = launch(tmp_path, path.as_uri(), digest, cache=node_cache)
     try:
         code = launched.process.wait(ENGINE_START_S)
     finally:
