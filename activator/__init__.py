@@ -20,11 +20,16 @@ port). The activator then:
    requests wait for a model, one poll per model (every ``poll_seconds``, shared by all
    its waiters) lists the pods again;
 3. forwards the request (method, path, query, buffered body, end-to-end headers) to one
-   ready pod, round robin, and streams the answer back unchanged, status included. A pod
+   ready pod, round robin, and streams the answer back unchanged, status included, chunk
+   by chunk as the pod sends it (a streamed completion arrives event by event). A pod
    that refuses the connection (it just went away) is dropped and another one tried, or
-   the request waits again, within the same deadline;
+   the request waits again, within the same deadline. A client that disconnects stops
+   its request: no longer held, or its connection to the pod closed (the pod stops);
 4. answers ``503 {"error": "model NS/NAME has no ready replica after N s"}`` with
-   ``Retry-After`` when a request has waited ``timeout_seconds``, ``404`` for a Host that
+   ``Retry-After`` when a request has been held for its model's hold: ``timeout_seconds``
+   (120 s) for a tensor model, ``generative_timeout_seconds`` (600 s) for a generative one
+   (``spec.runtime.engine: vllm``, read from the ModelDeployment), whose cold start is
+   minutes of loading weights and starting the engine; ``404`` for a Host that
    names no Service or a ModelDeployment that does not exist, ``413`` for a body above
    ``max_body_bytes`` and ``502`` when a pod fails after the request reached it (it is not
    retried: the model may have run it).

@@ -1,6 +1,10 @@
 """Where a model's ready replicas are: looked up in the Kubernetes API (:class:`KubePods`,
 the activator's only API calls, in a worker thread), cached per model, polled once per
-``poll_s`` per model while requests wait, and the waiting itself (:class:`Discovery`)."""
+``poll_s`` per model while requests wait, and the waiting itself (:class:`Discovery`).
+
+When a model has no ready replica the lookup also reads its ModelDeployment: whether it
+exists (404 otherwise) and which engine serves it, which decides how long its requests
+are held (``hold_s``; see :meth:`.settings.Settings.hold_seconds`)."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -18,6 +23,7 @@ from modelyard.operator import api
 
 from .metrics import Metrics
 from .routing import Endpoint, ModelRef, ready_endpoints
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +34,7 @@ class Lookup:
 
     ready: list[Endpoint]
     exists: bool = True
+    engine: str | None = None  # spec.runtime.engine; read only when none is ready
 
 
 class PodSource(Protocol):
@@ -74,18 +81,29 @@ class KubePods:
         if ready or not self._check:
             return Lookup(ready)
         try:
-            self._custom.get_namespaced_custom_object(
+            body = self._custom.get_namespaced_custom_object(
                 api.GROUP, api.VERSION, ref.namespace, api.PLURAL, ref.name,
                 _request_timeout=self._timeout)
         except ApiException as error:
             if error.status == 404:
                 return Lookup([], exists=False)
             raise
-        return Lookup([])
+        return Lookup([], engine=engine_of(body))
+
+
+def engine_of(model_deployment: Any) -> str:
+    """``spec.runtime.engine`` of a ModelDeployment's JSON, with the API's default."""
+    spec = model_deployment.get("spec") if isinstance(model_deployment, dict) else None
+    runtime = (spec or {}).get("runtime") or {}
+    return str(runtime.get("engine") or api.Engine.MODELYARD.value)
 
 
 class NoReadyReplica(Exception):
-    """The deadline passed with no ready replica."""
+    """The hold deadline passed with no ready replica."""
+
+    def __init__(self, ref: str, hold_s: float) -> None:
+        super().__init__(ref)
+        self.hold_s = hold_s
 
 
 class ModelNotFound(Exception):
@@ -101,6 +119,7 @@ class _Model:
     ready: list[Endpoint] = field(default_factory=list)
     exists: bool = True
     fetched: float = -math.inf  # monotonic time of the last successful lookup
+    engine: str | None = None  # spec.runtime.engine, once a lookup read it
     waiters: int = 0
     turn: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -109,33 +128,50 @@ class _Model:
 
 class Discovery:
     """The ready endpoints of each model, looked up at most once per ``poll_s`` per model
-    and only while someone asks: one poller task per model serves all its requests."""
+    and only while someone asks: one poller task per model serves all its requests.
+
+    ``hold_s`` gives the longest wait for a model of an engine (None: not known yet)."""
 
     MAX_MODELS = 1024
 
     def __init__(self, source: PodSource, metrics: Metrics, *, poll_s: float = 0.5,
-                 cache_s: float = 1.0) -> None:
+                 cache_s: float = 1.0,
+                 hold_s: Callable[[str | None], float] | None = None) -> None:
         self._source = source
         self._metrics = metrics
         self._poll_s = poll_s
         self._cache_s = cache_s
+        self._hold_s = hold_s or Settings().hold_seconds
         self._models: dict[ModelRef, _Model] = {}
         self.closing = False
 
-    async def endpoints(self, ref: ModelRef, deadline: float) -> tuple[list[Endpoint], bool]:
+    def fresh(self, ref: ModelRef) -> list[Endpoint] | None:
+        """The ready endpoints of ``ref`` when a lookup within ``cache_s`` found some:
+        the answer :meth:`endpoints` would give at once, without waiting."""
+        model = self._models.get(ref)
+        if model is None or not model.ready or \
+                time.monotonic() - model.fetched > self._cache_s:
+            return None
+        return model.ready
+
+    async def endpoints(self, ref: ModelRef, since: float) -> tuple[list[Endpoint], bool]:
         """Ready endpoints of ``ref`` (non-empty) and whether the request had to be held.
 
-        Raises :class:`NoReadyReplica` at ``deadline`` (monotonic) and
-        :class:`ModelNotFound` when the ModelDeployment does not exist."""
+        Raises :class:`NoReadyReplica` once the request has waited, from ``since``
+        (monotonic), the hold its model's engine gets, and :class:`ModelNotFound` when the
+        ModelDeployment does not exist."""
         model = self._model(ref)
         if time.monotonic() - model.fetched > self._cache_s:
             # Stale: look again first (shared with every request of this model). A pod
             # gone meanwhile may still be draining and answer, but no longer counts.
-            await self._next_lookup(ref, model, deadline)
+            await self._next_lookup(ref, model, since)
         if model.ready:
             return model.ready, False
         if not model.exists:
             raise ModelNotFound(str(ref))
+        if model.waiters == 0:
+            log.info("holding requests for %s (engine %s) up to %g s for a ready replica",
+                     ref, model.engine or "unknown", self._hold_s(model.engine))
         model.waiters += 1
         gauge = self._metrics.waiting.labels(ref.namespace, ref.name)
         gauge.inc()
@@ -145,7 +181,7 @@ class Discovery:
                     raise ModelNotFound(str(ref))
                 if self.closing:
                     raise ShuttingDown(str(ref))
-                await self._next_lookup(ref, model, deadline)
+                await self._next_lookup(ref, model, since)
             return model.ready, True
         finally:
             model.waiters -= 1
@@ -189,16 +225,19 @@ class Discovery:
         for _, ref in idle[: max(1, len(idle) // 2)]:
             del self._models[ref]
 
-    async def _next_lookup(self, ref: ModelRef, model: _Model, deadline: float) -> None:
+    async def _next_lookup(self, ref: ModelRef, model: _Model, since: float) -> None:
+        """Wait for the model's next lookup, or until its hold (from ``since``) is over;
+        the hold is read again each time, as a lookup may have learnt the engine."""
         changed = model.changed
         self._poll(ref, model)
-        remaining = deadline - time.monotonic()
+        hold_s = self._hold_s(model.engine)
+        remaining = since + hold_s - time.monotonic()
         if remaining <= 0:
-            raise NoReadyReplica(str(ref))
+            raise NoReadyReplica(str(ref), hold_s)
         try:
             await asyncio.wait_for(changed.wait(), remaining)
         except TimeoutError:
-            raise NoReadyReplica(str(ref)) from None
+            raise NoReadyReplica(str(ref), hold_s) from None
 
     def _poll(self, ref: ModelRef, model: _Model) -> None:
         if model.poller is None or model.poller.done():
@@ -216,6 +255,7 @@ class Discovery:
                 self._metrics.lookup_errors.inc()
             else:
                 model.ready, model.exists = found.ready, found.exists
+                model.engine = found.engine or model.engine
                 model.fetched = time.monotonic()
                 model.changed.set()
                 model.changed = asyncio.Event()

@@ -27,7 +27,8 @@ class Metrics:
             "modelyard_activator_requests",
             "Requests for a known model by outcome: forwarded (an answer came back, whatever "
             "its status), timeout (503 after the wait), shutdown (503: held when the "
-            "activator stopped), error (502: the pod failed it).",
+            "activator stopped), error (502: the pod failed it), abandoned (the client "
+            "left before the pod's answer began).",
             (*labels, "outcome"), registry=self.registry)
         self.held = Counter(
             "modelyard_activator_held_requests",

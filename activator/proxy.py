@@ -1,11 +1,19 @@
 """The two ASGI apps: the proxy (every path, routed by the Host header) and the admin app
-(``/metrics``, ``/healthz``), so no model path is ever shadowed."""
+(``/metrics``, ``/healthz``), so no model path is ever shadowed.
+
+Answers pass through as they arrive: the pod's body is relayed chunk by chunk, never
+gathered, so a streamed completion (server-sent events) reaches the client event by event;
+a client that goes away mid-answer closes the connection to the pod, which stops the work
+there (vLLM aborts the request). A client that goes away while its request is held stops
+being held at once, so it no longer counts as a reason to wake the model."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import TypeVar
 
 import httpx
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -22,6 +30,8 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 
 def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
@@ -29,6 +39,11 @@ def _error(status: int, message: str, headers: Mapping[str, str] | None = None) 
 
 class _TooLarge(Exception):
     pass
+
+
+class _ClientGone(Exception):
+    """The client closed its connection before the pod's answer began (held, or while
+    the pod works on a non-streamed answer)."""
 
 
 class Activator:
@@ -39,7 +54,8 @@ class Activator:
         self.settings = settings
         self.metrics = Metrics()
         self.discovery = Discovery(source, self.metrics, poll_s=settings.poll_seconds,
-                                   cache_s=settings.cache_seconds)
+                                   cache_s=settings.cache_seconds,
+                                   hold_s=settings.hold_seconds)
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.upstream_timeout_seconds,
                                   connect=settings.connect_timeout_seconds),
@@ -74,14 +90,16 @@ class Activator:
         except ClientDisconnect:
             return Response(status_code=400)
         start = time.monotonic()
-        deadline = start + self.settings.timeout_seconds
         tried: set[Endpoint] = set()
         held = False
         while True:
             try:
-                ready, waited = await self.discovery.endpoints(ref, deadline)
-            except NoReadyReplica:
-                return self._timed_out(ref, start, held)
+                ready, waited = await self._endpoints(request, ref, start)
+            except NoReadyReplica as error:
+                return self._timed_out(ref, start, held, error.hold_s)
+            except _ClientGone:
+                self._observe(ref, start, held, "abandoned")
+                return Response(status_code=499)  # nobody is there to read it
             except ModelNotFound:
                 self.metrics.rejected.labels("not_found").inc()
                 return _error(404, f"no ModelDeployment {ref}")
@@ -98,7 +116,12 @@ class Activator:
                 tried.clear()
                 continue
             try:
-                upstream = await self._send(request, body, endpoint)
+                # Until the pod's headers: a whole non-streamed completion. A client that
+                # leaves meanwhile closes the pod's connection too (the pod stops).
+                upstream = await _unless_gone(request, self._send(request, body, endpoint))
+            except _ClientGone:
+                self._observe(ref, start, held, "abandoned")
+                return Response(status_code=499)
             except (httpx.ConnectError, httpx.ConnectTimeout) as error:
                 log.info("pod %s of %s refused the connection (%s); trying another",
                          endpoint.url, ref, error)
@@ -116,10 +139,16 @@ class Activator:
                 for key, value in forward_headers(upstream.headers.multi_items())]
             return response
 
-    def _timed_out(self, ref: ModelRef, start: float, held: bool) -> Response:
+    async def _endpoints(self, request: Request, ref: ModelRef,
+                         start: float) -> tuple[list[Endpoint], bool]:
+        """:meth:`.Discovery.endpoints`, given up as soon as the client goes away."""
+        if ready := self.discovery.fresh(ref):  # the common case: no waiting, no tasks
+            return ready, False
+        return await _unless_gone(request, self.discovery.endpoints(ref, start))
+
+    def _timed_out(self, ref: ModelRef, start: float, held: bool, hold_s: float) -> Response:
         self._observe(ref, start, held, "timeout")
-        seconds = f"{self.settings.timeout_seconds:g}"
-        return _error(503, f"model {ref} has no ready replica after {seconds} s",
+        return _error(503, f"model {ref} has no ready replica after {hold_s:g} s",
                       {"Retry-After": str(self.settings.retry_after_seconds)})
 
     def _observe(self, ref: ModelRef, start: float, held: bool, outcome: str) -> None:
@@ -157,8 +186,40 @@ class Activator:
         return JSONResponse({"status": "ok"})
 
 
+async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result, or :class:`_ClientGone` (and ``work`` cancelled) as soon as the
+    client disconnects."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, gone):
+            pending.cancel()
+        await asyncio.gather(task, gone, return_exceptions=True)
+    if gone.done() and not gone.cancelled():  # gone, or its channel broke
+        if task.done() and not task.cancelled() and task.exception() is None:
+            result = task.result()
+            if isinstance(result, httpx.Response):
+                await result.aclose()
+        raise _ClientGone
+    return task.result()  # its answer, or what it raised
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (its body was read already: what comes next on
+    the ASGI channel is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _relay(upstream: httpx.Response) -> AsyncIterator[bytes]:
-    """The pod's answer as it arrives, bytes untouched (compression included)."""
+    """The pod's answer as it arrives, bytes untouched (compression included): each chunk
+    is sent on as soon as it is read (one server-sent event is one chunk from vLLM).
+
+    When the client disconnects, Starlette cancels this generator; closing the upstream
+    response then closes its connection (it was not read to the end), and the pod sees
+    its client go. httpcore shields that close from the cancellation."""
     try:
         async for chunk in upstream.aiter_raw():
             yield chunk

@@ -71,7 +71,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     source = KubePods(load_api_client(), settings.check_model_deployment)
-    log.info("activator on %s:%d (metrics on :%d/metrics), timeout %g s",
-             settings.host, settings.port, settings.admin_port, settings.timeout_seconds)
+    log.info("activator on %s:%d (metrics on :%d/metrics), holding requests up to %g s "
+             "(generative models: %g s)", settings.host, settings.port, settings.admin_port,
+             settings.timeout_seconds, settings.generative_timeout_seconds)
     asyncio.run(serve(settings, source))
     return 0

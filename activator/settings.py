@@ -1,6 +1,14 @@
 """The activator's settings: each a flag ``--name-with-dashes`` and a variable
 ``MODELYARD_ACTIVATOR_NAME``; the flag wins over the variable, the variable over the
-default."""
+default.
+
+How long a request is held depends on the model's engine (:meth:`Settings.hold_seconds`):
+a tensor model (``runtime.engine: modelyard``) loads in seconds, so ``timeout_seconds``
+(120 s) covers scheduling, the image and the load; a generative model
+(``runtime.engine: vllm``) fetches and loads gigabytes of weights, then compiles and
+warms its engine, which takes minutes, so it gets ``generative_timeout_seconds`` (600 s,
+the default request timeout of the OpenAI SDKs such clients use: a hold longer than the
+client waits helps no one)."""
 
 from __future__ import annotations
 
@@ -14,6 +22,10 @@ from modelyard import contract
 
 PROG = "modelyard activator"
 
+# runtime.engine values that serve generative models (the ModelDeployment's API): their
+# cold start is the weights' load plus the engine's start, minutes on a big model.
+GENERATIVE_ENGINES = frozenset({"vllm"})
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -23,6 +35,7 @@ class Settings:
     port: int = 8080
     admin_port: int = 9090
     timeout_seconds: float = 120.0
+    generative_timeout_seconds: float = 600.0
     max_body_bytes: int = 64 * 1024 * 1024
     poll_seconds: float = 0.5
     cache_seconds: float = 1.0
@@ -32,6 +45,13 @@ class Settings:
     cluster_domain: str = "cluster.local"
     check_model_deployment: bool = True
     log_level: str = "info"
+
+    def hold_seconds(self, engine: str | None) -> float:
+        """The longest hold for a model served by ``engine`` (``runtime.engine``; None
+        when unknown: the ModelDeployment was not read)."""
+        if engine in GENERATIVE_ENGINES:
+            return self.generative_timeout_seconds
+        return self.timeout_seconds
 
 
 _CONVERT: dict[type | str, Any] = {"int": int, "float": float, "bool": contract.parse_bool,
@@ -64,6 +84,8 @@ def parse_settings(argv: Sequence[str] | None = None,
         except ValueError as error:
             parser.error(f"--{item.name.replace('_', '-')}: {error}")
     settings = Settings(**values)
-    if settings.timeout_seconds <= 0 or settings.poll_seconds <= 0:
-        parser.error("--timeout-seconds and --poll-seconds must be positive")
+    if min(settings.timeout_seconds, settings.generative_timeout_seconds,
+           settings.poll_seconds) <= 0:
+        parser.error("--timeout-seconds, --generative-timeout-seconds and --poll-seconds "
+                     "must be positive")
     return settings

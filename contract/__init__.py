@@ -57,6 +57,21 @@ GPU_MEMORY_RESERVED = "modelyard_gpu_memory_reserved_bytes"  # gauge: allocator'
 # The activator's: requests it holds for a model at zero (the autoscaler's wake signal).
 ACTIVATOR_WAITING = "modelyard_activator_waiting_requests"
 
+# The generative engine's (runtime.engine vllm): vLLM's own names, on the same port and
+# path. The operator reads them where it reads the runtime's (analysis, autoscaling), each
+# mapped to the same meaning (operator/signals.py, ``ENGINE_SERIES``).
+VLLM_RUNNING = "vllm:num_requests_running"  # gauge: requests in the engine's running batch
+VLLM_WAITING = "vllm:num_requests_waiting"  # gauge: requests queued for the running batch
+VLLM_KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"  # gauge: share of KV-cache blocks used, 0..1
+VLLM_TTFT = "vllm:time_to_first_token_seconds"  # histogram: arrival to first token
+VLLM_ITL = "vllm:inter_token_latency_seconds"  # histogram: between two tokens of a request
+VLLM_E2E = "vllm:e2e_request_latency_seconds"  # histogram: arrival to last token
+# vLLM's HTTP middleware (prometheus-fastapi-instrumentator): counter {handler, method,
+# status}, status grouped as "2xx", "4xx", "5xx". Only these handlers are inference.
+VLLM_HTTP_REQUESTS = "http_requests"
+VLLM_INFERENCE_HANDLERS = ("/v1/completions", "/v1/chat/completions", "/v1/responses",
+                           "/v1/embeddings")
+
 # ------------------------------------------------------------------ runtime settings
 
 Kind = Literal["str", "int", "float", "bool", "path"]

@@ -16,7 +16,7 @@ Pure data: imports no Kubernetes client.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
@@ -300,7 +300,7 @@ class Autoscaling(ApiModel):
     metric: str = Field(
         "concurrency",
         description="Signal to scale on: " + ", ".join(
-            f"{s.name} ({s.unit})" for s in signals.SIGNALS.values()) + ".",
+            s.summary() for s in signals.SIGNALS.values()) + ".",
         json_schema_extra={"enum": list(signals.NAMES)})
     target: float = Field(..., gt=0,
                           description="Target value of the metric per replica, in its unit.")
@@ -336,6 +336,22 @@ class Autoscaling(ApiModel):
              "autoscaling.source prometheus needs prometheusUrl", ".prometheusUrl"),
     ))
 
+    @classmethod
+    def engine_rule(cls) -> dict[str, str]:
+        """The spec-level CEL rule that the metric is one the model's engine exports (the
+        engine is outside this object, so the rule is the spec's); from the registry."""
+        def listed(engine: str) -> str:
+            return "[" + ", ".join(f"'{n}'" for n in signals.for_engine(engine)) + "]"
+
+        only = [s for s in signals.SIGNALS.values() if s.engines != signals.ENGINES]
+        return _cel(
+            "!has(self.autoscaling) || !has(self.autoscaling.metric) || "
+            f"((has(self.runtime.engine) && self.runtime.engine == '{signals.VLLM}') ? "
+            f"self.autoscaling.metric in {listed(signals.VLLM)} : "
+            f"self.autoscaling.metric in {listed(signals.MODELYARD)})",
+            "; ".join(f"{s.name} is exported by runtime.engine {' or '.join(s.engines)} only"
+                      for s in only), ".autoscaling.metric")
+
     @field_validator("metric")
     @classmethod
     def _registered(cls, value: str) -> str:
@@ -359,10 +375,14 @@ class CanaryStep(ApiModel):
 
 
 class Analysis(ApiModel):
-    """Thresholds a canary must meet at each step, from the runtime's metrics."""
+    """Thresholds a canary must meet at each step, from the serving pods' metrics. The
+    error rate, latency and request count apply to every engine; time to first token and
+    inter-token latency to generative engines (runtime.engine vllm)."""
 
     max_error_rate: float = Field(0.01, ge=0, le=1, description="Highest acceptable error ratio.")
-    max_latency_p99_ms: float | None = Field(None, gt=0, description="Highest acceptable p99.")
+    max_latency_p99_ms: float | None = Field(
+        None, gt=0, description="Highest acceptable p99 request latency (engine vllm: arrival "
+                                "to last token).")
     max_error_rate_increase: float | None = Field(
         None, ge=0, le=1,
         description="Canary versus stable: the new version's error ratio may exceed the stable "
@@ -371,6 +391,24 @@ class Analysis(ApiModel):
         None, ge=1, le=100,
         description="Canary versus stable: the new version's p99 may be at most this multiple "
                     "of the stable version's over the same window (e.g. 1.5).")
+    max_ttft_p95_ms: float | None = Field(
+        None, gt=0,
+        description="Engine vllm: highest acceptable p95 time to first token (arrival to the "
+                    "first generated token), milliseconds.")
+    max_itl_p95_ms: float | None = Field(
+        None, gt=0,
+        description="Engine vllm: highest acceptable p95 inter-token latency (between two "
+                    "tokens of a streamed answer), milliseconds.")
+    max_ttft_p95_ratio: float | None = Field(
+        None, ge=1, le=100,
+        description="Engine vllm, canary versus stable: the new version's p95 time to first "
+                    "token may be at most this multiple of the stable version's over the same "
+                    "window (e.g. 1.5).")
+    max_itl_p95_ratio: float | None = Field(
+        None, ge=1, le=100,
+        description="Engine vllm, canary versus stable: the new version's p95 inter-token "
+                    "latency may be at most this multiple of the stable version's over the "
+                    "same window (e.g. 1.5).")
     min_requests: int = Field(0, ge=0, description="Requests needed before judging a step "
                               "(from each version, when comparing with stable).")
     max_wait_seconds: int = Field(
@@ -378,7 +416,7 @@ class Analysis(ApiModel):
         description="How long a step may wait for minRequests after its pause; past that the "
                     "canary is rolled back as inconclusive.")
     source: Literal["pods", "prometheus"] = Field(
-        "pods", description="pods: scrape each ready runtime pod's /metrics; prometheus: query "
+        "pods", description="pods: scrape each ready serving pod's /metrics; prometheus: query "
                             "prometheusUrl (targets labelled namespace, model_deployment, "
                             "version: see docs/operations.md).")
     prometheus_url: str | None = Field(
@@ -389,6 +427,28 @@ class Analysis(ApiModel):
         _cel("!has(self.source) || self.source != 'prometheus' || has(self.prometheusUrl)",
              "analysis.source prometheus needs prometheusUrl", ".prometheusUrl"),
     ))
+
+    # Thresholds only a generative engine's metrics can judge (wire names).
+    GENERATIVE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "maxTtftP95Ms", "maxItlP95Ms", "maxTtftP95Ratio", "maxItlP95Ratio")
+
+    @property
+    def compares_with_stable(self) -> bool:
+        """Whether a threshold is relative: the stable version is measured too."""
+        return any(v is not None for v in (
+            self.max_error_rate_increase, self.max_latency_p99_ratio, self.max_ttft_p95_ratio,
+            self.max_itl_p95_ratio))
+
+    @classmethod
+    def engine_rule(cls) -> dict[str, str]:
+        """The spec-level CEL rule refusing generative-only thresholds on engine modelyard
+        (the engine is outside this object, so the rule is the spec's)."""
+        fields = " || ".join(f"has(self.rollout.analysis.{f})" for f in cls.GENERATIVE_FIELDS)
+        return _cel(
+            "!has(self.rollout.analysis) || (has(self.runtime.engine) && "
+            f"self.runtime.engine == 'vllm') || !({fields})",
+            ", ".join(cls.GENERATIVE_FIELDS) + " judge a generative model's tokens: they need "
+            "runtime.engine vllm", ".rollout.analysis")
 
 
 class Rollout(ApiModel):

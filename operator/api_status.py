@@ -41,12 +41,27 @@ class VersionPhase(StrEnum):
     FAILED = "Failed"
 
 
-class AnalysisFigures(ApiModel):
-    """What the canary analysis measured when it decided."""
+class WindowFigures(ApiModel):
+    """What the canary analysis measured of one version over the judged window."""
 
     requests: int = Field(..., description="Requests in the judged window.")
     error_rate: float | None = Field(None, description="Share of 5xx answers.")
     p99_ms: float | None = Field(None, description="99th percentile latency, milliseconds.")
+    ttft_p95_ms: float | None = Field(
+        None, description="Generative engines: 95th percentile time to first token, "
+                          "milliseconds.")
+    itl_p95_ms: float | None = Field(
+        None, description="Generative engines: 95th percentile inter-token latency, "
+                          "milliseconds.")
+
+
+class AnalysisFigures(WindowFigures):
+    """What the canary analysis measured when it decided: the new version's figures, and
+    the stable version's over the same window when a threshold compared them."""
+
+    stable: WindowFigures | None = Field(
+        None, description="The stable version's figures over the same window (relative "
+                          "thresholds).")
 
 
 class VersionRecord(ApiModel):

@@ -19,8 +19,9 @@ In short (Knative's KPA, with the HPA's tolerance):
   are meant to carry;
 * scale-up is limited per decision (x10, or +4), scale-down waits ``scaleDownDelay``
   of lower recommendations, goes to the highest of them, and at most halves per decision;
-* zero only with ``minReplicas: 0`` after the load has been nil for the idle delay;
-  from zero, any demand (requests waiting outside the pods) wakes one replica at once;
+* zero only with ``minReplicas: 0`` after the load has been nil, and no request in
+  flight or waiting at the pods (whatever the metric), for the idle delay; from zero,
+  any demand (requests waiting outside the pods) wakes one replica at once;
 * pods still loading their model are not evidence of idleness, and no samples means
   no change.
 """
@@ -172,20 +173,31 @@ class _Seen:
 
 
 def decide(samples: Sequence[Sample], now: float, current: int, state: State,
-           policy: Policy) -> Decision:
+           policy: Policy, *, in_flight: Sequence[Sample] = ()) -> Decision:
     """The replicas the model should have now. ``current`` is what is set today (the
-    Deployments' replicas); ``samples`` may span more than the stable window."""
+    Deployments' replicas); ``samples`` may span more than the stable window.
+
+    ``in_flight`` are samples of the requests in flight or waiting at the pods (the
+    ``concurrency`` signal, of whichever engine) at the same times, when the metric is
+    another: a time when any request is in flight is busy whatever the metric reads, so a
+    model whose metric is zero while it serves (vLLM's waiting queue while every request
+    runs, a rate between two long generations) is never taken as idle."""
     window = sorted((s for s in samples
                      if now - policy.stable_window_seconds < s.time <= now),
                     key=lambda s: s.time)
+    serving = frozenset(s.time for s in in_flight if s.value > 0)
+
+    def busy(sample: Sample) -> bool:
+        return sample.busy or sample.time in serving
+
     if state.desired is None and current > 1:
         # Nothing remembered (first sight, or status lost): hold what runs for a stable
         # window, as if panicking, rather than judge from a window not yet filled.
         state = replace(state, panic_until=now + policy.stable_window_seconds,
                         panic_peak=current)
-    seen = _read(window, now, policy)
+    seen = _read(window, now, policy, busy)
     if seen is None:
-        wake = current == 0 and any(s.busy for s in window)
+        wake = current == 0 and any(busy(s) for s in window)
         replicas = _bound(1 if wake else current, policy)
         reason = "demand while at zero: waking one replica" if wake else "no metrics: holding"
         return _finish(replicas, current, now, state, reason=reason, value=None)
@@ -197,7 +209,7 @@ def decide(samples: Sequence[Sample], now: float, current: int, state: State,
                       state.starting_since if state.starting_since is not None else now)
     protected = (starting_since is not None
                  and now - starting_since < policy.startup_grace_seconds)
-    idle_since = _idle_since(window, state, protected, now)
+    idle_since = _idle_since(window, state, protected, now, busy)
 
     over = seen.panic_load / (max(seen.ready, 1) * policy.target) >= policy.panic_threshold
     was_panicking = _panicking(state, now)
@@ -238,7 +250,8 @@ def decide(samples: Sequence[Sample], now: float, current: int, state: State,
                    value=seen.value)
 
 
-def _read(window: list[Sample], now: float, policy: Policy) -> _Seen | None:
+def _read(window: list[Sample], now: float, policy: Policy,
+          busy: Callable[[Sample], bool]) -> _Seen | None:
     known = [(s, load) for s in window if (load := _load(s, policy)) is not None]
     if not known:
         return None
@@ -249,7 +262,7 @@ def _read(window: list[Sample], now: float, policy: Policy) -> _Seen | None:
         value=sum(s.value for s in window) / len(window),
         stable_load=sum(load for _, load in known) / len(known),
         panic_load=sum(recent) / len(recent) if recent else known[-1][1],
-        demand=latest.busy or any(s.busy for s in window if s.time > start),
+        demand=busy(latest) or any(busy(s) for s in window if s.time > start),
         ready=latest.ready_replicas,
         history=now - window[0].time,
     )
@@ -342,11 +355,11 @@ def _load(sample: Sample, policy: Policy) -> float | None:
 
 
 def _idle_since(window: list[Sample], state: State, protected: bool,
-                now: float) -> float | None:
+                now: float, is_busy: Callable[[Sample], bool]) -> float | None:
     """Since when the load has been nil: a transition time, kept as it is while idle."""
     if protected:
         return None
-    busy = [s.time for s in window if s.busy]
+    busy = [s.time for s in window if is_busy(s)]
     if busy and (state.idle_since is None or busy[-1] >= state.idle_since):
         after = [s.time for s in window if s.time > busy[-1]]
         return after[0] if after else None

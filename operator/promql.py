@@ -24,8 +24,11 @@ works unchanged on either source. PromQL's ``increase()`` would not do: it
 extrapolates the first and last samples in the range to the range's edges, so it
 returns fractions (12.4 requests), counts requests made before the window began when
 the first sample inside it is late, and invents some when a series is young. Instead
-one instant query fetches the raw samples of the request counter and the latency
-buckets over ``[start - lookback, end]`` and, per series:
+one instant query fetches the raw samples of the request counters and the latency
+buckets (of every engine: the runtime's, and vLLM's requests, end-to-end latency, time
+to first token and inter-token latency, :data:`.signals.COUNTERS`) over
+``[start - lookback, end]`` and, per series (counted as a pod's scrape counts it,
+:func:`.signals.roles`):
 
 * the **baseline** is the last sample at or before ``start`` (what an instant query at
   ``start`` returns);
@@ -40,9 +43,10 @@ buckets over ``[start - lookback, end]`` and, per series:
 
 The figures are exact at scrape granularity: a request counts in the window when the
 first scrape after it is later than ``start``, and is seen once a scrape after it
-happened (up to one scrape interval after ``end``). The autoscaler's figures
-(:meth:`Prometheus.load`) are ordinary instant queries, ``rate()`` included: a rate is a
-rate, its extrapolation is harmless there.
+happened (up to one scrape interval after ``end``). The autoscaler's figures (each
+signal's query in :mod:`.signals`, for the model's engine; :meth:`Prometheus.load` for the
+runtime's) are ordinary instant queries, ``rate()`` included: a rate is a rate, its
+extrapolation is harmless there.
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ import httpx
 
 from modelyard import contract
 
-from .analysis import LATENCY, REQUESTS, Counts
+from .analysis import Counts
+from .signals import COUNTERS, ENGINE_SERIES, roles
 
 __all__ = [
     "LabelNames",
@@ -78,8 +83,8 @@ __all__ = [
     "window_expr",
 ]
 
-REQUESTS_TOTAL = f"{REQUESTS}_total"
-LATENCY_BUCKET = f"{LATENCY}_bucket"
+REQUESTS_TOTAL = ENGINE_SERIES["modelyard"].requests
+LATENCY_BUCKET = ENGINE_SERIES["modelyard"].latency
 INFLIGHT = contract.INFLIGHT
 QUEUE_DEPTH = contract.QUEUE_DEPTH
 MODEL_READY = contract.MODEL_READY
@@ -156,10 +161,11 @@ def duration(seconds: float) -> str:
 def window_expr(ref: VersionRef, start: float, end: float,
                 names: LabelNames = LabelNames(),
                 lookback_s: float = DEFAULT_LOOKBACK_S) -> str:
-    """The raw samples a window needs, to evaluate at ``end``: counter and buckets."""
+    """The raw samples a window needs, to evaluate at ``end``: the request counters and
+    the latency buckets of every engine (a version's pods export one engine's)."""
     if end < start:
         raise ValueError(f"the window ends ({end}) before it starts ({start})")
-    series = selector(ref, names, (REQUESTS_TOTAL, LATENCY_BUCKET))
+    series = selector(ref, names, COUNTERS)
     return f"{series}[{duration(end - start + lookback_s)}]"
 
 
@@ -195,26 +201,28 @@ def _increase(samples: Sequence[tuple[float, float]], start: float) -> float:
 
 
 def window_counts(data: Mapping[str, Any], start: float) -> Counts:
-    """:class:`Counts` of the window after ``start`` from :func:`window_expr`'s answer."""
+    """:class:`Counts` of the window after ``start`` from :func:`window_expr`'s answer;
+    each series counts as the same series scraped from a pod would
+    (:func:`.signals.roles`)."""
     if data.get("resultType") != "matrix":
         raise QueryFailed(f"expected a range vector, got {data.get('resultType')!r}")
-    requests = errors = 0.0
-    buckets: dict[float, float] = {}
+    sums = {"requests": 0.0, "errors": 0.0}
+    histograms: dict[str, dict[float, float]] = {"latency": {}, "ttft": {}, "itl": {}}
     try:
         for series in data["result"]:
             labels = series["metric"]
             samples = sorted((float(t), float(v)) for t, v in series["values"])
             rise = _increase(samples, start)
-            if labels["__name__"] == REQUESTS_TOTAL:
-                requests += rise
-                if labels.get("code", "").startswith("5"):
-                    errors += rise
-            elif labels["__name__"] == LATENCY_BUCKET:
-                bound = float(labels["le"])
-                buckets[bound] = buckets.get(bound, 0.0) + rise
+            for role in roles(labels["__name__"], labels):
+                if role in sums:
+                    sums[role] += rise
+                elif role in histograms:
+                    bound = float(labels["le"])
+                    histograms[role][bound] = histograms[role].get(bound, 0.0) + rise
     except (KeyError, TypeError, ValueError) as error:
         raise QueryFailed(f"unexpected series in the answer: {error!r}") from error
-    return Counts(requests, errors, tuple(sorted(buckets.items())))
+    latency, ttft, itl = (tuple(sorted(histograms[h].items())) for h in ("latency", "ttft", "itl"))
+    return Counts(sums["requests"], sums["errors"], latency, ttft, itl)
 
 
 def sample_value(data: Mapping[str, Any]) -> float | None:

@@ -5,9 +5,12 @@ Every ``tick_s`` (2 s), on the leading replica only, for each ModelDeployment wh
 pass found ``spec.autoscaling`` (:meth:`.Reconciler.autoscaled_keys`; the others cost
 nothing per tick):
 
-1. read the metric: scrape ``/metrics`` of every runtime pod of the model that is Ready
+1. read the metric: scrape ``/metrics`` of every serving pod of the model that is Ready
    (all versions: a canary's pods carry load too), or ask Prometheus (``source:
-   prometheus``); requests an activator holds for a model at zero are its wake signal;
+   prometheus``), in the model's engine's series (:data:`.signals.ENGINE_SERIES`); and,
+   when the metric is another, the requests in flight or waiting at the pods, which the
+   idle test reads whatever the metric; requests an activator holds for a model at zero
+   are its wake signal;
 2. :func:`.autoscale.decide` the total replicas, from the window of samples and the
    algorithm's state (kept in ``status.autoscaler.state``, so a restarted or newly
    elected operator carries on without a jump);
@@ -52,6 +55,8 @@ class Autoscaler:
         self._waiting = waiting
         self._clock = clock
         self._windows: dict[Key, autoscale.Window] = {}
+        # requests in flight at the pods, for the idle test, when the metric is another
+        self._in_flight: dict[Key, autoscale.Window] = {}
         self._states: dict[Key, autoscale.State] = {}
         self._decided: dict[Key, api_status.AutoscalerStatus] = {}  # what we last handed over
 
@@ -60,6 +65,7 @@ class Autoscaler:
             await asyncio.sleep(tick_s)
             if not self.reconciler.leading():
                 self._windows.clear()  # a follower's memory would be stale on takeover
+                self._in_flight.clear()
                 self._states.clear()
                 self._decided.clear()
                 continue
@@ -84,23 +90,24 @@ class Autoscaler:
         policy = autoscale.Policy.from_spec(spec.autoscaling)
         status = api_status.parse_status(dict(observed.resource.get("status") or {}))
         reported = self._decided.get(key) or status.autoscaler
-        window = self._windows.get(key)
-        if window is None or window.metric != policy.metric \
-                or window.seconds != policy.stable_window_seconds:
-            window = self._windows[key] = autoscale.Window(policy.metric,
-                                                           policy.stable_window_seconds)
+        window = self._window(self._windows, key, policy.metric, policy)
+        in_flight = None if policy.metric == signals.IN_FLIGHT_SIGNAL else \
+            self._window(self._in_flight, key, signals.IN_FLIGHT_SIGNAL, policy)
         state = self._states.get(key) or autoscale.State.from_dict(
             reported.state if reported else None)
         current = reported.desired_replicas if reported else \
             _running(observed) or render.replicas_wanted(spec)
         now = self._clock()
         waiting = await self._waiting(key)
+        windows = (window, in_flight) if in_flight is not None else (window,)
         if spec.autoscaling.source == "prometheus":
-            await self._from_prometheus(window, key, spec, now=now, waiting=waiting,
+            await self._from_prometheus(windows, key, spec, now=now, waiting=waiting,
                                         observed=observed)
         else:
-            await self._from_pods(window, spec, now, waiting, observed)
-        decision = autoscale.decide(window.samples, now, current, state, policy)
+            await self._from_pods(windows, spec, now, waiting, observed)
+        decision = autoscale.decide(
+            window.samples, now, current, state, policy,
+            in_flight=in_flight.samples if in_flight is not None else ())
         self._states[key] = decision.state
         changed = decision.replicas != current
         new = api_status.AutoscalerStatus(
@@ -119,13 +126,24 @@ class Autoscaler:
                      decision.replicas, decision.reason)
         await self.reconciler.autoscaled(key, new)
 
+    @staticmethod
+    def _window(windows: dict[Key, autoscale.Window], key: Key, metric: str,
+                policy: autoscale.Policy) -> autoscale.Window:
+        window = windows.get(key)
+        if window is None or window.metric != metric \
+                or window.seconds != policy.stable_window_seconds:
+            window = windows[key] = autoscale.Window(metric, policy.stable_window_seconds)
+        return window
+
     def _forget(self, key: Key) -> None:
         self._windows.pop(key, None)
+        self._in_flight.pop(key, None)
         self._states.pop(key, None)
         self._decided.pop(key, None)
 
-    async def _from_pods(self, window: autoscale.Window, spec: api.ModelDeploymentSpec,
-                         now: float, waiting: float, observed: Observed) -> None:
+    async def _from_pods(self, windows: tuple[autoscale.Window, ...],
+                         spec: api.ModelDeploymentSpec, now: float, waiting: float,
+                         observed: Observed) -> None:
         pods = [p for p in observed.pods if not p["metadata"].get("deletionTimestamp")
                 and p.get("status", {}).get("podIP")]
         ready = [p for p in pods if pod_ready(p)]
@@ -133,9 +151,10 @@ class Autoscaler:
                                        for p in ready))
         scrapes = [autoscale.parse_scrape(p["metadata"]["name"], now, text, ready=True)
                    for p, text in zip(ready, texts, strict=True) if text is not None]
-        window.add(now, scrapes, waiting=waiting)
+        for window in windows:
+            window.add(now, scrapes, waiting=waiting)
 
-    async def _from_prometheus(self, window: autoscale.Window, key: Key,
+    async def _from_prometheus(self, windows: tuple[autoscale.Window, ...], key: Key,
                                spec: api.ModelDeploymentSpec, *, now: float, waiting: float,
                                observed: Observed) -> None:
         assert spec.autoscaling is not None
@@ -143,25 +162,32 @@ class Autoscaler:
         versions = sorted({p["metadata"].get("labels", {}).get(render.VERSION_LABEL, "")
                            for p in observed.pods} - {""})
         ready = sum(1 for p in observed.pods if pod_ready(p))
-        signal = signals.signal(spec.autoscaling.metric)
+        engine = str(spec.runtime.engine)
+        if engine not in signals.signal(windows[0].metric).engines:
+            log.warning("autoscaling %s/%s: engine %s does not export %s; holding", *key,
+                        engine, windows[0].metric)  # an older CRD let it through
+            return
         rate_window = promql.duration(min(60.0, spec.autoscaling.stable_window_seconds))
-        values: list[float] = []
         try:
             async with promql.Prometheus(spec.autoscaling.prometheus_url) as prometheus:
-                for version in versions:
-                    series = promql.selector(promql.VersionRef(*key, version), prometheus.names)
-                    value = promql.sample_value(
-                        await prometheus.query(signal.promql(series, rate_window), now))
-                    if value is not None:
-                        values.append(value)
+                for window in windows:
+                    signal = signals.signal(window.metric)
+                    values: list[float] = []
+                    for version in versions:
+                        series = promql.selector(promql.VersionRef(*key, version),
+                                                 prometheus.names)
+                        value = promql.sample_value(await prometheus.query(
+                            signal.query(series, rate_window, engine), now))
+                        if value is not None:
+                            values.append(value)
+                    if not values and ready:
+                        continue  # nothing known yet: no sample, so the decision holds
+                    per_replica = signal.aggregate == "average"
+                    value = (sum(values) / len(values) if values else 0.0) if per_replica \
+                        else sum(values)
+                    window.append(autoscale.Sample(now, ready, value, waiting))
         except promql.MetricsUnavailable as exc:
             log.warning("autoscaling %s/%s: %s; holding", *key, exc)
-            return
-        if not values and ready:
-            return  # nothing known yet: no sample, so the decision holds
-        per_replica = signal.aggregate == "average"
-        value = (sum(values) / len(values) if values else 0.0) if per_replica else sum(values)
-        window.append(autoscale.Sample(now, ready, value, waiting))
 
 
 def _autoscaling(observed: Observed | None) -> api.ModelDeploymentSpec | None:

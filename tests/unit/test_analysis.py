@@ -1,9 +1,11 @@
-"""Canary analysis from the runtime's Prometheus text."""
+"""Canary analysis from the serving pods' Prometheus text: the modelyard runtime's, and
+vLLM's (real scrapes, ``vllm_scrapes``)."""
 
 from __future__ import annotations
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from vllm_scrapes import SCRAPES
 
 from modelyard.operator import analysis, api
 
@@ -96,3 +98,98 @@ def test_comparing_waits_until_the_stable_version_has_enough_requests() -> None:
     verdict = analysis.judge(canary, RELATIVE, analysis.parse_metrics(scrape(10, 0)))
     assert verdict.outcome == "wait"
     assert "stable version served 10 of 50" in verdict.reason
+
+
+# ------------------------------------------------------- generative models (vLLM's scrapes)
+
+
+def vllm_window(version: str, **replaced: str) -> analysis.Counts:
+    """The counts of ``version`` between two real scrapes of its vLLM (``replaced``: text
+    substituted in the later one, for what the capture could not make happen)."""
+    after = SCRAPES[(version, "after")]
+    for old, new in replaced.items():
+        assert old in after
+        after = after.replace(old, new)
+    return analysis.parse_metrics(after).since(analysis.parse_metrics(SCRAPES[(version,
+                                                                                "before")]))
+
+
+def test_a_vllm_scrape_gives_requests_errors_and_token_latencies() -> None:
+    stable = vllm_window("v1")
+    # 12 streamed completions, 1 plain, 1 chat, 1 for a model it does not serve (a 404)
+    assert (stable.requests, stable.errors) == (15, 0)
+    figures = analysis.figures(stable)
+    assert figures.requests == 15
+    assert figures.ttft_p95_ms == pytest.approx(55.3, abs=0.1)
+    assert figures.itl_p95_ms == pytest.approx(24.2, abs=0.1)
+    assert figures.p99_ms == pytest.approx(297.0, abs=0.1)  # end to end
+    slow = analysis.figures(vllm_window("v2"))
+    assert slow.ttft_p95_ms is not None
+    assert slow.ttft_p95_ms > 10 * figures.ttft_p95_ms  # 32 wider layers
+
+
+def test_only_5xx_answers_of_the_openai_endpoints_count_as_errors() -> None:
+    failing = vllm_window("v1", **{'/v1/completions",method="POST",status="4xx"} 1.0':
+                                   '/v1/completions",method="POST",status="5xx"} 3.0'})
+    assert (failing.requests, failing.errors) == (17, 3)  # the 404 made three 5xx
+    elsewhere = vllm_window("v1", **{'handler="/v1/chat/completions",method="POST"':
+                                     'handler="/v1/models",method="GET"'})
+    assert elsewhere.requests == 14  # listing models is no inference request
+    verdict = analysis.judge(failing, api.Analysis(max_error_rate=0.05, min_requests=10))
+    assert verdict.outcome == "fail"
+    assert verdict.reason == "error rate 17.6% above 5.0% over 17 requests"
+
+
+def test_a_slow_generative_canary_fails_on_its_time_to_first_token_against_stable() -> None:
+    thresholds = api.Analysis(max_ttft_p95_ratio=2, min_requests=10)
+    assert thresholds.compares_with_stable
+    verdict = analysis.judge(vllm_window("v2"), thresholds, vllm_window("v1"))
+    assert verdict.outcome == "fail"
+    assert verdict.reason == ("TTFT p95 662 ms above 2x the stable version's 55 ms over 15 "
+                              "requests")
+    record = verdict.figures()  # what the ledger keeps
+    assert record.model_dump(by_alias=True, exclude_none=True) == {
+        "requests": 15, "errorRate": 0.0, "p99Ms": 993.0, "ttftP95Ms": 662.5,
+        "itlP95Ms": 198.7,
+        "stable": {"requests": 15, "errorRate": 0.0, "p99Ms": 297.0, "ttftP95Ms": 55.3,
+                   "itlP95Ms": 24.2}}
+    same = analysis.judge(vllm_window("v1"), thresholds, vllm_window("v1"))
+    assert same.outcome == "pass"
+    assert same.reason == ("error rate 0.0%, p99 297 ms, TTFT p95 55 ms, ITL p95 24 ms "
+                           "(stable: 0.0%, p99 297 ms, TTFT p95 55 ms, ITL p95 24 ms) over 15 "
+                           "requests")
+    itl = analysis.judge(vllm_window("v2"), api.Analysis(max_itl_p95_ratio=5, min_requests=10),
+                         vllm_window("v1"))
+    assert itl.reason.startswith("ITL p95 199 ms above 5x the stable version's 24 ms")
+
+
+def test_absolute_token_latency_limits() -> None:
+    limits = api.Analysis(max_ttft_p95_ms=300, max_itl_p95_ms=100, min_requests=10)
+    assert not limits.compares_with_stable
+    assert analysis.judge(vllm_window("v1"), limits).outcome == "pass"
+    slow = analysis.judge(vllm_window("v2"), limits)
+    assert (slow.outcome, slow.reason) == ("fail", "TTFT p95 662 ms above 300 ms over 15 "
+                                                   "requests")
+    assert slow.stable is None
+    assert slow.figures().stable is None
+    itl = analysis.judge(vllm_window("v2"), api.Analysis(max_itl_p95_ms=100, min_requests=10))
+    assert itl.reason == "ITL p95 199 ms above 100 ms over 15 requests"
+
+
+def test_token_thresholds_skip_an_engine_without_tokens() -> None:
+    """A modelyard runtime exports no token latencies: nothing to judge them on (the CRD
+    refuses these thresholds there; an older CRD let them through)."""
+    verdict = analysis.judge(analysis.parse_metrics(scrape(100, 0)),
+                             api.Analysis(max_ttft_p95_ms=1, max_itl_p95_ms=1, min_requests=50))
+    assert verdict.outcome == "pass"
+    assert verdict.ttft_p95_ms is None
+    assert "TTFT" not in verdict.reason
+
+
+def test_the_spec_rule_names_every_generative_threshold() -> None:
+    """The CEL rule that refuses token thresholds on engine modelyard lists them all."""
+    generative = {f.alias for name, f in api.Analysis.model_fields.items()
+                  if "ttft" in name or "itl" in name}
+    assert set(api.Analysis.GENERATIVE_FIELDS) == generative
+    rule = api.Analysis.engine_rule()["rule"]
+    assert all(f"has(self.rollout.analysis.{name})" in rule for name in generative)

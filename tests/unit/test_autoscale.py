@@ -12,6 +12,7 @@ nothing.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
 import json
@@ -19,10 +20,12 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import pydantic
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from vllm_scrapes import SCRAPES
 
 from modelyard.operator import api, autoscale, signals
 from modelyard.operator.autoscale import Decision, Policy, Sample, State
@@ -467,15 +470,142 @@ def test_every_signal_is_one_registry_entry_read_the_same_from_scrapes_and_promq
     first = autoscale.parse_scrape("a", 0.0, metrics_text(a), ready=True)
     a.observe_request("v2", 200, 0.02)
     later = autoscale.parse_scrape("a", 2.0, metrics_text(a), ready=True)
-    for entry in signals.SIGNALS.values():
-        value = entry.from_scrapes([later], {"a": first})
-        if entry.name == "gpuUtilization":
-            assert value is None  # a pod without a GPU gives no figure (not a zero)
-        else:
-            assert value is not None, entry.name
-            assert value >= 0, entry.name
-        query = entry.promql('{namespace="ns"}', "60000ms")
-        assert '{namespace="ns"}' in query, entry.name
+    generative = (autoscale.parse_scrape("a", 0.0, SCRAPES[("v1", "before")], ready=True),
+                  autoscale.parse_scrape("a", 2.0, SCRAPES[("v1", "after")], ready=True))
+    for engine, (before, now) in (("modelyard", (first, later)), ("vllm", generative)):
+        for entry in signals.SIGNALS.values():
+            value = entry.from_scrapes([now], {"a": before})
+            if engine not in entry.engines or entry.name == "gpuUtilization":
+                assert value is None, entry.name  # no such gauge (no GPU): no figure, not 0
+                continue
+            assert value is not None, (engine, entry.name)
+            assert value >= 0, (engine, entry.name)
+            query = entry.query('{namespace="ns"}', "60000ms", engine)
+            assert 'namespace="ns"' in query, entry.name
     with pytest.raises(pydantic.ValidationError, match="unknown metric 'cpu'"):
         api.parse_spec({"model": {"version": "1", "uri": "s3://m/1"},
                         "autoscaling": {"maxReplicas": 2, "target": 1, "metric": "cpu"}})
+
+
+# ------------------------------------------------------- generative models (vLLM's scrapes)
+
+
+def vllm_scrape(moment: str, t: float, pod: str = "a") -> autoscale.Scrape:
+    return autoscale.parse_scrape(pod, t, SCRAPES[("v1", moment)], ready=True)
+
+
+def test_vllm_signals_read_from_a_real_scrape() -> None:
+    busy = vllm_scrape("busy", 0.0)  # 40 long completions: 32 running, 7 waiting (1 done)
+    assert (busy.inflight, busy.queue_depth) == (39, 7)  # not the modelyard_* gauges
+    assert busy.kv_cache_usage is not None
+    assert 0 < busy.kv_cache_usage < 0.05  # short prompts hold few blocks
+    idle = vllm_scrape("idle", 2.0)
+    assert (idle.inflight, idle.queue_depth, idle.kv_cache_usage) == (0, 0, 0)
+    assert idle.requests - busy.requests == 40  # all answered in between
+
+    def sample(metric: str) -> Sample | None:
+        window = autoscale.Window(metric)
+        window.add(0.0, [busy])
+        return window.add(4.0, [vllm_scrape("busy", 4.0), vllm_scrape("busy", 4.0, "b")])
+
+    assert sample("concurrency") == Sample(4.0, 2, 78.0)  # in flight on two pods
+    assert sample("queueDepth") == Sample(4.0, 2, 14.0)
+    kv = sample("kvCacheUsage")
+    assert kv is not None
+    assert kv.value == pytest.approx(100 * busy.kv_cache_usage)  # percent, per replica
+    assert sample("rps") == Sample(4.0, 2, 0.0)  # nothing answered between the two scrapes
+    rps = autoscale.Window("rps")
+    rps.add(0.0, [vllm_scrape("after", 0.0)])
+    answered = rps.add(10.0, [vllm_scrape("idle", 10.0)])  # the 40 long ones, say in 10 s
+    assert answered is not None
+    assert answered.value == pytest.approx(
+        (idle.requests - vllm_scrape("after", 0.0).requests) / 10)
+
+
+def _vllm_trace(moment: str, metric: str, *, seconds: float = 400.0,
+                read_in_flight: bool = True) -> list[int]:
+    """Replicas decided tick by tick while one vLLM pod's scrape stays ``moment``."""
+    policy = Policy(target=4, min_replicas=0, max_replicas=4, metric=metric,
+                    scale_to_zero_delay_seconds=60)
+    window, in_flight = autoscale.Window(metric), autoscale.Window("concurrency")
+    state, replicas, decided = State(), 1, []
+    t = 0.0
+    while t <= seconds:
+        scrapes = [vllm_scrape(moment, t)] if replicas else []
+        window.add(t, scrapes)
+        in_flight.add(t, scrapes)
+        decision = autoscale.decide(window.samples, t, replicas, state, policy,
+                                    in_flight=in_flight.samples if read_in_flight else ())
+        state, replicas = decision.state, decision.replicas
+        decided.append(replicas)
+        t += TICK
+    return decided
+
+
+@pytest.mark.parametrize("metric", ["rps", "queueDepth", "kvCacheUsage", "concurrency"])
+def test_a_busy_vllm_model_is_never_idle_whatever_the_metric(metric: str) -> None:
+    """Scale to zero reads vLLM's running plus waiting requests: 39 in flight that answer
+    nothing between two scrapes (rps 0) are not idleness."""
+    assert 0 not in _vllm_trace("busy", metric)
+    if metric == "rps":  # what reading the metric alone would do: sleep while it serves
+        assert _vllm_trace("busy", metric, read_in_flight=False)[-1] == 0
+
+
+@pytest.mark.parametrize("metric", ["rps", "queueDepth", "kvCacheUsage", "concurrency"])
+def test_an_idle_vllm_model_goes_to_zero_after_the_delay(metric: str) -> None:
+    decided = _vllm_trace("idle", metric)
+    assert decided[-1] == 0
+    assert decided.index(0) * TICK >= 60  # not before scaleToZeroDelaySeconds
+
+
+def test_the_autoscaler_loop_reads_requests_in_flight_of_a_vllm_model() -> None:
+    """The loop (scaling.py) feeds the idle test vLLM's running plus waiting requests
+    while it scales on another metric: a busy model stays up, an idle one goes to zero."""
+    from modelyard.operator import scaling
+    from modelyard.operator.world import Observed
+
+    resource = {
+        "metadata": {"name": "chat", "namespace": "ns"},
+        "spec": {"model": {"version": "1", "uri": "file:///models/chat/1/", "format": "hf"},
+                 "runtime": {"engine": "vllm"},
+                 "autoscaling": {"minReplicas": 0, "maxReplicas": 2, "metric": "rps",
+                                 "target": 4, "scaleToZeroDelaySeconds": 60}},
+    }
+    pod = {"metadata": {"name": "chat-v1-a", "labels": {"modelyard.dev/version": "1"}},
+           "status": {"podIP": "10.0.0.1",
+                      "conditions": [{"type": "Ready", "status": "True"}]}}
+    decided: list[int] = []
+
+    class Loop:  # what the autoscaler reads of the reconciler
+        def leading(self) -> bool:
+            return True
+
+        def autoscaled_keys(self) -> list[tuple[str, str]]:
+            return [("ns", "chat")]
+
+        def observe(self, key: tuple[str, str]) -> Observed:
+            return Observed(resource, [{"spec": {"replicas": 1}}], [pod], [])
+
+        async def autoscaled(self, key: tuple[str, str], status: Any) -> None:
+            decided.append(status.desired_replicas)
+
+    now = [0.0]
+    text = [SCRAPES[("v1", "busy")]]
+
+    async def scrape(ip: str, port: int) -> str:
+        assert (ip, port) == ("10.0.0.1", 8080)
+        return text[0]
+
+    autoscaler = scaling.Autoscaler(cast(Any, Loop()), scraper=scrape, clock=lambda: now[0])
+
+    async def ticks(seconds: float) -> None:
+        end = now[0] + seconds
+        while now[0] < end:
+            await autoscaler.tick()
+            now[0] += TICK
+
+    asyncio.run(ticks(300))
+    assert 0 not in decided  # 39 requests in flight, none answered between two scrapes
+    text[0] = SCRAPES[("v1", "idle")]
+    asyncio.run(ticks(300))
+    assert decided[-1] == 0

@@ -9,8 +9,10 @@ import json
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from vllm_scrapes import SCRAPES
 
-from modelyard.operator import analysis, api, promql
+from modelyard.operator import analysis, api, promql, signals
 from modelyard.operator.devcluster.prometheus import (
     PrometheusConfig,
     StaticTargets,
@@ -134,3 +136,75 @@ def test_static_targets_config() -> None:
     [job] = config["scrape_configs"]
     assert job["static_configs"] == [{"targets": ["127.0.0.1:8080"],
                                       "labels": {"namespace": "bench"}}]
+
+
+# ------------------------------------------------------- generative models (vLLM's series)
+
+
+def as_prometheus_series(before: str, after: str) -> dict[str, Any]:
+    """The range vector Prometheus would hold of a version's pod scraped at t=1 and t=5,
+    for the window query's names: each sample a series, with the target labels added."""
+    def samples(text: str) -> dict[tuple[tuple[str, str], ...], float]:
+        return {(("__name__", s.name), *sorted(s.labels.items())): s.value
+                for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name in signals.COUNTERS}
+
+    old, new = samples(before), samples(after)
+    return matrix(*(series(dict(key)["__name__"],
+                           ([(1, old[key])] if key in old else []) + [(5, value)],
+                           **{k: v for k, v in key if k != "__name__"})
+                    for key, value in new.items()))
+
+
+def test_a_vllm_window_from_prometheus_equals_the_direct_scrapes() -> None:
+    before, after = SCRAPES[("v2", "before")], SCRAPES[("v2", "after")]
+    expr = promql.window_expr(REF, start=2.0, end=5.0)
+    for name in ("http_requests_total", "vllm:time_to_first_token_seconds_bucket",
+                 "vllm:inter_token_latency_seconds_bucket",
+                 "vllm:e2e_request_latency_seconds_bucket"):
+        assert name in expr
+    window = promql.window_counts(as_prometheus_series(before, after), start=2.0)
+    direct = analysis.parse_metrics(after).since(analysis.parse_metrics(before))
+    assert window == direct
+    assert window.requests == 15
+    thresholds = api.Analysis(max_ttft_p95_ms=300, min_requests=10)
+    assert analysis.judge(window, thresholds) == analysis.judge(direct, thresholds)
+
+
+def test_vllm_errors_in_prometheus_are_5xx_of_the_openai_endpoints() -> None:
+    data = matrix(
+        series("http_requests_total", [(1, 10), (5, 30)], handler="/v1/completions",
+               method="POST", status="2xx"),
+        series("http_requests_total", [(1, 0), (5, 2)], handler="/v1/chat/completions",
+               method="POST", status="5xx"),
+        series("http_requests_total", [(1, 0), (5, 1)], handler="/v1/completions",
+               method="POST", status="4xx"),
+        series("http_requests_total", [(1, 0), (5, 9)], handler="/v1/models", method="GET",
+               status="5xx"),
+    )
+    counts = promql.window_counts(data, start=2.0)
+    assert (counts.requests, counts.errors) == (23, 2)
+
+
+def test_every_signal_has_its_query_in_each_engine_series() -> None:
+    sel = '{namespace="vision",model_deployment="chat",version="3"}'
+    queries = {s.name: s.query(sel, "30000ms", "vllm") for s in signals.SIGNALS.values()
+               if "vllm" in s.engines}
+    assert queries == {
+        "concurrency": 'sum({__name__=~"vllm:num_requests_running|vllm:num_requests_waiting",'
+                       'namespace="vision",model_deployment="chat",version="3"})',
+        "rps": 'sum(rate(http_requests_total{namespace="vision",model_deployment="chat",'
+               'version="3",handler=~"/v1/completions|/v1/chat/completions|/v1/responses|'
+               '/v1/embeddings"}[30000ms]))',
+        "queueDepth": 'sum(vllm:num_requests_waiting{namespace="vision",'
+                      'model_deployment="chat",version="3"})',
+        "latencyP95": "1000 * histogram_quantile(0.95, sum by (le) (rate("
+                      'vllm:e2e_request_latency_seconds_bucket{namespace="vision",'
+                      'model_deployment="chat",version="3"}[30000ms])))',
+        "kvCacheUsage": '100 * avg(vllm:kv_cache_usage_perc{namespace="vision",'
+                        'model_deployment="chat",version="3"})',
+    }
+    assert signals.signal("concurrency").query(sel, "30000ms", "modelyard") == \
+        f"sum(modelyard_inflight_requests{sel})"
+    with pytest.raises(ValueError, match="not exported by engine vllm"):
+        signals.signal("gpuUtilization").query(sel, "30000ms", "vllm")
