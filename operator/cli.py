@@ -10,6 +10,7 @@
 * ``modelyard build-binaries``: build and cache the cluster binaries now.
 * ``modelyard build-node``: build and cache a real node's binaries and images now.
 * ``modelyard status|history|promote NAME -n NS``: look at and steer a ModelDeployment.
+* ``modelyard chat NAME -n NS``: talk to a generative model, streamed in the terminal.
 """
 
 from __future__ import annotations
@@ -77,6 +78,21 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--to", help="the version to go back to (default: the last one "
                                         "that served before the current)")
 
+    chat = sub.add_parser(
+        "chat", help="talk to a generative model (runtime.engine vllm): each line a turn, "
+                     "the reply streamed as it comes, the conversation kept; Ctrl-D ends")
+    chat.add_argument("name")
+    chat.add_argument("--namespace", "-n", default="default")
+    chat.add_argument("--url", help="the model's endpoint (e.g. a port-forward's "
+                                    "http://127.0.0.1:8080); default: its status.url")
+    chat.add_argument("--api-key", default=None,
+                      help="sent as a Bearer token (default $MODELYARD_API_KEY)")
+    chat.add_argument("--system", help="a system message that opens the conversation")
+    chat.add_argument("--max-tokens", type=int, help="longest reply, in tokens")
+    chat.add_argument("--temperature", type=float, help="sampling temperature")
+    chat.add_argument("--param", action="append", default=[], metavar="KEY=JSON",
+                      help="a further request field, e.g. top_p=0.9 (repeatable)")
+
     digest = sub.add_parser(
         "digest", help="write a model directory's SHA256SUMS manifest and print its digest "
                        "(spec.model.sha256 of a format hf model)")
@@ -119,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(modeldir.write_manifest(Path(args.directory)))
         return 0
+    if args.command == "chat":
+        return _chat(parser, args)
     if args.command in ("status", "history", "promote", "abort", "retry", "rollback"):
         import functools
 
@@ -140,6 +158,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 DEV_COMMANDS = ("dev", "build-binaries", "build-node")
+
+
+def _chat(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import json
+
+    from . import usercli
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no log line per turn
+    params = {}
+    for item in args.param:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--param {item!r}: expected KEY=JSON, e.g. top_p=0.9")
+        try:
+            params[key] = json.loads(raw)
+        except ValueError:
+            params[key] = raw  # a bare word is a string
+    options = {"system": args.system, "max_tokens": args.max_tokens,
+               "temperature": args.temperature, "params": params}
+    try:
+        return usercli.chat(args.name, args.namespace, url=args.url, api_key=args.api_key,
+                            options=options)
+    except usercli.CommandError as exc:
+        print(f"modelyard: {exc}", file=sys.stderr)
+        return exc.code
 
 
 def _has_devcluster() -> bool:

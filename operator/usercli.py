@@ -1,5 +1,5 @@
-"""``modelyard status|history|promote|abort|retry|rollback NAME``: a ModelDeployment as a
-person wants to see and steer it.
+"""``modelyard status|history|promote|abort|retry|rollback|chat NAME``: a ModelDeployment
+as a person wants to see, steer and try it.
 
 Thin commands over the Kubernetes API with the user's own kubeconfig (``$KUBECONFIG``
 or ``~/.kube/config``), called by :mod:`.cli`. ``promote``, ``abort`` and ``retry`` set
@@ -7,16 +7,20 @@ the same annotations a GitOps user or an Argo CD action would
 (``modelyard.dev/promote=<version>``, ``modelyard.dev/abort=<new value>``,
 ``modelyard.dev/retry=<new value>``), so every path behaves the same. ``rollback``
 changes ``spec.model`` back to a version from the ledger (with GitOps, revert the commit
-instead, or the sync will undo it). Exit codes: 0 done, 1 the resource is not in a state
-for it, 2 not found.
+instead, or the sync will undo it). ``chat`` talks to a generative model (engine vllm)
+at the URL in its status, or at ``--url`` (:mod:`.chat`). Exit codes: 0 done, 1 the
+resource is not in a state for it, 2 not found.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO, cast
 
+import httpx
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -118,6 +122,78 @@ def rollback(name: str, namespace: str, to: str | None = None,
                                           {"spec": {"model": model}})
     print(f"rolling {namespace}/{name} back from version {current} to {chosen.version} "
           f"({chosen.uri}); it served before, so it skips the canary steps", file=out)
+
+
+def chat(name: str, namespace: str, *, url: str | None = None, api_key: str | None = None,
+         options: dict[str, Any] | None = None, read_line: Callable[[], str] | None = None,
+         out: TextIO = sys.stdout, err: TextIO = sys.stderr,
+         transport: httpx.BaseTransport | None = None) -> int:
+    """``modelyard chat``: a conversation with a generative model; its exit status.
+
+    The endpoint is ``url`` when given (a port-forward, an ingress), else the
+    ModelDeployment's ``status.url`` (the Service's DNS name: reachable inside the
+    cluster). ``api_key`` (default ``$MODELYARD_API_KEY``) travels as a Bearer token."""
+    from . import chat as chatting
+
+    md = fetch(name, namespace)
+    spec = md.get("spec") or {}
+    engine = (spec.get("runtime") or {}).get("engine") or api.Engine.MODELYARD.value
+    status = md.get("status") or {}
+    if engine not in GENERATIVE_ENGINES:
+        raise CommandError(
+            f"{namespace}/{name} serves a tensor model (runtime.engine {engine}), not a "
+            "generative one: `modelyard chat` is for runtime.engine vllm. Send it Open "
+            "Inference Protocol requests instead (modelyard.runtime.client.Client, or the "
+            f"page at {status.get('url') or 'its URL'}/ in a browser).")
+    base = (url or status.get("url") or
+            f"http://{name}.{namespace}.svc.cluster.local").rstrip("/")
+    key = api_key if api_key is not None else os.environ.get("MODELYARD_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    served = (spec.get("model") or {}).get("name") or name
+    note = None
+    if not status.get("readyReplicas"):
+        note = (f"({namespace}/{name} has no ready replica now: this first message waits "
+                "while it starts; a generative model takes minutes)")
+    if read_line is None:
+        read_line = _prompt_reader()
+    client = httpx.Client(base_url=base, headers=headers, transport=transport,
+                          timeout=httpx.Timeout(30.0, read=chatting.READ_TIMEOUT_S))
+    print(f"chatting with {served} at {base}; an empty line is skipped, Ctrl-D ends",
+          file=err, flush=True)
+    with client:
+        try:
+            return chatting.converse(client, chatting.Options(model=served, **(options or {})),
+                                     read_line, out, err, before_first=note)
+        except chatting.Unreachable as error:
+            hint = "" if url else (
+                f"; outside the cluster, forward a port to the model (kubectl port-forward "
+                f"-n {namespace} svc/{name} 8080:80, once it has a ready replica) and pass "
+                "--url http://127.0.0.1:8080")
+            raise CommandError(f"{error}{hint}") from None
+
+
+GENERATIVE_ENGINES = frozenset({api.Engine.VLLM.value})
+
+
+def _prompt_reader() -> Callable[[], str]:
+    """``input`` with a prompt at a terminal; plain lines (no prompt) from a pipe."""
+    if sys.stdin.isatty():
+        def ask() -> str:
+            try:
+                return input("> ")
+            except (EOFError, KeyboardInterrupt):
+                print()  # the shell's prompt on a line of its own
+                raise
+
+        return ask
+
+    def read() -> str:
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line
+
+    return read
 
 
 def _annotate(name: str, namespace: str, key: str, value: str) -> None:

@@ -1,12 +1,30 @@
 """The activator's pure parts: which model a Host names, which headers travel, which pods
-are ready and where they listen, round robin, and its settings."""
+are ready and where they listen, round robin, its settings and each engine's hold; then
+the proxy itself on loopback (real uvicorn listeners, a pod played by a small SSE server,
+the Kubernetes lookups by a stand-in): answers relayed as they come, clients that leave,
+and the per-engine hold deadline."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import httpx
 import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
 
+from modelyard.activator.discovery import Lookup, engine_of
+from modelyard.activator.proxy import Activator
 from modelyard.activator.routing import (
     Endpoint,
     ModelRef,
@@ -110,10 +128,259 @@ def test_settings_flags_win_over_environment() -> None:
     assert settings == Settings(port=8081, timeout_seconds=3.0, max_body_bytes=1024,
                                 check_model_deployment=False)
     assert parse_settings([], {}) == Settings()
+    assert parse_settings(["--generative-timeout-seconds", "1800"], {}) == Settings(
+        generative_timeout_seconds=1800.0)
+
+
+def test_a_generative_engine_is_held_longer() -> None:
+    settings = Settings(timeout_seconds=120, generative_timeout_seconds=600)
+    assert settings.hold_seconds("vllm") == 600
+    assert settings.hold_seconds("modelyard") == 120
+    assert settings.hold_seconds(None) == 120  # the ModelDeployment not read (yet)
+    assert Settings().hold_seconds("vllm") > Settings().hold_seconds("modelyard")
+
+
+def test_the_engine_is_read_from_the_model_deployment() -> None:
+    assert engine_of({"spec": {"runtime": {"engine": "vllm"}}}) == "vllm"
+    assert engine_of({"spec": {"model": {}}}) == "modelyard"  # the API's default
+    assert engine_of({"spec": {"runtime": {"engine": None}}}) == "modelyard"
+    assert engine_of({}) == "modelyard"
 
 
 @pytest.mark.parametrize("argv", [["--timeout-seconds", "soon"], ["--timeout-seconds", "0"],
+                                  ["--generative-timeout-seconds", "-1"],
                                   ["--check-model-deployment", "maybe"]])
 def test_bad_settings_are_refused(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         parse_settings(argv, {})
+
+
+# ------------------------------------------------------------------ the proxy, on loopback
+
+
+class _Served:
+    """An ASGI app on a loopback port, served by uvicorn in a thread of its own."""
+
+    def __init__(self, app: Any) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(
+            app, log_level="warning", lifespan="off", access_log=False,
+            timeout_graceful_shutdown=1))
+        self.thread = threading.Thread(
+            target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])), daemon=True)
+
+    def __enter__(self) -> _Served:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+class _Pod:
+    """A generative model's pod, as far as the proxy can tell: ``/v1/completions``
+    streams ``n`` server-sent events like vLLM, and before each next one waits until the
+    client says it has the previous (so a proxy that gathers the answer stalls it)."""
+
+    def __init__(self) -> None:
+        self.acks: list[threading.Event] = [threading.Event() for _ in range(64)]
+        self.sent = 0
+        self.closed = threading.Event()  # the stream ended before its last event
+        self.app = Starlette(routes=[Route("/v1/completions", self._complete,
+                                           methods=["POST"])])
+        self.abandoned = threading.Event()  # a non-streamed answer's client left
+
+    async def _complete(self, request: Request) -> Response:
+        body = await request.json()
+        if not body.get("stream"):  # a long non-streamed completion: watch its client
+            for _ in range(1000):
+                if await request.is_disconnected():
+                    self.abandoned.set()
+                    return Response(status_code=499)
+                await asyncio.sleep(0.01)
+            return Response(b'{"choices": []}', media_type="application/json")
+        n = int(body["max_tokens"])
+        return StreamingResponse(self._events(n), media_type="text/event-stream")
+
+    async def _events(self, n: int) -> AsyncIterator[bytes]:
+        finished = False
+        try:
+            for i in range(n):
+                if i and not await _acknowledged(self.acks[i - 1], 10):
+                    yield b'data: {"error": "the previous event never reached the client"}\n\n'
+                    return
+                self.sent = i + 1
+                chunk = {"choices": [{"index": 0, "text": f" t{i}", "finish_reason": None}]}
+                yield f"data: {json.dumps(chunk)}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+            finished = True
+        finally:
+            if not finished:
+                self.closed.set()
+
+
+async def _acknowledged(ack: threading.Event, timeout_s: float) -> bool:
+    """``ack.wait(timeout_s)`` without a thread (the server's loop must not block, and a
+    thread left waiting would hold up its shutdown)."""
+    for _ in range(int(timeout_s / 0.002)):
+        if ack.is_set():
+            return True
+        await asyncio.sleep(0.002)
+    return ack.is_set()
+
+
+class _Pods:
+    """The Kubernetes lookups, played: a model's ready pods and its engine, as set."""
+
+    def __init__(self, engine: str = "vllm") -> None:
+        self.ready: list[Endpoint] = []
+        self.engine = engine
+
+    async def lookup(self, ref: ModelRef) -> Lookup:
+        return Lookup(list(self.ready), engine=None if self.ready else self.engine)
+
+
+HOST = {"Host": "chat.ns.svc"}
+
+
+@contextlib.contextmanager
+def _proxy(pods: _Pods, **settings: Any) -> Iterator[tuple[Activator, str]]:
+    activator = Activator(Settings(poll_seconds=0.05, cache_seconds=0.2, **settings), pods)
+    with _Served(activator) as served:
+        yield activator, served.url
+
+
+@pytest.fixture
+def pod() -> Iterator[tuple[_Pod, Endpoint]]:
+    fake = _Pod()
+    with _Served(fake.app) as served:
+        yield fake, Endpoint("127.0.0.1", served.port)
+
+
+def _count(activator: Activator, name: str, **labels: str) -> float:
+    value = activator.metrics.registry.get_sample_value(
+        name, {"namespace": "ns", "model_deployment": "chat", **labels})
+    return value or 0.0
+
+
+def _stream(url: str, n: int, *, stop_after: int | None = None,
+            pod: _Pod | None = None) -> tuple[httpx.Headers, list[str]]:
+    """Stream a completion; acknowledge each event to ``pod``; stop after ``stop_after``."""
+    events: list[str] = []
+    with httpx.stream("POST", f"{url}/v1/completions", headers=HOST, timeout=30,
+                      json={"model": "chat", "prompt": "Hi", "max_tokens": n,
+                            "stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            events.append(line.removeprefix("data: "))
+            if pod is not None and len(events) <= len(pod.acks):
+                pod.acks[len(events) - 1].set()
+            if stop_after is not None and len(events) == stop_after:
+                break
+        return response.headers, events
+
+
+def test_a_streamed_answer_passes_event_by_event(pod: tuple[_Pod, Endpoint]) -> None:
+    fake, endpoint = pod
+    pods = _Pods()
+    pods.ready = [endpoint]
+    with _proxy(pods) as (_, url):
+        headers, events = _stream(url, 12, pod=fake)
+    # Each event reached the client before the pod sent the next: nothing gathered it.
+    assert len(events) == 13, events
+    assert events[-1] == "[DONE]"
+    assert all("never reached" not in e for e in events), events
+    assert [json.loads(e)["choices"][0]["text"] for e in events[:-1]] == [
+        f" t{i}" for i in range(12)]
+    assert headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert "content-length" not in headers
+
+
+def test_a_client_that_leaves_mid_stream_ends_the_pods_request(
+        pod: tuple[_Pod, Endpoint]) -> None:
+    fake, endpoint = pod
+    pods = _Pods()
+    pods.ready = [endpoint]
+    with _proxy(pods) as (_, url):
+        _, events = _stream(url, 40, stop_after=3, pod=fake)
+        assert len(events) == 3
+        assert fake.closed.wait(10), "the pod's stream went on after its client left"
+    assert fake.sent < 40
+
+
+def test_a_request_held_at_zero_is_answered_streaming_once_a_pod_is_ready(
+        pod: tuple[_Pod, Endpoint]) -> None:
+    fake, endpoint = pod
+    pods = _Pods(engine="vllm")
+    with _proxy(pods, timeout_seconds=0.2, generative_timeout_seconds=30) as (activator, url):
+        answer: dict[str, Any] = {}
+        thread = threading.Thread(target=lambda: answer.update(
+            result=_stream(url, 5, pod=fake)), daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while _count(activator, "modelyard_activator_waiting_requests") != 1:
+            assert time.monotonic() < deadline, "the request was not held"
+            time.sleep(0.02)
+        time.sleep(0.5)  # past a tensor model's hold (0.2 s): a generative one waits on
+        assert thread.is_alive()
+        pods.ready = [endpoint]
+        thread.join(20)
+        _, events = answer["result"]
+    assert len(events) == 6
+    assert _count(activator, "modelyard_activator_held_requests_total") == 1
+
+
+@pytest.mark.parametrize(("engine", "hold_s"), [("modelyard", 0.3), ("vllm", 1.2)])
+def test_the_hold_deadline_is_the_engines_and_its_503_says_so(engine: str,
+                                                              hold_s: float) -> None:
+    pods = _Pods(engine=engine)
+    with _proxy(pods, timeout_seconds=0.3, generative_timeout_seconds=1.2) as (activator, url):
+        started = time.monotonic()
+        response = httpx.post(f"{url}/v1/completions", headers=HOST, timeout=30,
+                              json={"model": "chat", "prompt": "Hi"})
+        waited = time.monotonic() - started
+    assert response.status_code == 503
+    assert response.json() == {"error": f"model ns/chat has no ready replica after {hold_s:g} s"}
+    assert response.headers["content-type"] == "application/json"
+    assert int(response.headers["Retry-After"]) > 0
+    assert hold_s <= waited < hold_s + 5
+    assert _count(activator, "modelyard_activator_requests_total", outcome="timeout") == 1
+
+
+def test_a_client_that_leaves_while_held_is_no_longer_held() -> None:
+    pods = _Pods(engine="vllm")
+    with _proxy(pods, generative_timeout_seconds=60) as (activator, url):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", headers=HOST, timeout=httpx.Timeout(
+                30, read=0.5), json={"model": "chat", "prompt": "Hi"})
+        deadline = time.monotonic() + 10
+        while _count(activator, "modelyard_activator_requests_total",
+                     outcome="abandoned") != 1:
+            assert time.monotonic() < deadline, "still held after its client left"
+            time.sleep(0.02)
+        assert _count(activator, "modelyard_activator_waiting_requests") == 0
+
+
+def test_a_client_that_leaves_before_the_pods_answer_ends_the_pods_request(
+        pod: tuple[_Pod, Endpoint]) -> None:
+    fake, endpoint = pod
+    pods = _Pods()
+    pods.ready = [endpoint]
+    with _proxy(pods) as (activator, url):
+        with pytest.raises(httpx.ReadTimeout):  # a non-streamed completion: no headers yet
+            httpx.post(f"{url}/v1/completions", headers=HOST, timeout=httpx.Timeout(
+                30, read=0.5), json={"model": "chat", "prompt": "Hi", "max_tokens": 400})
+        assert fake.abandoned.wait(10), "the pod went on working for a client that left"
+        assert _count(activator, "modelyard_activator_requests_total",
+                      outcome="abandoned") == 1
