@@ -36,6 +36,7 @@ import logging
 import os
 import re
 import signal
+import socketserver
 import subprocess
 import sys
 import threading
@@ -331,11 +332,22 @@ class Launcher:
             def log_message(self, format: str, *args: Any) -> None:
                 return  # probes every few seconds would drown the pod's log
 
-        self._health = http.server.ThreadingHTTPServer(
-            (self.config.host, self.config.health_port), Probe)
-        self._health.daemon_threads = True
+        self._health = _ProbeServer((self.config.host, self.config.health_port), Probe)
         threading.Thread(target=self._health.serve_forever, name="health",
                          daemon=True).start()
+
+
+class _ProbeServer(http.server.ThreadingHTTPServer):
+    """The probes' server, bound without ``http.server``'s reverse lookup of its own
+    address (``socket.getfqdn``): where no DNS server answers, that lookup waits for the
+    resolver's timeout, 10 s before the launcher could fetch anything."""
+
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
 
 
 def _writable(cache_dir: Path) -> Path:

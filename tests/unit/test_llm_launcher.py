@@ -63,3 +63,19 @@ def test_modelyard_digest_writes_the_manifest_and_prints_its_digest(
     assert printed == modeldir.digest(modeldir.manifest_of(tmp_path))
     assert modeldir.parse_manifest((tmp_path / "SHA256SUMS").read_text()).keys() == {
         "config.json", "shards/model-00001.safetensors"}
+
+
+def test_the_probe_server_binds_without_a_dns_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    import http.server
+    import socket
+
+    def no_dns(name: str = "") -> str:
+        raise AssertionError(f"looked up {name!r}: a pod without DNS would wait 10 s here")
+
+    monkeypatch.setattr(socket, "getfqdn", no_dns)
+    server = llm._ProbeServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    try:
+        assert server.server_name == "127.0.0.1"
+        assert server.server_port > 0
+    finally:
+        server.server_close()
