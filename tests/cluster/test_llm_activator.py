@@ -273,25 +273,34 @@ def test_through_the_activator_tokens_stream_as_from_vllm_directly(awake: Setup)
 
 
 def test_a_client_that_leaves_mid_stream_ends_vllms_request(awake: Setup) -> None:
+    """A client that leaves after two tokens of 480 (ignore_eos: vLLM generates them all,
+    ~2.5 s here, unless the request is aborted): vLLM stops.
+
+    On this machine vLLM sometimes sends an answer only once its engine has generated all
+    of it (its server starved while the engine works: seen straight from vLLM too, the
+    tokens arriving within a millisecond after ~0.6 s of silence). Then there is nothing
+    left to stop when the first tokens arrive, and the try says nothing; it is tried
+    again. A live stream (tokens milliseconds apart) that vLLM finishes anyway fails."""
     pod_metrics = f"http://{awake.ready_pod_ip()}:8080/metrics"
 
     def engine(name: str) -> float:
         return _value(httpx.get(pod_metrics, timeout=10).text, name)
 
-    before = engine("vllm:generation_tokens_total")
-    # With ignore_eos vLLM generates all of them (~2.5 s here) unless the request is
-    # aborted. (This needs vLLM's server to stream as its engine generates: a second
-    # engine busy on the same core, as when two vLLM tests run at once, can starve it
-    # until the whole answer is done, and then there is nothing left to stop.)
     asked = 480
-    left = stream_chat(awake.activator, awake.host, asked, stop_after=1)
-    assert left.token_count() >= 1
-    wait_for(lambda: engine("vllm:num_requests_running") == 0, timeout=30,
-             what="nothing left running in vLLM")
-    generated = engine("vllm:generation_tokens_total") - before
-    print(f"the client left after {left.token_count()} of {asked} tokens: vLLM generated "
-          f"{generated:.0f}")
-    assert generated < asked, "vLLM generated the whole answer for a client that had left"
+    for attempt in range(1, 5):
+        before = engine("vllm:generation_tokens_total")
+        left = stream_chat(awake.activator, awake.host, asked, stop_after=2)
+        assert left.token_count() >= 2
+        gap_ms = left.gaps_ms()[0] if left.gaps_ms() else 0.0
+        wait_for(lambda: engine("vllm:num_requests_running") == 0, timeout=30,
+                 what="nothing left running in vLLM")
+        generated = engine("vllm:generation_tokens_total") - before
+        print(f"try {attempt}: the client left after {left.token_count()} of {asked} "
+              f"tokens ({gap_ms:.2f} ms apart): vLLM generated {generated:.0f}")
+        if generated < asked:
+            return  # stopped
+        assert gap_ms < 1.0, "vLLM generated the whole answer for a client that had left"
+    pytest.skip("vLLM sent every answer only once it was complete: nothing to stop")
 
 
 def _word_tokens(model_dir: Path) -> list[int]:
