@@ -13,6 +13,10 @@ by priority, first come first served within one:
 * :data:`UPDATE`: applies to children that exist (a rollout, a reverted hand edit);
 * :data:`CREATE`: applies that create a model's first children.
 
+The same priorities order whole passes (:data:`PASSES` at once, see
+:class:`~.reconcile.Reconciler`): a pass waiting for its turn holds nothing but its key,
+where a pass waiting for an API slot holds its rendered plan.
+
 Pure asyncio: no Kubernetes client.
 """
 
@@ -26,6 +30,7 @@ from collections.abc import AsyncIterator
 
 REPORT, UPDATE, CREATE = 0, 1, 2
 LIMIT = 4
+PASSES = 8  # passes at once: enough to keep LIMIT calls busy while others plan
 
 
 class Gate:

@@ -30,7 +30,7 @@ from typing import Any
 import kopf
 from kubernetes.utils import parse_quantity
 
-from . import api, metrics
+from . import api, gate, metrics
 from .activation import ActivatorLink
 from .kube import Writer, load_api_client
 from .leader import ElectionConfig, Elector
@@ -170,7 +170,8 @@ def pod_index(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: 
     return {(namespace, labels[MODEL_LABEL]): project_pod(body)}
 
 
-async def _reconcile(namespace: str | None, name: str, memo: kopf.Memo, **indexes: Any) -> None:
+async def _reconcile(namespace: str | None, name: str, memo: kopf.Memo, priority: int,
+                     **indexes: Any) -> None:
     assert namespace is not None  # ModelDeployments are namespaced
     key = (namespace, name)
     reconciler: Reconciler = memo["reconciler"]
@@ -187,7 +188,7 @@ async def _reconcile(namespace: str | None, name: str, memo: kopf.Memo, **indexe
             endpoint_slices=list(indexes["endpointslice_index"].get(key, [])),
         )
 
-    await reconciler.reconcile(key, snapshot)
+    await reconciler.reconcile(key, snapshot, priority=priority)
 
 
 # ------------------------------------------------------------------- triggers
@@ -203,7 +204,8 @@ async def _reconcile(namespace: str | None, name: str, memo: kopf.Memo, **indexe
 @kopf.on.event(*_RESOURCE)
 async def model_changed(namespace: str | None, name: str, logger: kopf.Logger,
                         **kwargs: Any) -> None:
-    await _with_retries(lambda: _reconcile(namespace, name, **kwargs), name, logger)
+    await _with_retries(lambda: _reconcile(namespace, name, priority=gate.UPDATE, **kwargs),
+                        name, logger)
 
 
 async def _with_retries(run: Callable[[], Awaitable[None]], name: str,
@@ -230,6 +232,6 @@ async def child_changed(namespace: str | None, name: str, labels: kopf.Labels, t
                         logger: kopf.Logger, **kwargs: Any) -> None:
     if not type:
         return  # the initial listing: the ModelDeployments' own listing covers it
-    await _with_retries(lambda: _reconcile(namespace, labels[MODEL_LABEL], **kwargs), name,
-                        logger)
+    await _with_retries(lambda: _reconcile(namespace, labels[MODEL_LABEL],
+                                           priority=gate.REPORT, **kwargs), name, logger)
 

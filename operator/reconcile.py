@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import api_status, metrics, plan, rollout, world
+from . import api_status, gate, metrics, plan, rollout, world
 from .activation import ActivatorLink
 from .execute import Executor
 from .kube import GoneError, Writer
@@ -67,6 +67,10 @@ class Reconciler:
         self._scale_requests: dict[Key, api_status.AutoscalerStatus] = {}  # the autoscaler's say
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._woken: set[asyncio.Task[None]] = set()
+        # At most gate.PASSES passes at once, handed out by priority: a thousand models
+        # changed at once wait here holding nothing, instead of a thousand passes each
+        # holding its rendered plan while they wait for the API (gate.py).
+        self._passes = gate.Gate(gate.PASSES)
 
     # ---------------------------------------------------------------- what is known
 
@@ -110,18 +114,22 @@ class Reconciler:
     # ------------------------------------------------------------------ the triggers
 
     async def reconcile(self, key: Key, snapshot: Snapshot | None = None, *,
-                        resync: bool = False) -> None:
+                        resync: bool = False, priority: int = gate.UPDATE) -> None:
         """Run one pass for ``key``. ``snapshot`` reads the indexes (the handlers give it;
         later triggers reuse it); it is called under the resource's lock, so a pass never
         acts on a view older than the previous pass's. A ``resync`` pass is skipped when
-        nothing it reads changed since a pass that found nothing to do."""
+        nothing it reads changed since a pass that found nothing to do. ``priority`` is
+        the trigger's (gate.py): a child's change (status to report) before a spec change,
+        a new model's first pass and the resync last."""
+        if key not in self._known:
+            priority = max(priority, gate.CREATE)
         if snapshot is not None:
             self._known[key] = snapshot
         snapshot = self._known.get(key)
         if snapshot is None or not self.leading():
             return
         lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
+        async with lock, self._passes.slot(gate.CREATE if resync else priority):
             observed = snapshot()
             if observed is None:
                 self.forget(key)
@@ -151,7 +159,7 @@ class Reconciler:
         """The autoscaler's decision for ``key`` (total replicas, and what status reports
         of it): the pass splits the total between versions and applies it."""
         self._scale_requests[key] = decision
-        await self.reconcile(key)
+        await self.reconcile(key, priority=gate.REPORT)
 
     async def resync_forever(self, interval_s: float) -> None:
         """A full pass for every known resource every ``interval_s``: a safety net for

@@ -4,6 +4,7 @@ since a pass that found nothing to do, so 1000 models at rest cost no passes."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from modelyard.operator.reconcile import Reconciler
 from modelyard.operator.world import Observed
@@ -65,3 +66,50 @@ def test_a_resync_passes_over_a_resource_at_rest_and_not_one_that_changed() -> N
         reconciler.forget(("ns", "m"))
 
     asyncio.run(scenario())
+
+
+def test_passes_are_bounded_and_a_known_models_status_goes_before_new_models() -> None:
+    """A thousand models applied at once: at most gate.PASSES passes run at once (the others
+    wait holding nothing), and a child's change for a model already known (its status to
+    report) runs before the queued first passes of new models."""
+    from modelyard.operator import gate
+
+    reconciler = Reconciler(Cluster())  # type: ignore[arg-type]
+    running: list[str] = []
+    order: list[str] = []
+    most = [0]
+    release = asyncio.Event()
+
+    async def a_pass(observed: Observed) -> float | None:
+        name = observed.resource["metadata"]["name"]
+        running.append(name)
+        order.append(name)
+        most[0] = max(most[0], len(running))
+        if name != "known":
+            await release.wait()
+        running.remove(name)
+        return None
+
+    reconciler._pass = a_pass  # type: ignore[method-assign]
+
+    def snapshot_of(name: str) -> Callable[[], Observed]:
+        return lambda: Observed(resource={"metadata": {"name": name, "namespace": "ns"}},
+                                deployments=[], services=[], pods=[])
+
+    async def scenario() -> None:
+        await reconciler.reconcile(("ns", "known"), snapshot_of("known"))
+        new = [asyncio.create_task(reconciler.reconcile(("ns", f"m{i}"), snapshot_of(f"m{i}")))
+               for i in range(50)]
+        await asyncio.sleep(0)
+        # its pod became ready while the 50 first passes run or wait their turn
+        status = asyncio.create_task(reconciler.reconcile(("ns", "known"),
+                                                          priority=gate.REPORT))
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(status, *new)
+
+    asyncio.run(scenario())
+    assert most[0] == gate.PASSES
+    assert len(order) == 52
+    # right after the passes that were running, before the 42 creations queued ahead of it
+    assert order.index("known", 1) == 1 + gate.PASSES, order
