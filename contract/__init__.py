@@ -126,6 +126,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("warmup", "MODELYARD_WARMUP", "bool",
             help="run a warm-up inference before ready (default true)"),
     Setting("log_level", "MODELYARD_LOG_LEVEL", help="default info"),
+    Setting("api_keys", "MODELYARD_API_KEYS", "path",
+            help="file or directory (a mounted Secret) of API keys, one per line: requests "
+                 "then need Authorization: Bearer <key>; re-read when it changes"),
 )
 ENV_PREFIX = "MODELYARD_"
 _BY_FIELD = {s.field: s for s in SETTINGS}

@@ -487,6 +487,21 @@ class GatewayRef(ApiModel):
                                      description="Listener of the Gateway to attach to.")
 
 
+_SECRET_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+VLLM_API_KEY_ENTRY = "api-key"  # the Secret entry the vLLM engine reads its one key from
+
+
+class Auth(ApiModel):
+    """Who may call the model: API keys, sent as ``Authorization: Bearer <key>``."""
+
+    api_key_secret: str = Field(
+        ..., min_length=1, max_length=253, pattern=_SECRET_NAME,
+        description="Secret in the model's namespace whose every entry holds valid API keys "
+                    "(one per line), so several keys are valid at once and a rotation needs no "
+                    "restart: the pods mount it and re-read it when the kubelet updates it. "
+                    "Engine vllm reads one key, from the entry 'api-key', at start.")
+
+
 class ModelDeploymentSpec(ApiModel):
     """The desired state of a served model."""
 
@@ -514,6 +529,9 @@ class ModelDeploymentSpec(ApiModel):
         None, description="Attach the model's HTTPRoute to this Gateway. When the cluster has "
                           "the Gateway API, a canary's traffic is split by the route's backend "
                           "weights; otherwise by replica ratio behind the stable Service.")
+    auth: Auth | None = Field(
+        None, description="Require an API key on inference and metadata (health probes and "
+                          "/metrics stay open). Without it, anyone who reaches a pod may call it.")
 
 
 def parse_spec(spec: dict[str, Any]) -> ModelDeploymentSpec:

@@ -44,6 +44,7 @@ CONTAINER_NAME = "runtime"
 CACHE_DIR = "/var/cache/modelyard"
 PVC_MOUNT_ROOT = "/mnt/models"
 RUNTIME_UID = 10001
+API_KEYS_DIR = "/etc/modelyard/api-keys"  # spec.auth's Secret, mounted (kubelet-updated)
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,8 @@ def runtime_env(owner: Owner, spec: api.ModelDeploymentSpec,
         "cache_dir": MODEL_CACHE_DIR if node_cache is not None else CACHE_DIR,
         "device": "cuda" if _gpu_count(spec) else "cpu",
     }
+    if spec.auth is not None:
+        values["api_keys"] = API_KEYS_DIR
     if model.optimize is not None:
         values["dtype"] = model.optimize.dtype
         values["quantize"] = model.optimize.quantize
@@ -196,6 +199,8 @@ def render_deployment(
         # vLLM's workers share tensors through /dev/shm; a container's default is 64 MiB.
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
         container["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
+    if spec.auth is not None:
+        _mount_api_keys(spec, container, volumes)
     if claim := _pvc_claim(spec.model.uri):
         volumes.append({"name": "model-store",
                         "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
@@ -266,6 +271,22 @@ def render_deployment(
     with_hash(deployment)
     deployment["spec"]["replicas"] = replicas
     return deployment
+
+
+def _mount_api_keys(spec: api.ModelDeploymentSpec, container: dict[str, Any],
+                    volumes: list[dict[str, Any]]) -> None:
+    """spec.auth: the runtime mounts the Secret (the kubelet updates a mounted Secret in
+    place, and the runtime re-reads it: a rotation needs no restart); vLLM takes its one key
+    from the environment (read at start: a rotation there is a rollout restart)."""
+    assert spec.auth is not None
+    secret = spec.auth.api_key_secret
+    if spec.runtime.engine == api.Engine.VLLM:
+        container["env"].insert(0, {"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {
+            "name": secret, "key": api.VLLM_API_KEY_ENTRY}}})
+        return
+    volumes.append({"name": "api-keys", "secret": {"secretName": secret, "defaultMode": 0o440}})
+    container["volumeMounts"].append(
+        {"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
 
 
 def _runtime_container(owner: Owner, spec: api.ModelDeploymentSpec,

@@ -12,10 +12,16 @@ differs. It imports numpy, orjson and httpx, never torch.
 
 Errors: every non-2xx answer raises :class:`InferenceServerError` with the
 status and the server's ``error`` message.
+
+An API key (``spec.auth``) travels as ``Authorization: Bearer <key>``: ``api_key=``, or
+``$MODELYARD_API_KEY`` when not given. Over HTTPS, ``verify=`` takes a CA bundle's path
+or an ``ssl.SSLContext`` (httpx's own ``SSL_CERT_FILE`` is honoured too).
 """
 
 from __future__ import annotations
 
+import os
+import ssl
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Self
@@ -28,6 +34,7 @@ __all__ = [
     "AsyncClient",
     "Client",
     "InferenceServerError",
+    "auth_headers",
     "decode_response",
     "encode_request",
 ]
@@ -156,6 +163,15 @@ def decode_response(body: bytes, headers: Mapping[str, str]) -> dict[str, np.nda
     return result
 
 
+API_KEY_ENV = "MODELYARD_API_KEY"
+
+
+def auth_headers(api_key: str | None = None) -> dict[str, str]:
+    """``Authorization: Bearer`` for ``api_key``, else ``$MODELYARD_API_KEY``, else none."""
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 class _Base:
     def __init__(self, url: str, model: str, version: str | None, binary: bool) -> None:
         self.url = url.rstrip("/")
@@ -182,9 +198,11 @@ class Client(_Base):
     def __init__(
         self, url: str, model: str, version: str | None = None, *, binary: bool = True,
         timeout: float = 60.0, transport: httpx.BaseTransport | None = None,
+        api_key: str | None = None, verify: ssl.SSLContext | str | bool = True,
     ) -> None:
         super().__init__(url, model, version, binary)
-        self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport)
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport,
+                                  headers=auth_headers(api_key), verify=verify)
 
     def live(self) -> bool:
         return self._http.get("/v2/health/live").status_code == 200
@@ -234,13 +252,15 @@ class AsyncClient(_Base):
     def __init__(
         self, url: str, model: str, version: str | None = None, *, binary: bool = True,
         timeout: float = 60.0, transport: httpx.AsyncBaseTransport | None = None,
-        max_connections: int = 100,
+        max_connections: int = 100, api_key: str | None = None,
+        verify: ssl.SSLContext | str | bool = True,
     ) -> None:
         super().__init__(url, model, version, binary)
         limits = httpx.Limits(max_connections=max_connections,
                               max_keepalive_connections=max_connections)
         self._http = httpx.AsyncClient(
-            base_url=self.url, timeout=timeout, transport=transport, limits=limits
+            base_url=self.url, timeout=timeout, transport=transport, limits=limits,
+            headers=auth_headers(api_key), verify=verify,
         )
 
     async def live(self) -> bool:

@@ -61,6 +61,7 @@ class RuntimeConfig:
     threads: int = 0
     warmup: bool = True
     log_level: str = "info"
+    api_keys: Path | None = None  # a file or a mounted Secret's directory (auth.py)
 
     def __post_init__(self) -> None:
         problems = []

@@ -233,8 +233,10 @@ class Launcher:
         began = time.monotonic()
         body = json.dumps({"model": self.config.model_name, "prompt": _READY_PROBE_PROMPT,
                            "max_tokens": 1, "temperature": 0}).encode()
-        request = urllib.request.Request(f"{base}/v1/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if key := os.environ.get("VLLM_API_KEY"):  # spec.auth: vLLM guards /v1 with it
+            headers["Authorization"] = f"Bearer {key}"
+        request = urllib.request.Request(f"{base}/v1/completions", data=body, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=120) as response:
                 answer = json.loads(response.read())

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from modelyard.runtime import __version__
+from modelyard.runtime.auth import ApiKeys
 from modelyard.runtime.batching import Batcher
 from modelyard.runtime.concurrency import run_blocking
 from modelyard.runtime.config import RuntimeConfig
@@ -280,6 +281,12 @@ class _ClientGone(Exception):
 
 _INFER = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
 _PREDICT = re.compile(r"^/v1/models/(?P<name>[^/:]+):predict$")
+# Open without an API key: the kubelet's probes, Prometheus' and the operator's scrapes
+# (counts and latencies, no payload; the operator never reads Secrets), the static page.
+_OPEN = re.compile(r"^(/v2/health/(live|ready)|/v2/models/[^/]+(/versions/[^/]+)?/ready"
+                   r"|/metrics|/)$")
+_UNAUTHORIZED = orjson.dumps(
+    {"error": "missing or invalid API key: send the header Authorization: Bearer <key>"})
 
 
 class InferenceDoor:
@@ -291,13 +298,21 @@ class InferenceDoor:
     (health, metadata, metrics, the page, lifespan) goes to the FastAPI app.
     """
 
-    def __init__(self, app: FastAPI, runtime: Runtime) -> None:
+    def __init__(self, app: FastAPI, runtime: Runtime, keys: ApiKeys | None = None) -> None:
         self.app = app
         self.runtime = runtime
+        self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path = scope["path"]
+            if self.keys is not None and not _OPEN.match(path) and not self.keys.allows(
+                    next((v for k, v in scope["headers"] if k == b"authorization"), None)):
+                await send({"type": "http.response.start", "status": 401, "headers": [
+                    (b"content-type", JSON.encode()), (b"www-authenticate", b"Bearer"),
+                    (b"content-length", str(len(_UNAUTHORIZED)).encode())]})
+                await send({"type": "http.response.body", "body": _UNAUTHORIZED})
+                return
             infer = _INFER.match(path)
             predict = None if infer else _PREDICT.match(path)
             if infer or predict:
@@ -403,7 +418,8 @@ def create_app(runtime: Runtime) -> InferenceDoor:
     async def index() -> Response:
         return Response(page, media_type="text/html; charset=utf-8")
 
-    return InferenceDoor(app, runtime)
+    keys = ApiKeys(runtime.config.api_keys) if runtime.config.api_keys is not None else None
+    return InferenceDoor(app, runtime, keys)
 
 
 def _health_routes(app: FastAPI, runtime: Runtime) -> None:
