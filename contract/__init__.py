@@ -46,6 +46,7 @@ REQUESTS = "modelyard_requests"  # counter {protocol, code}: inference requests 
 REQUEST_DURATION = "modelyard_request_duration_seconds"  # histogram: body read to reply
 INFLIGHT = "modelyard_inflight_requests"  # gauge: requests being handled
 QUEUE_DEPTH = "modelyard_queue_depth"  # gauge: items waiting for a batch
+REJECTED = "modelyard_rejected_requests"  # counter {reason}: shed before the model ran
 BATCH_SIZE = "modelyard_batch_size"  # histogram: items per forward pass
 INFERENCE_DURATION = "modelyard_inference_duration_seconds"  # histogram: per batch
 MODEL_LOAD = "modelyard_model_load_seconds"  # gauge: fetch + load + warm-up
@@ -105,6 +106,11 @@ SETTINGS: tuple[Setting, ...] = (
             help="items per batch (default 16)"),
     Setting("max_delay_ms", "MODELYARD_MAX_DELAY_MS", "float",
             help="longest wait for a batch to fill (default 5)"),
+    Setting("max_queue_items", "MODELYARD_MAX_QUEUE_ITEMS", "int",
+            help="items the batch queue holds; past it 503 with Retry-After (default 256, "
+                 "0 unbounded)"),
+    Setting("max_queue_wait_ms", "MODELYARD_MAX_QUEUE_WAIT_MS", "float",
+            help="longest a request may wait in the queue; 503 past it (default 0: no bound)"),
     Setting("handler", "MODELYARD_HANDLER", help="module:Class pre/post-processing hook"),
     Setting("port", "MODELYARD_PORT", "int", help=f"default {RUNTIME_PORT}"),
     Setting("host", "MODELYARD_HOST", help="bind address, default 0.0.0.0"),

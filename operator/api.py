@@ -165,6 +165,21 @@ class Batching(ApiModel):
         description="Longest a request waits for others to join its batch while the model is busy.")
 
 
+class QueueBounds(ApiModel):
+    """The bounds of the runtime's batch queue (engine modelyard). Past them a request is
+    refused at once with 503 and Retry-After, so latency and memory stay bounded under
+    overload and the caller (or a retrying client) goes elsewhere."""
+
+    max_items: int = Field(
+        256, ge=0, le=1_000_000,
+        description="Most items (rows along dim 0) waiting for a batch; 0: unbounded.")
+    max_wait_ms: float = Field(
+        0, ge=0, le=600_000,
+        description="Longest a request may wait for a batch: one the queue ahead of it "
+                    "predicts would wait longer is refused on arrival, one still waiting when "
+                    "it passes is answered 503; 0: no bound.")
+
+
 # Flags modelyard sets from first-class fields or itself: extraArgs may not repeat them.
 VLLM_OWNED_FLAGS = ("--model", "--served-model-name", "--host", "--port", "--dtype",
                     "--max-model-len", "--gpu-memory-utilization", "--tensor-parallel-size",
@@ -216,6 +231,10 @@ class RuntimeSpec(ApiModel):
         None, description="Image pull policy of the runtime container.")
     batching: Batching = Field(default_factory=Batching, description="Dynamic batching.",
                                json_schema_extra=_OBJECT_DEFAULT)
+    queue: QueueBounds = Field(
+        default_factory=QueueBounds, json_schema_extra=_OBJECT_DEFAULT,
+        description="Bounds of the batch queue: overload is refused (503, Retry-After), "
+                    "not queued without limit.")
     handler: str | None = Field(
         None, max_length=256, pattern=_IMPORT_PATH,
         description="module:Class with pre/post-processing hooks, importable in the image.")

@@ -142,6 +142,11 @@ def runtime_env(owner: Owner, spec: api.ModelDeploymentSpec,
         "entry_point": model.entry_point,
         "max_batch_size": str(spec.runtime.batching.max_batch_size),
         "max_delay_ms": _number(spec.runtime.batching.max_delay_ms),
+        # the queue's bounds only where they differ from the runtime's own defaults (the
+        # spec's): a Deployment rendered before the field existed keeps its digest
+        "max_queue_items": _unless_default(spec.runtime.queue.max_items, _QUEUE.max_items),
+        "max_queue_wait_ms": _unless_default(spec.runtime.queue.max_wait_ms,
+                                             _QUEUE.max_wait_ms),
         "handler": spec.runtime.handler,
         "port": str(spec.runtime.port),
         "cache_dir": MODEL_CACHE_DIR if node_cache is not None else CACHE_DIR,
@@ -546,3 +551,10 @@ def _pod_uri(uri: str) -> str:
 
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
+
+
+_QUEUE = api.QueueBounds()
+
+
+def _unless_default(value: float, default: float) -> str | None:
+    return None if value == default else _number(value)

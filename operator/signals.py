@@ -334,7 +334,8 @@ SIGNALS: Mapping[str, Signal] = {s.name: s for s in (
     Signal("rps", "requests/s", "total", _rps,
            lambda sel, window, e: f"sum(rate({e.requests}{_with(sel, e.inference_matcher())}"
                                   f"[{window}]))",
-           "answered inference requests per second"),
+           "answered inference requests per second, those refused for overload (503) "
+           "included: the load offered"),
     Signal("queueDepth", "queued items", "total",
            lambda ready, _: sum(s.queue_depth for s in ready),
            lambda sel, _, e: f"sum({_of(e.waiting, sel)})",

@@ -25,6 +25,20 @@ Policy (no polling: nothing runs until a request arrives, a batch ends or a time
 - only requests with the same dtypes and trailing shapes are concatenated.
 - when a batch fails, each of its requests is run on its own, so only the
   requests that cause the failure fail.
+
+Overload (docs/runtime.md#overload-and-deadlines): the queue is bounded.
+- by items (``max_queue_items``): a request that would take the queue past it is
+  refused at once with :class:`Overloaded` (503, ``Retry-After``); a request is always
+  admitted into an empty queue, whatever its size;
+- by time (``max_queue_wait_ms``): a request is refused at once when the wait the queue
+  ahead of it predicts (its batches times the recent forward-pass time) is over the
+  bound, and one still queued when the bound passes is answered 503 then;
+- a request with a deadline still queued when the deadline passes is answered
+  :class:`DeadlineExceeded` (504) at that moment; it never reaches the model;
+- a request whose caller stops waiting (the HTTP client disconnected, the gRPC call was
+  cancelled: its task is cancelled) leaves the queue at once. A request already in a
+  running batch is finished: a forward pass is not interrupted.
+Each shed request is reported through ``on_shed(reason)``.
 """
 
 from __future__ import annotations
@@ -33,6 +47,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -42,24 +57,34 @@ from dataclasses import dataclass
 import torch
 
 from modelyard.runtime.errors import (
+    DeadlineExceeded,
     InferenceFailed,
+    Overloaded,
     RuntimeServingError,
     ServiceUnavailable,
 )
 
-__all__ = ["Batcher"]
+__all__ = ["DEADLINE", "DISCONNECTED", "QUEUE_FULL", "QUEUE_WAIT", "Batcher"]
+
+# The reasons a request is shed (the label of the runtime's rejected-requests counter).
+QUEUE_FULL = "queue_full"  # refused on arrival: the queue holds max_queue_items
+QUEUE_WAIT = "queue_wait"  # refused on arrival, or dropped, for max_queue_wait_ms
+DEADLINE = "deadline"  # its own deadline passed while it was queued
+DISCONNECTED = "disconnected"  # its caller stopped waiting while it was queued
 
 log = logging.getLogger(__name__)
 
 Tensors = dict[str, torch.Tensor]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the queue removes a request by itself, never by value
 class _Pending:
     inputs: Tensors
     size: int
     key: tuple[object, ...]
     future: asyncio.Future[Tensors]
+    queued: bool = True
+    timer: asyncio.TimerHandle | None = None
 
 
 def _key(inputs: Tensors) -> tuple[object, ...]:
@@ -75,11 +100,19 @@ class Batcher:
         max_batch_size: int,
         max_delay_ms: float,
         on_batch: Callable[[int, float], None] | None = None,
+        *,
+        max_queue_items: int = 0,
+        max_queue_wait_ms: float = 0.0,
+        on_shed: Callable[[str], None] | None = None,
     ) -> None:
         self._predict = predict
         self._max_batch = max_batch_size
         self._max_delay = max_delay_ms / 1000.0
         self._on_batch = on_batch
+        self._max_items = max_queue_items  # 0: no bound by items
+        self._max_wait = max_queue_wait_ms / 1000.0  # 0: no bound by time
+        self._on_shed = on_shed
+        self._batch_seconds = 0.0  # moving average of a forward pass's time
         self._queue: collections.deque[_Pending] = collections.deque()
         self._queued_items = 0
         self._closing = False
@@ -116,22 +149,102 @@ class Batcher:
         self._jobs.put(None)
         await asyncio.to_thread(self._thread.join)
 
-    async def submit(self, inputs: Tensors) -> Tensors:
-        """Queue one request's inputs; return its outputs."""
+    async def submit(self, inputs: Tensors, deadline: float | None = None) -> Tensors:
+        """Queue one request's inputs; return its outputs.
+
+        ``deadline``: the event loop's time (``loop.time()``) past which the caller no
+        longer wants the answer. Raises :class:`Overloaded` at once when the queue is at
+        its bound, :class:`DeadlineExceeded` when the deadline passes while queued.
+        """
         if self._closing:
             raise ServiceUnavailable("the server is shutting down")
         loop = self._loop
         assert loop is not None, "Batcher.start() was not called"
         size = next(iter(inputs.values())).shape[0]
+        now = loop.time()
+        if deadline is not None and deadline <= now:
+            self._shed(DEADLINE)
+            raise DeadlineExceeded("the request's deadline passed before it was queued")
+        self._admit(size)
         future: asyncio.Future[Tensors] = loop.create_future()
-        self._queue.append(_Pending(inputs, size, _key(inputs), future))
+        pending = _Pending(inputs, size, _key(inputs), future)
+        expiry, reason = deadline, DEADLINE
+        if self._max_wait and (expiry is None or now + self._max_wait < expiry):
+            expiry, reason = now + self._max_wait, QUEUE_WAIT
+        if expiry is not None:
+            pending.timer = loop.call_at(expiry, self._expire, pending, reason)
+        self._queue.append(pending)
         self._queued_items += size
         if not self.busy and not self._scheduled:
             # dispatch after the callbacks already due: requests that arrived in the same
             # loop iteration join this batch
             self._scheduled = True
             loop.call_soon(self._dispatch)
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if pending.queued:  # the caller left: its work leaves the queue with it
+                self._unqueue(pending)
+                self._shed(DISCONNECTED)
+            raise
+
+    def check_room(self) -> None:
+        """Raise :class:`Overloaded` when the queue has no room even for one item: the
+        server calls it before decoding a request, so refusing costs no decoding."""
+        self._admit(1)
+
+    def retry_after(self) -> int:
+        """Whole seconds until the queue, as it is, has drained (at least 1)."""
+        batches = math.ceil(self._queued_items / self._max_batch) + self.busy
+        return max(1, math.ceil(batches * self._batch_seconds))
+
+    def _admit(self, size: int) -> None:
+        """Refuse a request of ``size`` items that the queue's bounds have no room for."""
+        queued = self._queued_items
+        if not queued:
+            return
+        if self._max_items and queued + size > self._max_items:
+            self._shed(QUEUE_FULL)
+            raise Overloaded(f"the queue is full ({queued} items waiting, bound "
+                             f"{self._max_items}); retry later", self.retry_after())
+        if self._max_wait and self._batch_seconds:
+            ahead = math.ceil(queued / self._max_batch) + self.busy
+            if ahead * self._batch_seconds > self._max_wait:
+                self._shed(QUEUE_WAIT)
+                raise Overloaded(
+                    f"the queue would hold this request about {ahead * self._batch_seconds:.3f}"
+                    f" s, over its bound of {self._max_wait:.3f} s; retry later",
+                    self.retry_after())
+
+    def _shed(self, reason: str) -> None:
+        if self._on_shed is not None:
+            self._on_shed(reason)
+
+    def _unqueue(self, pending: _Pending) -> None:
+        """Take one request out of the queue (it will not reach the model)."""
+        self._queue.remove(pending)
+        self._queued_items -= pending.size
+        pending.queued = False
+        if pending.timer is not None:
+            pending.timer.cancel()
+        drained = self._drained
+        if not self.busy and not self._queue and drained is not None and not drained.done():
+            drained.set_result(None)
+
+    def _expire(self, pending: _Pending, reason: str) -> None:
+        """Its deadline or the queue's wait bound passed while ``pending`` was queued."""
+        if not pending.queued or pending.future.done():
+            return
+        pending.timer = None
+        self._unqueue(pending)
+        self._shed(reason)
+        if reason == DEADLINE:
+            pending.future.set_exception(
+                DeadlineExceeded("the request's deadline passed while it was queued"))
+        else:
+            pending.future.set_exception(Overloaded(
+                f"the request waited {self._max_wait:.3f} s in the queue, its bound; retry "
+                "later", self.retry_after()))
 
     def _take(self) -> list[_Pending]:
         head = self._queue.popleft()
@@ -146,6 +259,10 @@ class Batcher:
                 kept.append(pending)
         self._queue.extendleft(reversed(kept))
         self._queued_items -= items
+        for pending in batch:
+            pending.queued = False
+            if pending.timer is not None:
+                pending.timer.cancel()
         return batch
 
     # on the event loop ----------------------------------------------------------------
@@ -182,6 +299,9 @@ class Batcher:
         """A batch came back from the thread: answer its requests, dispatch the next."""
         self.busy = False
         items = sum(p.size for p in batch)
+        # the forward pass's recent time (batches are full when it matters: under load)
+        self._batch_seconds = elapsed if not self._batch_seconds else (
+            0.8 * self._batch_seconds + 0.2 * elapsed)
         if self._on_batch is not None:
             self._on_batch(items, elapsed)
         for pending, result in zip(batch, results, strict=True):

@@ -46,6 +46,8 @@ class RuntimeConfig:
     entry_point: str | None = None
     max_batch_size: int = 16
     max_delay_ms: float = 5.0
+    max_queue_items: int = 256
+    max_queue_wait_ms: float = 0.0
     handler: str | None = None
     host: str = "0.0.0.0"
     port: int = contract.RUNTIME_PORT
@@ -87,6 +89,8 @@ class RuntimeConfig:
             problems.append("max batch size must be at least 1")
         if self.max_delay_ms < 0:
             problems.append("max delay must not be negative")
+        if self.max_queue_items < 0 or self.max_queue_wait_ms < 0:
+            problems.append("queue bounds must not be negative (0: no bound)")
         if not 0 < self.port < 65536:
             problems.append(f"port {self.port} is out of range")
         if self.sha256 is not None and (

@@ -11,6 +11,8 @@ Hierarchy::
     ├── ModelNotFound         404  unknown model name or version
     ├── PayloadTooLarge       413  body over the configured limit
     ├── ServiceUnavailable    503  model not loaded / warmed up yet, or draining
+    │   └── Overloaded        503  the batch queue is full (items or wait): Retry-After
+    ├── DeadlineExceeded      504  the request's own deadline passed while it was queued
     ├── InferenceFailed       500  the model raised on a request that passed validation
     │                              (a model that breaks on valid input is the server's
     │                              failure: canary analysis must see it as an error)
@@ -27,10 +29,12 @@ __all__ = [
     "STATUS_BY_ERROR",
     "ChecksumMismatch",
     "ConfigError",
+    "DeadlineExceeded",
     "InferenceFailed",
     "InvalidInput",
     "ModelLoadError",
     "ModelNotFound",
+    "Overloaded",
     "PayloadTooLarge",
     "RuntimeServingError",
     "ServiceUnavailable",
@@ -58,6 +62,18 @@ class PayloadTooLarge(RuntimeServingError):
 
 class ServiceUnavailable(RuntimeServingError):
     """The model is not ready yet, or the server is draining."""
+
+
+class Overloaded(ServiceUnavailable):
+    """The batch queue is at its bound: come back in ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(RuntimeServingError):
+    """The request's deadline passed before the model could take it."""
 
 
 class InferenceFailed(RuntimeServingError):
@@ -90,6 +106,7 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (ModelNotFound, 404),
     (PayloadTooLarge, 413),
     (ServiceUnavailable, 503),
+    (DeadlineExceeded, 504),
     (InferenceFailed, 500),
 )
 

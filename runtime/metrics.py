@@ -4,7 +4,8 @@ Created by ``server.py`` (one :class:`RuntimeMetrics` per app, on its own
 registry, so tests can run several apps in one process) and exposed on
 ``GET /metrics``. The operator's autoscaler reads ``modelyard_inflight_requests``
 and ``modelyard_queue_depth``; rollout analysis reads the request counter and
-the latency histogram.
+the latency histogram. ``modelyard_rejected_requests_total{reason}`` counts the
+requests shed before the model ran (a full queue, a passed deadline, a client gone).
 """
 
 from __future__ import annotations
@@ -95,6 +96,13 @@ class RuntimeMetrics:
             contract.QUEUE_DEPTH, "Items waiting for a batch",
             names, registry=self.registry,
         ).labels(model, version)
+        rejected = Counter(
+            contract.REJECTED, "Inference requests shed before the model ran, by reason "
+            "(queue_full, queue_wait, deadline, disconnected)",
+            [*names, "reason"], registry=self.registry,
+        )
+        self._rejected = {reason: rejected.labels(model, version, reason)
+                          for reason in ("queue_full", "queue_wait", "deadline", "disconnected")}
         self.batch_size = Histogram(
             contract.BATCH_SIZE, "Items per forward pass",
             names, buckets=_BATCH_BUCKETS, registry=self.registry,
@@ -121,6 +129,9 @@ class RuntimeMetrics:
     def observe_batch(self, items: int, seconds: float) -> None:
         self.batch_size.observe(items)
         self.inference.observe(seconds)
+
+    def observe_shed(self, reason: str) -> None:
+        self._rejected[reason].inc()
 
     def observe_request(self, protocol: str, code: int, seconds: float) -> None:
         children = self._per_outcome.get((protocol, code))

@@ -33,9 +33,11 @@ from modelyard.runtime.auth import ApiKeys
 from modelyard.runtime.batching import Batcher
 from modelyard.runtime.concurrency import run_blocking
 from modelyard.runtime.config import RuntimeConfig
+from modelyard.runtime.deadlines import TIMEOUT_HEADER, earliest, from_header
 from modelyard.runtime.errors import (
     InvalidInput,
     ModelNotFound,
+    Overloaded,
     PayloadTooLarge,
     RuntimeServingError,
     ServiceUnavailable,
@@ -71,6 +73,7 @@ class Reply:
     body: bytes
     content_type: str = JSON
     header_length: int | None = None  # binary tensor extension
+    retry_after: int | None = None  # seconds (overload)
 
     @classmethod
     def json(cls, document: Any, status: int = 200) -> Reply:
@@ -79,7 +82,9 @@ class Reply:
     @classmethod
     def error(cls, error: Exception) -> Reply:
         message = str(error) if isinstance(error, RuntimeServingError) else "internal server error"
-        return cls.json({"error": message}, status_for(error))
+        retry_after = error.retry_after if isinstance(error, Overloaded) else None
+        return cls(status_for(error), orjson.dumps({"error": message}), JSON,
+                   retry_after=retry_after)
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         headers = [(b"content-type", self.content_type.encode()),
@@ -87,10 +92,13 @@ class Reply:
         if self.header_length is not None:
             headers.append((b"inference-header-content-length",
                             str(self.header_length).encode()))
+        if self.retry_after is not None:
+            headers.append((b"retry-after", str(self.retry_after).encode()))
         return headers
 
     def response(self) -> Response:
-        return Response(self.body, self.status, media_type=self.content_type)
+        extra = {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+        return Response(self.body, self.status, extra, media_type=self.content_type)
 
 
 def _json(document: Any, status: int = 200) -> Response:
@@ -152,7 +160,9 @@ class Runtime:
             return
         self.model, self.handler = model, handler
         batcher = Batcher(
-            model.predict, config.max_batch_size, config.max_delay_ms, self.metrics.observe_batch
+            model.predict, config.max_batch_size, config.max_delay_ms, self.metrics.observe_batch,
+            max_queue_items=config.max_queue_items, max_queue_wait_ms=config.max_queue_wait_ms,
+            on_shed=self.metrics.observe_shed,
         )
         batcher.start()
         self.metrics.track_queue(lambda: batcher.queue_depth)
@@ -199,12 +209,15 @@ class Runtime:
             raise PayloadTooLarge(f"request body is over the {limit} byte limit")
 
     async def infer(
-        self, name: str, version: str | None, body: bytes, header_length: str | None
+        self, name: str, version: str | None, body: bytes, header_length: str | None,
+        deadline: float | None = None,
     ) -> Reply:
-        """OIP v2 ``/infer``: decode, validate, batch, encode."""
+        """OIP v2 ``/infer``: decode, validate, batch, encode. ``deadline``: loop time."""
         self.check_model(name, version)
         model, batcher = self.loaded()
+        batcher.check_room()
         decoded = decode_infer_request(body, parse_header_length(header_length, len(body)))
+        deadline = earliest(deadline, decoded.parameters.get("timeout"))
         inputs = validate_inputs(decoded.inputs, model.inputs)
         if decoded.outputs is not None and model.outputs:
             known = {meta.name for meta in model.outputs}
@@ -212,16 +225,17 @@ class Runtime:
                 if wanted.name not in known:
                     raise InvalidInput(f"unknown output {wanted.name!r}; the model returns "
                                        f"{', '.join(sorted(known))}")
-        outputs = await batcher.submit(inputs)
+        outputs = await batcher.submit(inputs, deadline)
         content, json_length = encode_infer_response(model.name, model.version, decoded, outputs)
         if json_length is None:
             return Reply(200, content, JSON)
         return Reply(200, content, BINARY, json_length)
 
-    async def predict_v1(self, name: str, body: bytes) -> Reply:
+    async def predict_v1(self, name: str, body: bytes, deadline: float | None = None) -> Reply:
         """KServe v1 ``:predict``: instances through the handler (or as one tensor)."""
         self.check_model(name)
         model, batcher = self.loaded()
+        batcher.check_room()
         try:
             document = orjson.loads(body)
         except orjson.JSONDecodeError as error:
@@ -233,7 +247,7 @@ class Runtime:
             handler = self.handler
             prepared = [await run_blocking(handler.preprocess, item) for item in instances]
             checked = [validate_inputs(p, model.inputs) for p in prepared]
-            results = await asyncio.gather(*(batcher.submit(c) for c in checked))
+            results = await asyncio.gather(*(batcher.submit(c, deadline) for c in checked))
             return Reply.json({"predictions": [handler.postprocess(r) for r in results]})
         if len(model.inputs) != 1:
             raise InvalidInput("v1 instances need a model with one input (or a handler)")
@@ -249,7 +263,8 @@ class Runtime:
         tensor = torch.from_numpy(array).to(spec.torch)
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise InvalidInput("instances contain NaN or infinity")
-        outputs = await batcher.submit(validate_inputs({meta.name: tensor}, model.inputs))
+        outputs = await batcher.submit(validate_inputs({meta.name: tensor}, model.inputs),
+                                       deadline)
         listed = {k: (v.float() if v.dtype == torch.bfloat16 else v) for k, v in outputs.items()}
         if len(listed) == 1:
             return Reply.json({"predictions": next(iter(listed.values())).tolist()})
@@ -277,6 +292,15 @@ class Runtime:
 
 class _ClientGone(Exception):
     """The client disconnected before its request body arrived."""
+
+
+async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any], gone: list[bool]) -> None:
+    """Once the body is read, ``receive`` answers only when the client disconnects: then
+    cancel ``task`` (the request's), which takes its work out of the batch queue."""
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        gone.append(True)
+        task.cancel()
 
 
 _INFER = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
@@ -330,15 +354,26 @@ class InferenceDoor:
         else:
             declared: int | None = None
             header_length: str | None = None
+            timeout: bytes | None = None
             for key, value in scope["headers"]:
                 if key == b"content-length" and value.isdigit():
                     declared = int(value)
                 elif key == b"inference-header-content-length":
                     header_length = value.decode("latin-1")
+                elif key == TIMEOUT_HEADER:
+                    timeout = value
+            gone: list[bool] = []
             try:
-                work = self._work(receive, declared, header_length, infer, predict)
+                work = self._work(receive, declared, header_length, infer, predict,
+                                  request_timeout=timeout, gone=gone)
                 reply = await runtime.answer("v2" if infer else "v1", work)
             except _ClientGone:
+                return
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not gone or task is None:
+                    raise
+                task.uncancel()  # the client left: nobody to answer
                 return
         await send({"type": "http.response.start", "status": reply.status,
                     "headers": reply.headers()})
@@ -347,8 +382,10 @@ class InferenceDoor:
     async def _work(
         self, receive: Receive, declared: int | None, header_length: str | None,
         infer: re.Match[str] | None, predict: re.Match[str] | None,
+        *, request_timeout: bytes | None, gone: list[bool],
     ) -> Reply:
         runtime = self.runtime
+        deadline = None if request_timeout is None else from_header(request_timeout)
         runtime.check_size(declared)
         chunks: list[bytes] = []
         total = 0
@@ -363,10 +400,17 @@ class InferenceDoor:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        if infer is not None:
-            return await runtime.infer(infer["name"], infer["version"], body, header_length)
-        assert predict is not None
-        return await runtime.predict_v1(predict["name"], body)
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.ensure_future(_watch_disconnect(receive, task, gone))
+        try:
+            if infer is not None:
+                return await runtime.infer(infer["name"], infer["version"], body,
+                                           header_length, deadline)
+            assert predict is not None
+            return await runtime.predict_v1(predict["name"], body, deadline)
+        finally:
+            watcher.cancel()
 
 
 def _page() -> bytes:

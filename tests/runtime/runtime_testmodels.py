@@ -7,6 +7,7 @@ PYTHONPATH), where ``TinyMLP`` / ``build_tiny_mlp`` serve as safetensors entry p
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -100,6 +101,25 @@ class SlowEcho(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         time.sleep(self.delay)
+        return x * self.scale
+
+
+class GatedRecorder(nn.Module):
+    """x * 2, with two test seams read from the environment (overload tests): each
+    forward pass waits while the file $TESTMODEL_GATE exists, then appends the first
+    column of its batch, one value a line, to $TESTMODEL_RECORD: what reached the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((1,), 2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = Path(os.environ["TESTMODEL_GATE"])
+        deadline = time.monotonic() + 60
+        while gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        with Path(os.environ["TESTMODEL_RECORD"]).open("a") as record:
+            record.writelines(f"{float(v)}\n" for v in x[:, 0])
         return x * self.scale
 
 

@@ -429,6 +429,25 @@ def test_window_survives_restarted_pods_and_new_ones() -> None:
     assert [s.time for s in window.samples] == [40.0]  # older than 30 s: dropped
 
 
+def test_rps_counts_requests_refused_for_overload_as_offered_load() -> None:
+    """A pod at its queue bound answers 503 (or 504 for a passed deadline) at once; those
+    requests are demand it could not serve, and rps counts them: a refusing model scales
+    out, while concurrency and queueDepth stop at the bound."""
+    m = RuntimeMetrics("m", "1")
+    window = autoscale.Window("rps")
+    window.add(0.0, [autoscale.parse_scrape("a", 0.0, metrics_text(m), ready=True)])
+    for _ in range(60):
+        m.observe_request("v2", 200, 0.01)
+    for _ in range(30):
+        m.observe_request("v2", 503, 0.0005)
+        m.observe_shed("queue_full")
+    for _ in range(10):
+        m.observe_request("v2", 504, 0.2)
+        m.observe_shed("deadline")
+    sample = window.add(10.0, [autoscale.parse_scrape("a", 10.0, metrics_text(m), ready=True)])
+    assert sample == Sample(10.0, 1, 10.0)  # 100 requests offered in 10 s, 60 served
+
+
 def test_runtime_metric_names_are_the_ones_read() -> None:
     """The names this module reads are the runtime's own."""
     m = RuntimeMetrics("m", "1")

@@ -58,6 +58,7 @@ def test_runtime_contract_env() -> None:
     s = spec(model={"version": "3", "uri": "s3://m/k", "sha256": "a" * 64, "name": "vision",
                     "optimize": {"dtype": "float16"}},
              runtime={"batching": {"maxBatchSize": 8, "maxDelayMs": 2.5},
+                      "queue": {"maxWaitMs": 250},
                       "env": {"EXTRA": "1", "MODELYARD_MODEL_URI": "ignored"}},
              )
     env = {e["name"]: e["value"] for e in render.runtime_env(OWNER, s)}
@@ -65,6 +66,8 @@ def test_runtime_contract_env() -> None:
     assert env["MODELYARD_MODEL_SHA256"] == "a" * 64
     assert env["MODELYARD_MAX_BATCH_SIZE"] == "8"
     assert env["MODELYARD_MAX_DELAY_MS"] == "2.5"
+    assert "MODELYARD_MAX_QUEUE_ITEMS" not in env  # the default bound: the runtime's own
+    assert env["MODELYARD_MAX_QUEUE_WAIT_MS"] == "250"
     assert env["MODELYARD_DTYPE"] == "float16"
     assert env["MODELYARD_MODEL_URI"] == "s3://m/k"  # user env cannot silently override
     assert env["EXTRA"] == "1"
