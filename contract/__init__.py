@@ -99,7 +99,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("model_version", "MODELYARD_MODEL_VERSION", help='served version (default "1")'),
     Setting("model_uri", "MODELYARD_MODEL_URI", help="file://, path, http(s)://, s3://"),
     Setting("model_format", "MODELYARD_MODEL_FORMAT",
-            help="torchscript | export | safetensors | pickle"),
+            help="aoti | export | safetensors | torchscript (legacy) | pickle"),
     Setting("sha256", "MODELYARD_MODEL_SHA256", help="verified before loading (optional)"),
     Setting("entry_point", "MODELYARD_ENTRY_POINT", help="module:callable building the module"),
     Setting("max_batch_size", "MODELYARD_MAX_BATCH_SIZE", "int",

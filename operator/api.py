@@ -85,6 +85,7 @@ class ModelFormat(StrEnum):
     EXPORT = "export"
     SAFETENSORS = "safetensors"
     HF = "hf"  # a Hugging Face-style directory, served by a generative engine
+    AOTI = "aoti"  # an AOTInductor package (modelyard convert): compiled ahead of time
 
 
 class Engine(StrEnum):
@@ -124,8 +125,10 @@ class ModelSource(ApiModel):
     )
     format: ModelFormat = Field(
         ModelFormat.TORCHSCRIPT,
-        description="torchscript (torch.jit.save), export (torch.export .pt2), safetensors "
-                    "(weights plus an entryPoint that builds the module) or hf (a Hugging "
+        description="aoti (an AOTInductor package from `modelyard convert`: compiled ahead "
+                    "of time, the fastest), export (torch.export .pt2), safetensors "
+                    "(weights plus an entryPoint that builds the module), torchscript "
+                    "(torch.jit.save; legacy, deprecated by PyTorch) or hf (a Hugging "
                     "Face-style directory for a generative engine; runtime.engine vllm).")
     sha256: str | None = Field(
         None, pattern=r"^[a-f0-9]{64}$",
@@ -150,6 +153,10 @@ class ModelSource(ApiModel):
              "(!has(self.entryPoint) && !has(self.optimize))",
              "format hf is served by its engine: entryPoint and optimize do not apply "
              "(set the engine's settings in runtime.vllm)"),
+        _cel("!has(self.format) || self.format != 'aoti' || "
+             "(!has(self.entryPoint) && !has(self.optimize))",
+             "format aoti is compiled and quantised by `modelyard convert`: entryPoint and "
+             "optimize do not apply"),
         _cel("!self.uri.startsWith('pvc://') || self.uri.matches('^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.+')",
              "a pvc:// uri must look like pvc://CLAIM/PATH/TO/MODEL", ".uri"),
     ))

@@ -11,6 +11,9 @@
 * ``modelyard build-node``: build and cache a real node's binaries and images now.
 * ``modelyard status|history|promote NAME -n NS``: look at and steer a ModelDeployment.
 * ``modelyard chat NAME -n NS``: talk to a generative model, streamed in the terminal.
+* ``modelyard convert SOURCE -o PACKAGE``: compile a model into a verified AOTInductor
+  package (:mod:`modelyard.runtime.convert`; needs the ``runtime`` extra, and ``convert``
+  to quantise).
 """
 
 from __future__ import annotations
@@ -62,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="serve a liveness probe at this URL, e.g. http://0.0.0.0:8081/healthz")
     sub.add_parser("activator", add_help=False,
                    help="run the activator (scale from zero); `modelyard activator --help`")
+    sub.add_parser("convert", add_help=False,
+                   help="compile a model into a verified AOTInductor package (format aoti); "
+                        "`modelyard convert --help`")
     sub.add_parser("build-binaries", help="build and cache the local cluster's binaries")
     sub.add_parser("build-node", help="build and cache a real node's binaries (kubelet, "
                    "kube-proxy, containerd) and images (operator, runtime, pause)")
@@ -105,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["activator"]:  # its own flags: see modelyard.activator.settings
         return _run_activator(argv[1:])
+    if argv[:1] == ["convert"]:  # its own flags: see modelyard.runtime.convert
+        from modelyard.runtime.convert import main as convert_main
+
+        return convert_main(argv[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

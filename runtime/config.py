@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["FORMATS", "RuntimeConfig", "parse_config"]
 
-FORMATS = ("torchscript", "export", "safetensors", "pickle")
+FORMATS = ("torchscript", "export", "safetensors", "pickle", "aoti")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
 QUANTIZE = ("dynamic-int8",)
@@ -78,6 +78,11 @@ class RuntimeConfig:
         if self.model_format == "safetensors" and not self.entry_point:
             problems.append(
                 "safetensors needs an entry point (MODELYARD_ENTRY_POINT=module:callable)"
+            )
+        if self.model_format == "aoti" and (self.dtype or self.quantize or self.compile):
+            problems.append(
+                "an aoti package is compiled and quantised when it is converted "
+                "(`modelyard convert --quantize ...`): dtype, quantize and compile do not apply"
             )
         if self.device not in DEVICES:
             problems.append(f"device must be one of {', '.join(DEVICES)}, not {self.device!r}")

@@ -10,6 +10,10 @@ Formats:
   warm-up run.
 - ``export``: a ``torch.export`` ``.pt2`` program; the graph signature gives
   input and output names, datatypes and shapes (symbolic dims become -1).
+- ``aoti``: an AOTInductor package (``.pt2`` from ``modelyard convert`` or
+  ``torch._inductor.aoti_compile_and_package``), compiled ahead of time for one device;
+  its signature (names, datatypes, shapes) is compiled into it by ``modelyard convert``,
+  otherwise it must be declared like TorchScript's. See ``aoti.py``.
 - ``safetensors``: weights loaded into the ``nn.Module`` built by the entry point
   (``module:callable``). A ``.pt``/``.pth`` state dict is accepted too, loaded
   with ``weights_only=True``.
@@ -34,7 +38,7 @@ from modelyard.runtime.config import RuntimeConfig
 from modelyard.runtime.errors import ConfigError, InferenceFailed, ModelLoadError
 from modelyard.runtime.protocol import DATATYPES, TensorMeta, datatype_of
 
-__all__ = ["LoadedModel", "load_model", "load_object", "resolve_device"]
+__all__ = ["LoadedModel", "load_model", "load_object", "load_source", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +191,7 @@ def _dim(value: Any) -> int:
     return value if isinstance(value, int) else -1
 
 
-def _export_metadata(program: Any) -> tuple[list[TensorMeta], list[TensorMeta]]:
+def export_metadata(program: Any) -> tuple[list[TensorMeta], list[TensorMeta]]:
     signature = program.graph_signature
     user_inputs = list(signature.user_inputs)
     inputs: dict[str, TensorMeta] = {}
@@ -241,6 +245,7 @@ class _Loaded:
     embedded: str | None = None  # metadata JSON carried by the file
     derived: tuple[list[TensorMeta], list[TensorMeta]] | None = None  # read from the program
     eager: bool = False  # a plain nn.Module (quantisable)
+    device: torch.device | None = None  # where the model must run (an AOTInductor package)
 
 
 def _load_module(config: RuntimeConfig, path: Path, device: torch.device) -> _Loaded:
@@ -249,6 +254,12 @@ def _load_module(config: RuntimeConfig, path: Path, device: torch.device) -> _Lo
     derived: tuple[list[TensorMeta], list[TensorMeta]] | None = None
     eager = False
     try:
+        if config.model_format == "aoti":
+            from modelyard.runtime.aoti import load_package
+
+            package = load_package(path, config.device)
+            derived = (package.inputs, package.outputs) if package.inputs else None
+            return _Loaded(package.module, derived=derived, device=package.device)
         if config.model_format == "torchscript":
             extra: dict[str, Any] = {METADATA_FILE: ""}
             module = torch.jit.load(  # type: ignore[no-untyped-call]
@@ -258,7 +269,7 @@ def _load_module(config: RuntimeConfig, path: Path, device: torch.device) -> _Lo
             embedded = (raw.decode() if isinstance(raw, bytes) else str(raw)) or None
         elif config.model_format == "export":
             program = torch.export.load(str(path))
-            derived = _export_metadata(program)
+            derived = export_metadata(program)
             module = program.module().to(device)
         elif config.model_format == "safetensors":
             assert config.entry_point is not None
@@ -289,6 +300,21 @@ def _load_module(config: RuntimeConfig, path: Path, device: torch.device) -> _Lo
     return _Loaded(module, embedded, derived, eager)
 
 
+def load_source(
+    config: RuntimeConfig, path: Path
+) -> tuple[Any, list[TensorMeta], list[TensorMeta], bool]:
+    """``modelyard convert``'s input: the module as stored (on CPU, not optimised), its
+    declared or derived inputs and outputs, and whether it is an eager ``nn.Module``."""
+    loaded = _load_module(config, path, torch.device("cpu"))
+    if isinstance(loaded.module, torch.nn.Module) and config.model_format != "export":
+        loaded.module.eval()
+    document = _read_metadata(config, path, loaded.embedded)
+    derived = loaded.derived or ([], [])
+    inputs = document.get("inputs") or derived[0]
+    outputs = document.get("outputs") or derived[1]
+    return loaded.module, list(inputs), list(outputs), loaded.eager
+
+
 def load_model(config: RuntimeConfig, path: Path) -> LoadedModel:
     """Load ``path`` as ``config.model_format``, place it and optimise it."""
     started = time.monotonic()
@@ -300,6 +326,7 @@ def load_model(config: RuntimeConfig, path: Path) -> LoadedModel:
         warnings.simplefilter("ignore", FutureWarning)
         loaded = _load_module(config, path, device)
     module, embedded, derived, eager = loaded.module, loaded.embedded, loaded.derived, loaded.eager
+    device = loaded.device or device
     if isinstance(module, torch.nn.Module) and config.model_format != "export":
         module.eval()  # an exported program is already in inference form (and refuses eval())
     if compute_dtype is not None and isinstance(module, torch.nn.Module):
@@ -326,6 +353,10 @@ def load_model(config: RuntimeConfig, path: Path) -> LoadedModel:
         arguments = module.forward.schema.arguments[1:]  # type: ignore[attr-defined]
         inputs = [TensorMeta(arg.name, "FP32", (-1,)) for arg in arguments]
         log.warning("no tensor metadata for %s: declare it with MODELYARD_METADATA", path)
+    if not inputs and config.model_format == "aoti":
+        raise ModelLoadError(
+            f"{path} carries no tensor signature (it was not made by `modelyard convert`): "
+            "declare its inputs and outputs with MODELYARD_METADATA or a sibling .json file")
     model = LoadedModel(
         name=config.model_name,
         version=config.model_version,
