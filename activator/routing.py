@@ -8,6 +8,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from modelyard.contract import SCHEME_ANNOTATION
+
 # The runtime's port when its container names none ``http`` (the runtime image's default).
 DEFAULT_PORT = 8080
 
@@ -25,11 +27,12 @@ class ModelRef:
 class Endpoint:
     ip: str
     port: int
+    scheme: str = "http"  # "https" for a model serving TLS only (spec.tls)
 
     @property
     def url(self) -> str:
         host = f"[{self.ip}]" if ":" in self.ip else self.ip
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
 
 _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -93,12 +96,17 @@ def _http_port(pod: Mapping[str, Any]) -> int:
     return DEFAULT_PORT
 
 
+def _scheme(pod: Mapping[str, Any]) -> str:
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    return "https" if annotations.get(SCHEME_ANNOTATION) == "https" else "http"
+
+
 def ready_endpoints(pods: Iterable[Mapping[str, Any]]) -> list[Endpoint]:
     """Where the ready runtime pods among ``pods`` (API JSON) listen, sorted.
 
     Ready (the runtime's own readiness probe passed: a loading model is not Ready), not
     being deleted, and with an IP; the port is the container port named ``http``."""
-    found = {Endpoint(str(pod["status"]["podIP"]), _http_port(pod)) for pod in pods
+    found = {Endpoint(str(pod["status"]["podIP"]), _http_port(pod), _scheme(pod)) for pod in pods
              if _is_ready(pod) and not (pod.get("metadata") or {}).get("deletionTimestamp")
              and (pod.get("status") or {}).get("podIP")}
     return sorted(found)

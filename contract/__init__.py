@@ -32,6 +32,7 @@ MODEL_LABEL = "modelyard.dev/model-deployment"  # every child: the ModelDeployme
 VERSION_LABEL = "modelyard.dev/version"  # pods, Deployments, per-version Services
 HASH_ANNOTATION = "modelyard.dev/applied-hash"  # what the operator last applied
 ENDPOINTSLICE_MANAGER = "modelyard.dev"  # endpointslice.kubernetes.io/managed-by value
+SCHEME_ANNOTATION = "modelyard.dev/scheme"  # pods: "https" when the model serves TLS only
 
 # ---------------------------------------------------------------------------- ports
 
@@ -135,6 +136,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("api_keys", "MODELYARD_API_KEYS", "path",
             help="file or directory (a mounted Secret) of API keys, one per line: requests "
                  "then need Authorization: Bearer <key>; re-read when it changes"),
+    Setting("tls_cert_file", "MODELYARD_TLS_CERT_FILE", "path",
+            help="serve HTTPS with this certificate chain (PEM; reloaded when it changes)"),
+    Setting("tls_key_file", "MODELYARD_TLS_KEY_FILE", "path",
+            help="the certificate's private key (PEM)"),
 )
 ENV_PREFIX = "MODELYARD_"
 _BY_FIELD = {s.field: s for s in SETTINGS}

@@ -528,6 +528,17 @@ class Auth(ApiModel):
                     "Engine vllm reads one key, from the entry 'api-key', at start.")
 
 
+class Tls(ApiModel):
+    """HTTPS on the model's port, from a certificate the cluster issues and renews."""
+
+    secret_name: str = Field(
+        ..., min_length=1, max_length=253, pattern=_SECRET_NAME,
+        description="A kubernetes.io/tls Secret (tls.crt, tls.key) in the model's namespace, "
+                    "e.g. a cert-manager Certificate's secretName. Its names should include "
+                    "the Service's (NAME.NAMESPACE.svc). A renewed certificate is served "
+                    "without restarting the pods.")
+
+
 class ModelDeploymentSpec(ApiModel):
     """The desired state of a served model."""
 
@@ -536,6 +547,9 @@ class ModelDeploymentSpec(ApiModel):
              "(has(self.model.format) && self.model.format == 'hf')",
              "runtime.engine vllm serves format hf (a model directory), and format hf needs "
              "runtime.engine vllm"),
+        _cel("!has(self.tls) || !has(self.runtime.engine) || self.runtime.engine != 'vllm'",
+             "tls is served by the tensor runtime; runtime.engine vllm does not take it yet",
+             ".tls"),
     ))
 
     model: ModelSource = Field(..., description="The model to serve.")
@@ -558,6 +572,9 @@ class ModelDeploymentSpec(ApiModel):
     auth: Auth | None = Field(
         None, description="Require an API key on inference and metadata (health probes and "
                           "/metrics stay open). Without it, anyone who reaches a pod may call it.")
+    tls: Tls | None = Field(
+        None, description="Serve HTTPS only (TLS 1.2 and later) on the model's port; probes, "
+                          "the operator's scrapes and the activator follow.")
 
 
 def parse_spec(spec: dict[str, Any]) -> ModelDeploymentSpec:

@@ -45,6 +45,7 @@ CACHE_DIR = "/var/cache/modelyard"
 PVC_MOUNT_ROOT = "/mnt/models"
 RUNTIME_UID = 10001
 API_KEYS_DIR = "/etc/modelyard/api-keys"  # spec.auth's Secret, mounted (kubelet-updated)
+TLS_DIR = "/etc/modelyard/tls"  # spec.tls's kubernetes.io/tls Secret, mounted
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,9 @@ def runtime_env(owner: Owner, spec: api.ModelDeploymentSpec,
     }
     if spec.auth is not None:
         values["api_keys"] = API_KEYS_DIR
+    if spec.tls is not None:
+        values["tls_cert_file"] = f"{TLS_DIR}/tls.crt"
+        values["tls_key_file"] = f"{TLS_DIR}/tls.key"
     if model.optimize is not None:
         values["dtype"] = model.optimize.dtype
         values["quantize"] = model.optimize.quantize
@@ -206,6 +210,7 @@ def render_deployment(
         container["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
     if spec.auth is not None:
         _mount_api_keys(spec, container, volumes)
+    pod_annotations = _mount_tls(spec, container, volumes)
     if claim := _pvc_claim(spec.model.uri):
         volumes.append({"name": "model-store",
                         "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
@@ -265,6 +270,7 @@ def render_deployment(
                         "prometheus.io/scrape": "true",
                         "prometheus.io/port": str(port),
                         "prometheus.io/path": "/metrics",
+                        **pod_annotations,
                     },
                 },
                 "spec": pod_spec,
@@ -292,6 +298,21 @@ def _mount_api_keys(spec: api.ModelDeploymentSpec, container: dict[str, Any],
     volumes.append({"name": "api-keys", "secret": {"secretName": secret, "defaultMode": 0o440}})
     container["volumeMounts"].append(
         {"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
+
+
+def _mount_tls(spec: api.ModelDeploymentSpec, container: dict[str, Any],
+               volumes: list[dict[str, Any]]) -> dict[str, str]:
+    """spec.tls: the kubernetes.io/tls Secret mounted (the kubelet updates the files when
+    cert-manager renews it; the runtime reloads them), probes over HTTPS; the pod's
+    annotations that tell Prometheus, the operator and the activator to use https."""
+    if spec.tls is None:
+        return {}
+    volumes.append({"name": "tls", "secret": {"secretName": spec.tls.secret_name,
+                                              "defaultMode": 0o440}})
+    container["volumeMounts"].append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        container[probe]["httpGet"]["scheme"] = "HTTPS"
+    return {"prometheus.io/scheme": "https", contract.SCHEME_ANNOTATION: "https"}
 
 
 def _runtime_container(owner: Owner, spec: api.ModelDeploymentSpec,

@@ -6,12 +6,18 @@ readiness turns false at once, requests keep being answered for
 ``drain_seconds`` (while Kubernetes removes the pod from its endpoints), then
 the listener closes, in-flight and queued requests complete, and the process
 exits 0. A model that fails to fetch or load exits 1 with the reason.
+
+With ``MODELYARD_TLS_CERT_FILE`` / ``MODELYARD_TLS_KEY_FILE`` it serves HTTPS only (TLS 1.2
+and later), and a renewed certificate is served without a restart (``tls.py``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
+import socket
+import ssl
 import sys
 import threading
 from collections.abc import Sequence
@@ -22,6 +28,7 @@ import uvicorn
 from modelyard.runtime.config import parse_config
 from modelyard.runtime.errors import ConfigError
 from modelyard.runtime.server import Runtime, create_app
+from modelyard.runtime.tls import CertificateReloader
 
 __all__ = ["main"]
 
@@ -35,6 +42,20 @@ class _DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.runtime = runtime
         self._timer: threading.Timer | None = None
+        self._reloading: asyncio.Task[None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        config = self.config
+        if not config.loaded:
+            config.load()
+        if isinstance(config.ssl, ssl.SSLContext):
+            config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+            cert, key = self.runtime.config.tls_cert_file, self.runtime.config.tls_key_file
+            assert cert is not None
+            assert key is not None
+            self._reloading = asyncio.get_running_loop().create_task(
+                CertificateReloader(config.ssl, cert, key).watch(), name="tls-reload")
+        await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGTERM and self._timer is None and not self.should_exit:
@@ -98,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lifespan="on",
             server_header=False,
             proxy_headers=False,  # nothing here reads the client address; saves a pass per request
+            ssl_certfile=config.tls_cert_file, ssl_keyfile=config.tls_key_file,
         ),
         runtime,
     )

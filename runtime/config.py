@@ -64,6 +64,8 @@ class RuntimeConfig:
     warmup: bool = True
     log_level: str = "info"
     api_keys: Path | None = None  # a file or a mounted Secret's directory (auth.py)
+    tls_cert_file: Path | None = None  # a mounted kubernetes.io/tls Secret's tls.crt
+    tls_key_file: Path | None = None  # ... and its tls.key
 
     def __post_init__(self) -> None:
         problems = []
@@ -102,6 +104,9 @@ class RuntimeConfig:
             len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256.lower())
         ):
             problems.append("sha256 must be 64 hex digits")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            problems.append("TLS needs both a certificate and a key "
+                            "(MODELYARD_TLS_CERT_FILE and MODELYARD_TLS_KEY_FILE)")
         if problems:
             raise ConfigError("; ".join(problems))
 

@@ -1,9 +1,17 @@
-"""The endpoint's security, on the real runtime process and real HTTP clients: API keys from a
-mounted Secret (and their rotation without a restart)."""
+"""The endpoint's security, on one real runtime process and real HTTP clients: HTTPS from a
+certificate chain made here (CA -> server certificate, clients verifying against the CA, a
+renewal served without a restart) and API keys from a mounted Secret (rotated without a
+restart). Both Secrets are written the way the kubelet updates a Secret volume."""
 
 from __future__ import annotations
 
+import asyncio
+import datetime
+import ipaddress
 import os
+import socket
+import ssl
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,8 +19,23 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import uvicorn
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from modelyard.runtime.client import Client, InferenceServerError
+from modelyard.activator.discovery import Lookup
+from modelyard.activator.proxy import Activator
+from modelyard.activator.routing import Endpoint, ModelRef, ready_endpoints
+from modelyard.activator.settings import Settings
+from modelyard.operator.measure import scrape_metrics
+from modelyard.runtime.client import (
+    Client,
+    InferenceServerError,
+    decode_response,
+    encode_request,
+)
 
 KEY_A = "key-a-7f3c1e2d9b8a"
 KEY_B = "key-b-0d4e5f6a7b8c"
@@ -38,6 +61,73 @@ def write_secret(directory: Path, entries: dict[str, str], generation: int) -> N
             stale.unlink()
 
 
+class CertificateAuthority:
+    """A CA that signs server certificates for 127.0.0.1 / localhost."""
+
+    def __init__(self) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "modelyard test CA")])
+        now = datetime.datetime.now(datetime.UTC)
+        self.name = name
+        self.cert = (
+            x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256()))
+        self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def issue(self) -> tuple[dict[str, str], int]:
+        """A fresh server key and certificate as a kubernetes.io/tls Secret's entries."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        serial = x509.random_serial_number()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mlp")]))
+            .issuer_name(self.name).public_key(key.public_key()).serial_number(serial)
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .sign(self.key, hashes.SHA256()))
+        chain = cert.public_bytes(serialization.Encoding.PEM) + self.pem
+        pem_key = key.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        return {"tls.crt": chain.decode(), "tls.key": pem_key.decode(),
+                "ca.crt": self.pem.decode()}, serial
+
+
+@pytest.fixture(scope="module")
+def ca() -> CertificateAuthority:
+    return CertificateAuthority()
+
+
+@pytest.fixture(scope="module")
+def verify(ca: CertificateAuthority) -> ssl.SSLContext:
+    """What a client trusts: only the test CA."""
+    return ssl.create_default_context(cadata=ca.pem.decode())
+
+
+@pytest.fixture(scope="module")
+def tls_dir(tmp_path_factory: pytest.TempPathFactory, ca: CertificateAuthority) -> Path:
+    directory = tmp_path_factory.mktemp("tls")
+    write_secret(directory, ca.issue()[0], 1)
+    return directory
+
+
+def served_serial(port: int, verify: ssl.SSLContext) -> int:
+    """The serial number of the certificate a new TLS connection is given (verified)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            verify.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
 @pytest.fixture(scope="module")
 def keys_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("api-keys")
@@ -46,13 +136,28 @@ def keys_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def guarded(start_server, models: dict[str, Path], keys_dir: Path):  # type: ignore[no-untyped-def]
-    return start_server({
+def guarded(start_server, models: dict[str, Path], keys_dir: Path, tls_dir: Path,  # type: ignore[no-untyped-def]
+            verify: ssl.SSLContext):
+    """The runtime as the operator configures a pod with spec.auth and spec.tls."""
+    server = start_server({
         "MODELYARD_MODEL_NAME": "mlp",
         "MODELYARD_MODEL_VERSION": "3",
         "MODELYARD_MODEL_URI": f"file://{models['mlp']}",
         "MODELYARD_API_KEYS": str(keys_dir),
-    })
+        "MODELYARD_TLS_CERT_FILE": str(tls_dir / "tls.crt"),
+        "MODELYARD_TLS_KEY_FILE": str(tls_dir / "tls.key"),
+    }, ready=False)
+    server.url = server.url.replace("http://", "https://")
+    deadline = time.monotonic() + 90
+    while True:
+        assert server.process.poll() is None, server.log()
+        try:
+            if httpx.get(f"{server.url}/v2/models/mlp/ready", verify=verify).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -66,19 +171,29 @@ def no_env_key() -> Iterator[None]:
 X = np.ones((2, 4), dtype=np.float32)
 
 
-def test_probes_and_metrics_answer_without_a_key(guarded) -> None:
+def test_https_only_verified_against_the_ca(guarded, verify) -> None:
+    assert httpx.get(f"{guarded.url}/v2/health/live", verify=verify).status_code == 200
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        httpx.get(f"{guarded.url}/v2/health/live")  # the system's CAs do not know ours
+    with pytest.raises(httpx.HTTPError):  # no plain HTTP on the port
+        httpx.get(guarded.url.replace("https://", "http://") + "/v2/health/live")
+
+
+def test_probes_and_metrics_answer_without_a_key(guarded, verify) -> None:
     for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/mlp/ready",
                  "/v2/models/mlp/versions/3/ready", "/metrics"):
-        assert httpx.get(guarded.url + path).status_code == 200, path
+        assert httpx.get(guarded.url + path, verify=verify).status_code == 200, path
 
 
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong-key-123", f"Basic {KEY_A}",
                                           f"Bearer {KEY_A}x", "Bearer"])
-def test_inference_and_metadata_without_a_valid_key_are_401(guarded, authorization) -> None:
+def test_inference_and_metadata_without_a_valid_key_are_401(guarded, verify,
+                                                            authorization) -> None:
     headers = {} if authorization is None else {"Authorization": authorization}
     for method, path in (("POST", "/v2/models/mlp/infer"), ("POST", "/v1/models/mlp:predict"),
                          ("GET", "/v2/models/mlp"), ("GET", "/v2"), ("GET", "/v1/models")):
-        response = httpx.request(method, guarded.url + path, headers=headers, content=b"{}")
+        response = httpx.request(method, guarded.url + path, headers=headers, content=b"{}",
+                                 verify=verify)
         assert response.status_code == 401, (path, response.text)
         assert response.headers["www-authenticate"] == "Bearer"
         assert "Authorization: Bearer" in response.json()["error"]
@@ -86,34 +201,111 @@ def test_inference_and_metadata_without_a_valid_key_are_401(guarded, authorizati
         assert KEY_A not in response.text
 
 
-def test_every_key_of_the_secret_is_valid(guarded, no_env_key) -> None:
+def test_every_key_of_the_secret_is_valid(guarded, verify, no_env_key) -> None:
     for key in (KEY_A, KEY_B):
-        with Client(guarded.url, "mlp", api_key=key) as client:
+        with Client(guarded.url, "mlp", api_key=key, verify=verify) as client:
             assert client.infer({"input": X})["logits"].shape == (2, 3)
             assert client.metadata()["name"] == "mlp"
-    with Client(guarded.url, "mlp") as client, pytest.raises(InferenceServerError) as refused:
+    with Client(guarded.url, "mlp", verify=verify) as client, \
+            pytest.raises(InferenceServerError) as refused:
         client.infer({"input": X})
     assert refused.value.status == 401
 
 
-def test_the_client_takes_its_key_from_the_environment(guarded, no_env_key) -> None:
+def test_the_client_takes_its_key_from_the_environment(guarded, verify, no_env_key) -> None:
     os.environ["MODELYARD_API_KEY"] = KEY_B
-    with Client(guarded.url, "mlp") as client:
+    with Client(guarded.url, "mlp", verify=verify) as client:
         assert client.predict([[1.0, 2.0, 3.0, 4.0]])
 
 
-def test_a_rotated_secret_takes_effect_without_a_restart(guarded, keys_dir: Path) -> None:
+def test_a_rotated_secret_takes_effect_without_a_restart(guarded, verify,
+                                                         keys_dir: Path) -> None:
     pid = guarded.process.pid
     # Rotation: KEY_A retired, KEY_B kept, KEY_C added, as the kubelet updates the volume.
     write_secret(keys_dir, {"next": KEY_B, "newest": f"{KEY_C}\n"}, 2)
     url = f"{guarded.url}/v2/models/mlp"
     deadline = time.monotonic() + 30
-    while httpx.get(url, headers={"Authorization": f"Bearer {KEY_C}"}).status_code != 200:
+    while httpx.get(url, headers={"Authorization": f"Bearer {KEY_C}"},
+                     verify=verify).status_code != 200:
         assert time.monotonic() < deadline, "the new key was never accepted"
         time.sleep(0.1)
-    assert httpx.get(url, headers={"Authorization": f"Bearer {KEY_A}"}).status_code == 401
-    assert httpx.get(url, headers={"Authorization": f"Bearer {KEY_B}"}).status_code == 200
+    assert httpx.get(url, headers={"Authorization": f"Bearer {KEY_A}"},
+                     verify=verify).status_code == 401
+    assert httpx.get(url, headers={"Authorization": f"Bearer {KEY_B}"},
+                     verify=verify).status_code == 200
     assert guarded.process.pid == pid
     assert guarded.process.poll() is None
     assert KEY_A not in guarded.log()
     assert KEY_C not in guarded.log()
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(guarded, verify, ca,
+                                                          tls_dir: Path) -> None:
+    pid = guarded.process.pid
+    port = int(guarded.url.rsplit(":", 1)[1])
+    first = served_serial(port, verify)
+    entries, renewed = ca.issue()  # what cert-manager writes when it renews
+    write_secret(tls_dir, entries, 2)
+    deadline = time.monotonic() + 30
+    while (serial := served_serial(port, verify)) != renewed:
+        assert serial == first
+        assert time.monotonic() < deadline, "the renewed certificate was never served"
+        time.sleep(0.2)
+    with Client(guarded.url, "mlp", api_key=KEY_B, verify=verify) as client:
+        assert client.infer({"input": X})["logits"].shape == (2, 3)
+    assert guarded.process.pid == pid
+    assert guarded.process.poll() is None
+    assert "TLS certificate reloaded" in guarded.log()
+
+
+def test_the_operator_scrapes_metrics_over_tls(guarded) -> None:
+    """Canary analysis and autoscaling read /metrics by pod IP; the TLS-only port is found."""
+    port = int(guarded.url.rsplit(":", 1)[1])
+    text = asyncio.run(scrape_metrics("127.0.0.1", port))
+    assert text is not None
+    assert "modelyard_requests_total" in text
+
+
+class _Pods:
+    """The activator's Kubernetes lookups, played: the model's one ready pod."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+
+    async def lookup(self, ref: ModelRef) -> Lookup:
+        return Lookup([self.endpoint])
+
+
+def test_the_activator_carries_the_key_to_a_tls_pod(guarded, verify) -> None:
+    port = int(guarded.url.rsplit(":", 1)[1])
+    [endpoint] = ready_endpoints([{
+        "metadata": {"annotations": {"modelyard.dev/scheme": "https"}},
+        "spec": {"containers": [{"ports": [{"name": "http", "containerPort": port}]}]},
+        "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
+    }])
+    assert endpoint.url == guarded.url
+    activator = Activator(Settings(), _Pods(endpoint))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(activator, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])),
+                              daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        host = {"Host": "mlp.ns.svc"}
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        body, headers = encode_request({"input": X})
+        answer = httpx.post(f"{url}/v2/models/mlp/infer", content=body, headers={
+            **headers, **host, "Authorization": f"Bearer {KEY_B}"})
+        assert answer.status_code == 200, answer.text
+        assert decode_response(answer.content, answer.headers)["logits"].shape == (2, 3)
+        refused = httpx.get(f"{url}/v2/models/mlp", headers=host)
+        assert refused.status_code == 401
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelyard.activator.routing import forward_headers
+from modelyard.activator.routing import forward_headers, ready_endpoints
 from modelyard.operator import api, render
 
 OWNER = render.Owner("resnet", "vision", "uid-1")
@@ -58,3 +58,33 @@ def test_the_activator_forwards_the_authorization_header() -> None:
                ("Connection", "keep-alive"), ("Proxy-Authorization", "Basic x")]
     assert forward_headers(headers) == [("Host", "resnet.vision"),
                                         ("Authorization", "Bearer k-1")]
+
+
+def test_tls_mounts_the_certificate_and_probes_over_https() -> None:
+    dep = render.render_deployment(OWNER, spec(tls={"secretName": "resnet-tls"}), 1)
+    template = dep["spec"]["template"]
+    pod = template["spec"]
+    [container] = pod["containers"]
+    assert {"name": "tls", "secret": {"secretName": "resnet-tls", "defaultMode": 0o440}} \
+        in pod["volumes"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["MODELYARD_TLS_CERT_FILE"] == f"{render.TLS_DIR}/tls.crt"
+    assert env["MODELYARD_TLS_KEY_FILE"] == f"{render.TLS_DIR}/tls.key"
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert container[probe]["httpGet"]["scheme"] == "HTTPS"
+    assert template["metadata"]["annotations"]["prometheus.io/scheme"] == "https"
+    assert template["metadata"]["annotations"]["modelyard.dev/scheme"] == "https"
+    plain = render.render_deployment(OWNER, spec(), 1)["spec"]["template"]
+    assert "scheme" not in plain["spec"]["containers"][0]["readinessProbe"]["httpGet"]
+    assert "modelyard.dev/scheme" not in plain["metadata"]["annotations"]
+
+
+def test_the_activator_reaches_a_tls_pod_over_https() -> None:
+    def pod(annotations: dict[str, str]) -> dict[str, Any]:
+        return {"metadata": {"annotations": annotations},
+                "status": {"podIP": "10.0.0.7",
+                           "conditions": [{"type": "Ready", "status": "True"}]}}
+    [tls] = ready_endpoints([pod({"modelyard.dev/scheme": "https"})])
+    [plain] = ready_endpoints([pod({})])
+    assert tls.url == "https://10.0.0.7:8080"
+    assert plain.url == "http://10.0.0.7:8080"
