@@ -15,7 +15,9 @@ Traffic is split by replica ratio behind the stable Service without a Gateway, s
 canary step's weight becomes a replica count for each version:
 
 * ``canary = ceil(N * weight / 100)`` (at least one while the weight is above 0), and
-  ``stable = N - canary``, where N is the replicas the model should have;
+  ``stable = N - canary``, where N is the replicas the model should have; when that leaves
+  the stable version none below 100 % (one replica at 50 %), it keeps one in the surge
+  room, so the canary never takes all the traffic before its last step;
 * **GPU budget**: the two versions together never request more than ``N + surge``
   replicas' worth of GPUs, where ``surge`` is ``rollout.maxSurgeGPUs`` divided by the GPUs
   of one replica (default: one replica). The canary grows only into room the stable
@@ -236,11 +238,16 @@ def step_canary(
     promote = action == PROMOTE or current.step > len(steps)
     weight = 100 if promote else steps[current.step - 1].weight
     want_stable, want_canary = split(total, weight)
+    budget = total + surge_replicas(spec)
+    if want_stable == 0 and 0 < weight < 100 and want_canary < budget:
+        # Too few replicas to split (one, at 50%): the stable version keeps one beside the
+        # canary, in the surge room, so the step is the split it says and the canary is
+        # judged against the stable version, not handed all the traffic.
+        want_stable = 1
 
     have_stable = stable.desired
     have_canary = target.desired if target else 0
     ready_canary = target.ready if target else 0
-    budget = total + surge_replicas(spec)
     # Grow the canary into the room the stable version left; shrink the stable version
     # only as far as ready canary pods take over its traffic.
     canary_replicas = min(want_canary, max(have_canary, budget - have_stable))

@@ -95,6 +95,19 @@ def test_split_is_at_least_one_canary_replica() -> None:
     assert rollout.split(1, 10) == (0, 1)
 
 
+def test_one_replica_keeps_the_stable_version_beside_its_canary_when_the_budget_allows(
+        ) -> None:
+    """One replica at 50 %: the canary gets the surge room and the stable version keeps its
+    replica, so the step is the split it says (and the canary is judged against stable)."""
+    s = spec([{"weight": 50, "pauseSeconds": 3}], replicas=1, gpus=1)
+    history, _, final = simulate(s)
+    assert history.count({"1": 1, "2": 1}) >= 3, history  # held through its pause
+    first_canary = next(i for i, r in enumerate(history) if r.get("2"))
+    assert history[first_canary] == {"1": 1, "2": 1}, history  # never the canary alone
+    assert all(sum(r.values()) <= 2 for r in history), history
+    assert final.replicas == {"2": 1, "1": 0}
+
+
 def test_surge_defaults_to_one_replica() -> None:
     assert rollout.surge_replicas(spec([{"weight": 10}], gpus=2)) == 1
     assert rollout.surge_replicas(spec([{"weight": 10}], gpus=2, surge_gpus=4)) == 2
