@@ -37,6 +37,7 @@ class Part:
 
 def _parts() -> list[Part]:
     from modelyard.operator.devcluster import (
+        argocd,
         binaries,
         gateway,
         helm,
@@ -67,6 +68,10 @@ def _parts() -> list[Part]:
              "~4 min on a quiet machine, ~19 min on a busy one",
              (cache / f"prometheus-v{prometheus.PROMETHEUS_VERSION}" / "prometheus").is_file,
              prometheus.ensure_prometheus),
+        Part(f"Argo CD v{argocd.ARGOCD_VERSION}: the argocd CLI, application controller, repo "
+             "server and API server (GitOps tests)", frozenset({"test"}),
+             "~35 min at the lowest priority on a busy machine (one package at a time)",
+             argocd.ArgoCD(cache / argocd.version_key()).is_complete, argocd.ensure_argocd),
         Part(f"a real node's kubelet and kube-proxy v{binaries.KUBERNETES_VERSION}, containerd "
              f"v{nodebinaries.CONTAINERD_VERSION} and pause (tests/node)", frozenset({"test"}),
              "~6 min on a quiet machine",

@@ -1,20 +1,25 @@
-"""The Argo CD health check and resource actions for ModelDeployment, run as Argo CD runs them.
+"""The Argo CD health check and resource actions for ModelDeployment, run by Argo CD itself.
 
-``argocd/health.lua``, ``argocd/actions/discovery.lua`` and ``argocd/actions/<name>/action.lua``
-run in Lua 5.1 (``lupa.lua51``: the language of Argo CD's gopher-lua) inside an environment
-holding only what Argo CD gives a custom script (``util/lua/lua.go``): the base library,
-``table``, and ``require("os")`` returning a table with only ``date`` and ``time``. No
-``string``, ``math`` or ``io`` library, no string methods, no global ``os``. ``os.date``
-formats like Argo CD's (gopher-lua's ``strftime`` subset, so ``%T`` would come out as
-``%T``). The cases are Argo CD's own test layout: ``argocd/health_test.yaml`` and
-``argocd/actions/action_test.yaml``.
+Argo CD's own offline commands (``argocd admin settings resource-overrides health``,
+``list-actions`` and ``run-action``, from the Argo CD built by scripts/prepare.py) evaluate
+the scripts exactly as registered in ``argocd/argocd-cm.yaml`` against the fixtures in Argo
+CD's test layout: ``argocd/health_test.yaml`` and ``argocd/actions/action_test.yaml``.
+
+One thing Argo CD's commands cannot do is stop the clock, so the tokens that abort and retry
+write within one second (``-2``, ``-3``...) are checked in Lua 5.1 (``lupa.lua51``, the
+language of Argo CD's gopher-lua) inside an environment holding only what Argo CD gives a
+custom script (``util/lua/lua.go``): the base library, ``table``, and ``require("os")``
+returning a table with only ``date`` and ``time``, whose ``os.date`` formats like gopher-lua's
+``strftime`` subset.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import importlib.util
+import os
 import re
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -132,27 +137,73 @@ def _cases(path: Path, key: str) -> list[Any]:
                          .lstrip(":")) for case in _load(path)[key]]
 
 
-def health(obj: dict[str, Any]) -> dict[str, Any]:
-    result: dict[str, Any] = ArgoLua().run(ARGOCD / "health.lua", obj)
-    return result
-
-
-def discover(obj: dict[str, Any]) -> dict[str, Any]:
-    result: dict[str, Any] = ArgoLua().run(ACTIONS / "discovery.lua", obj)
-    return result
-
-
-def act(name: str, obj: dict[str, Any], clock: Clock = lambda: STOPPED_CLOCK) -> dict[str, Any]:
+def act_in_lua(name: str, obj: dict[str, Any],
+               clock: Clock = lambda: STOPPED_CLOCK) -> dict[str, Any]:
     result: dict[str, Any] = ArgoLua(clock).run(ACTIONS / name / "action.lua", obj)
     return result
+
+
+class ArgoAdmin:
+    """Argo CD's offline ``argocd admin settings resource-overrides`` commands, with the
+    customizations registered from ``argocd/argocd-cm.yaml``."""
+
+    def __init__(self, cli: Path, tmp: Path):
+        self.cli, self.tmp = cli, tmp
+
+    def run(self, command: str, obj: dict[str, Any], *args: str,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        resource = self.tmp / f"{obj['metadata']['name']}.yaml"
+        resource.write_text(yaml.safe_dump(obj))
+        return subprocess.run(
+            [str(self.cli), "admin", "settings", "resource-overrides", command, str(resource),
+             *args, "--argocd-cm-path", str(ARGOCD / "argocd-cm.yaml")],
+            capture_output=True, text=True, check=False, timeout=60,
+            env={**os.environ, "HOME": str(self.tmp), "KUBECONFIG": str(self.tmp / "none"),
+                 **(env or {})})
+
+    def health(self, obj: dict[str, Any]) -> dict[str, Any]:
+        proc = self.run("health", obj)
+        assert proc.returncode == 0, proc.stderr
+        found = re.fullmatch(r"STATUS: (.*)\nMESSAGE: (.*)\n", proc.stdout, re.DOTALL)
+        assert found, proc.stdout
+        return {"status": found[1], "message": found[2]}
+
+    def discover(self, obj: dict[str, Any]) -> dict[str, bool]:
+        """action name -> disabled, as ``list-actions`` prints them."""
+        proc = self.run("list-actions", obj)
+        assert proc.returncode == 0, proc.stderr
+        header, *rows = proc.stdout.splitlines()
+        assert header.split() == ["NAME", "DISABLED"]
+        return {name: disabled == "true" for name, disabled in (r.split() for r in rows)}
+
+    def act(self, name: str, obj: dict[str, Any]) -> dict[str, Any]:
+        """The resource as ``run-action`` leaves it (its diff tool shows the new object)."""
+        proc = self.run("run-action", obj, name,
+                        env={"KUBECTL_EXTERNAL_DIFF": """sh -c 'cat "$2"' sh"""})
+        if proc.returncode != 0:
+            raise ActionRefused(proc.stderr + proc.stdout)
+        _, _, shown = proc.stdout.partition("Following fields have been changed:\n\n")
+        result: dict[str, Any] = yaml.safe_load(shown)
+        return result
+
+
+class ActionRefused(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def argo(tmp_path_factory: pytest.TempPathFactory) -> ArgoAdmin:
+    from modelyard.operator.devcluster.argocd import ensure_argocd
+
+    return ArgoAdmin(ensure_argocd().cli, tmp_path_factory.mktemp("argocd-admin"))
 
 
 # ----------------------------------------------------------------------------- health
 
 
 @pytest.mark.parametrize("case", _cases(ARGOCD / "health_test.yaml", "tests"))
-def test_health(case: dict[str, Any]) -> None:
-    got = health(_load(ARGOCD / case["inputPath"]))
+def test_health(argo: ArgoAdmin, case: dict[str, Any]) -> None:
+    got = argo.health(_load(ARGOCD / case["inputPath"]))
     assert got == case["healthStatus"]
     assert got["status"] in HEALTH_STATUSES
 
@@ -166,46 +217,65 @@ def test_health_cases_cover_every_status_the_script_returns() -> None:
     assert fixtures == {c["inputPath"] for c in cases}, "every fixture has its health case"
 
 
-def test_a_spec_the_operator_has_not_seen_is_progressing_whatever_the_old_status_says() -> None:
+def test_a_spec_the_operator_has_not_seen_is_progressing_whatever_the_old_status_says(
+        argo: ArgoAdmin) -> None:
     obj = _load(ARGOCD / "testdata/healthy_serving.yaml")
-    assert health(obj)["status"] == "Healthy"
+    assert argo.health(obj)["status"] == "Healthy"
     obj["metadata"]["generation"] = obj["status"]["observedGeneration"] + 1
-    assert health(obj) == {"status": "Progressing",
-                           "message": "Waiting for the operator to observe generation 5"}
+    assert argo.health(obj) == {"status": "Progressing",
+                                "message": "Waiting for the operator to observe generation 5"}
     obj["status"]["observedGeneration"] = obj["metadata"]["generation"]
-    assert health(obj)["status"] == "Healthy"
+    assert argo.health(obj)["status"] == "Healthy"
 
 
-def test_a_paused_canary_is_suspended_only_while_paused() -> None:
+def test_a_paused_canary_is_suspended_only_while_paused(argo: ArgoAdmin) -> None:
     obj = _load(ARGOCD / "testdata/suspended_manualPromote.yaml")
-    assert health(obj)["status"] == "Suspended"
+    assert argo.health(obj)["status"] == "Suspended"
     obj["status"]["canary"]["paused"] = False
-    assert health(obj) == {"status": "Progressing",
-                           "message": "Canary: step 3/3: 75% of traffic; waiting for promote"}
+    assert argo.health(obj) == {"status": "Progressing",
+                                "message": "Canary: step 3/3: 75% of traffic; waiting for promote"}
 
 
 # ---------------------------------------------------------------------------- actions
 
 
 @pytest.mark.parametrize("case", _cases(ACTIONS / "action_test.yaml", "discoveryTests"))
-def test_discovery(case: dict[str, Any]) -> None:
-    got = discover(_load(ACTIONS / case["inputPath"]))
-    assert got == {a["name"]: {k: v for k, v in a.items() if k != "name"}
-                   for a in case["result"]}
+def test_discovery(argo: ArgoAdmin, case: dict[str, Any]) -> None:
+    got = argo.discover(_load(ACTIONS / case["inputPath"]))
+    assert got == {a["name"]: a["disabled"] for a in case["result"]}
 
 
 @pytest.mark.parametrize("case", _cases(ACTIONS / "action_test.yaml", "actionTests"))
-def test_action(case: dict[str, Any]) -> None:
+def test_action(argo: ArgoAdmin, case: dict[str, Any]) -> None:
+    """Argo CD runs each action on the real clock: abort and retry write the current UTC
+    second (a fresh token), everything else is exactly the expected output."""
     before = _load(ACTIONS / case["inputPath"])
-    after = act(case["action"], before)
-    assert after == _load(ACTIONS / case["expectedOutputPath"])
+    started = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    after = argo.act(case["action"], before)
+    expected = _load(ACTIONS / case["expectedOutputPath"])
+    key = f"modelyard.dev/{case['action']}"
+    if case["action"] in ("abort", "retry"):
+        token = after["metadata"]["annotations"].pop(key)
+        expected["metadata"]["annotations"].pop(key)
+        stamp = dt.datetime.strptime(token[:20], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+        assert started <= stamp <= dt.datetime.now(dt.UTC)
+        assert token != (before["metadata"].get("annotations") or {}).get(key)
+    assert after == expected
     assert after["spec"] == before["spec"], "an action never touches spec (no drift in Git)"
 
 
-def test_every_action_has_a_script_a_discovery_entry_and_a_case() -> None:
+def test_action_tokens_within_one_second(argo: ArgoAdmin) -> None:
+    """With Argo CD's clock stopped (Lua 5.1, Argo CD's sandbox), each case's token is
+    exactly the expected one: ``-2`` when the second's plain token is taken."""
+    for case in _load(ACTIONS / "action_test.yaml")["actionTests"]:
+        after = act_in_lua(case["action"], _load(ACTIONS / case["inputPath"]))
+        assert after == _load(ACTIONS / case["expectedOutputPath"]), case
+
+
+def test_every_action_has_a_script_a_discovery_entry_and_a_case(argo: ArgoAdmin) -> None:
     scripts = {p.parent.name for p in ACTIONS.glob("*/action.lua")}
     assert scripts == {"promote", "abort", "retry"}
-    assert set(discover(_load(ARGOCD / "testdata/healthy_serving.yaml"))) == scripts
+    assert set(argo.discover(_load(ARGOCD / "testdata/healthy_serving.yaml"))) == scripts
     tests = _load(ACTIONS / "action_test.yaml")
     assert {c["action"] for c in tests["actionTests"]} == scripts
     states = {(a["name"], a["disabled"]) for c in tests["discoveryTests"] for a in c["result"]}
@@ -220,11 +290,12 @@ def test_every_action_has_a_script_a_discovery_entry_and_a_case() -> None:
     ("retry", "testdata/progressing_canary.yaml", "nothing to retry"),
     ("retry", "actions/testdata/rolledBack_specRevertedToStable.yaml", "nothing to retry"),
 ])
-def test_a_disabled_action_refuses_with_a_reason(action: str, fixture: str, why: str) -> None:
+def test_a_disabled_action_refuses_with_a_reason(argo: ArgoAdmin, action: str, fixture: str,
+                                                 why: str) -> None:
     obj = _load(ARGOCD / fixture)
-    assert discover(obj)[action]["disabled"] is True
-    with pytest.raises(lua.LuaError, match=why):
-        act(action, obj)
+    assert argo.discover(obj)[action] is True
+    with pytest.raises(ActionRefused, match=why):
+        argo.act(action, obj)
 
 
 def test_each_click_is_a_new_request_even_within_one_second() -> None:
@@ -233,7 +304,7 @@ def test_each_click_is_a_new_request_even_within_one_second() -> None:
     seen: list[str] = []
     for operator_handles_it in (True, False, False, True, True, False):
         obj["status"]["handledRequests"] = dict(handled)
-        obj = act("abort", obj)  # every click at the same stopped second
+        obj = act_in_lua("abort", obj)  # every click at the same stopped second
         token = obj["metadata"]["annotations"]["modelyard.dev/abort"]
         assert token != handled.get("abort"), "the operator must see a request it has not done"
         assert not seen or token != seen[-1], "the annotation changes, so Argo CD patches it"
@@ -243,26 +314,29 @@ def test_each_click_is_a_new_request_even_within_one_second() -> None:
     assert all(t.startswith("2026-11-25T10:10:00Z") for t in seen)
 
 
-def test_abort_and_retry_write_the_current_utc_second() -> None:
-    before = dt.datetime.now(dt.UTC).replace(microsecond=0)
-    aborted = act("abort", _load(ARGOCD / "testdata/progressing_canary.yaml"),
-                  clock=lambda: dt.datetime.now(dt.UTC))
-    retried = act("retry", _load(ARGOCD / "testdata/degraded_rolledBack.yaml"),
-                  clock=lambda: dt.datetime.now(dt.UTC))
-    after = dt.datetime.now(dt.UTC)
-    for obj, key in ((aborted, "modelyard.dev/abort"), (retried, "modelyard.dev/retry")):
-        stamp = dt.datetime.strptime(obj["metadata"]["annotations"][key], "%Y-%m-%dT%H:%M:%SZ")
-        assert before <= stamp.replace(tzinfo=dt.UTC) <= after
-
-
-def test_the_scripts_get_only_what_argo_cd_gives_them() -> None:
+def test_the_lua_sandbox_gives_only_what_argo_cd_gives(argo: ArgoAdmin) -> None:
+    """The emulation above is only trusted where it matches Argo CD: a script probing its
+    environment gets the same answers from both."""
     probe = ('local os = require("os")\n'
-             "return {string = type(string), math = type(math), io = type(io),\n"
-             "        globalOs = type(_G.os), date = os.date('!%Y %T'),\n"
-             "        methods = pcall(function() return ('x'):upper() end)}\n")
-    got = ArgoLua(lambda: STOPPED_CLOCK).run_source(probe, "probe.lua", {})
-    assert got == {"string": "nil", "math": "nil", "io": "nil", "globalOs": "nil",
-                   "date": "2026 %T", "methods": False}
+             "hs = {status = 'Healthy', message = type(string) .. ' ' .. type(math) .. ' ' ..\n"
+             "      type(io) .. ' ' .. type(_G.os) .. ' ' .. os.date('!%Y %T', 0)}\n"
+             "return hs\n")
+    emulated = ArgoLua(lambda: STOPPED_CLOCK).run_source(probe, "probe.lua", {})
+    configmap = _load(ARGOCD / "argocd-cm.yaml")
+    configmap["data"] = {"resource.customizations.health.modelyard.dev_ModelDeployment": probe}
+    argo.tmp.joinpath("probe-cm.yaml").write_text(yaml.safe_dump(configmap))
+    resource = argo.tmp / "probe.yaml"
+    resource.write_text(yaml.safe_dump({"apiVersion": "modelyard.dev/v1alpha1",
+                                        "kind": "ModelDeployment",
+                                        "metadata": {"name": "probe"}}))
+    proc = subprocess.run(
+        [str(argo.cli), "admin", "settings", "resource-overrides", "health", str(resource),
+         "--argocd-cm-path", str(argo.tmp / "probe-cm.yaml")],
+        capture_output=True, text=True, check=False, timeout=60,
+        env={**os.environ, "HOME": str(argo.tmp), "KUBECONFIG": str(argo.tmp / "none")})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"STATUS: Healthy\nMESSAGE: {emulated['message']}\n"
+    assert emulated["message"] == "nil nil nil nil 1970 %T"
 
 
 # ---------------------------------------------------------------- argocd-cm and docs
