@@ -247,7 +247,10 @@ def compile_package(options: ConvertOptions) -> Candidate:
             inductor_configs={"aot_inductor.metadata": metadata,
                               # weights become constants: folded, pre-packed for the
                               # CPU's GEMM library, and the int8 patterns fuse
-                              "freezing": device.type == "cpu"}))
+                              "freezing": device.type == "cpu",
+                              # CPU kernels take the thread count the server sets
+                              # (MODELYARD_THREADS), not the converting machine's
+                              "cpp.dynamic_threads": device.type == "cpu"}))
     except Exception:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
