@@ -191,6 +191,8 @@ class QueueBounds(ApiModel):
 VLLM_OWNED_FLAGS = ("--model", "--served-model-name", "--host", "--port", "--dtype",
                     "--max-model-len", "--gpu-memory-utilization", "--tensor-parallel-size",
                     "--api-key", "--download-dir", "--tokenizer")
+# Flags that would write prompts or completions to the pod's log: refused (docs/security.md).
+VLLM_PAYLOAD_LOG_FLAGS = ("--enable-log-requests", "--enable-log-outputs")
 
 
 _EngineArg = Annotated[str, Field(max_length=256, description="One flag or value.")]
@@ -218,7 +220,12 @@ class VllmSettings(ApiModel):
                 f"a == '{flag}' || a.startsWith('{flag}=')" for flag in VLLM_OWNED_FLAGS)
             + "))",
             "runtime.vllm.extraArgs may not set a flag modelyard sets itself: "
-            + ", ".join(VLLM_OWNED_FLAGS))),
+            + ", ".join(VLLM_OWNED_FLAGS)), _cel(
+            "self.all(a, !(" + " || ".join(
+                f"a == '{flag}' || a.startsWith('{flag}=')" for flag in VLLM_PAYLOAD_LOG_FLAGS)
+            + "))",
+            "runtime.vllm.extraArgs may not turn on vLLM's logging of prompts and outputs: "
+            + ", ".join(VLLM_PAYLOAD_LOG_FLAGS))),
     )
 
 
@@ -539,6 +546,40 @@ class Tls(ApiModel):
                     "without restarting the pods.")
 
 
+class LabelSelector(ApiModel):
+    """Objects whose labels include all of these."""
+
+    match_labels: dict[str, str] = Field(default_factory=dict,
+                                         description="Labels the objects must carry.")
+
+
+class NetworkClient(ApiModel):
+    """Pods that may call the model (a NetworkPolicy peer)."""
+
+    model_config = ConfigDict(json_schema_extra=_rules(
+        _cel("has(self.namespaceSelector) || has(self.podSelector)",
+             "a client names a namespaceSelector, a podSelector or both"),
+    ))
+
+    namespace_selector: LabelSelector | None = Field(
+        None, description="Namespaces whose pods may call (with podSelector: only those pods "
+                          "of those namespaces). {} is every namespace.")
+    pod_selector: LabelSelector | None = Field(
+        None, description="Pods that may call; alone: pods of the model's namespace.")
+
+
+class NetworkPolicySpec(ApiModel):
+    """The NetworkPolicy the operator renders for the model's pods."""
+
+    enabled: bool = Field(True, description="Render it (default). false: no policy of "
+                                            "modelyard's, the namespace's own apply.")
+    clients: list[NetworkClient] | None = Field(
+        None, max_length=32,
+        description="Who may call the model. Default: every pod of the model's namespace. "
+                    "The operator, the activator, the Prometheus the chart names and the "
+                    "model's Gateway (spec.gateway) are admitted in any case.")
+
+
 class ModelDeploymentSpec(ApiModel):
     """The desired state of a served model."""
 
@@ -575,6 +616,10 @@ class ModelDeploymentSpec(ApiModel):
     tls: Tls | None = Field(
         None, description="Serve HTTPS only (TLS 1.2 and later) on the model's port; probes, "
                           "the operator's scrapes and the activator follow.")
+    network_policy: NetworkPolicySpec = Field(
+        default_factory=NetworkPolicySpec, json_schema_extra=_OBJECT_DEFAULT,
+        description="Ingress to the model's pods: only its clients and modelyard's own "
+                    "components (on by default).")
 
 
 def parse_spec(spec: dict[str, Any]) -> ModelDeploymentSpec:

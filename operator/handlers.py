@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
@@ -62,6 +63,20 @@ def node_cache_from_env(environ: Mapping[str, str]) -> NodeCache | None:
     return NodeCache(path, bound)
 
 
+def network_peers_from_env(environ: Mapping[str, str]) -> tuple[dict[str, Any], ...]:
+    """The NetworkPolicy peers every model admits (the operator, the activator, the
+    Prometheus the chart is told about): ``MODELYARD_NETWORK_PEERS``, a JSON list of
+    NetworkPolicyPeer objects the chart renders. Unset: none beyond each model's own."""
+    raw = environ.get("MODELYARD_NETWORK_PEERS", "").strip()
+    if not raw:
+        return ()
+    peers = json.loads(raw)
+    if not isinstance(peers, list) or not all(isinstance(p, dict) for p in peers):
+        raise ValueError("MODELYARD_NETWORK_PEERS must be a JSON list of NetworkPolicyPeer "
+                         f"objects, got {raw[:200]!r}")
+    return tuple(peers)
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.posting.enabled = False
@@ -82,7 +97,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         memo["election_task"] = loop.create_task(elector.run(), name="modelyard-election")
     activator = ActivatorLink.from_env(writer)
     reconciler = Reconciler(writer, leading=lambda: elector is None or elector.leading,
-                            activator=activator, node_cache=node_cache_from_env(os.environ))
+                            activator=activator, node_cache=node_cache_from_env(os.environ),
+                            network_peers=network_peers_from_env(os.environ))
     memo["reconciler"] = reconciler
     if port := os.environ.get("MODELYARD_METRICS_PORT"):
         memo["metrics_server"] = metrics.start(int(port))
@@ -165,6 +181,12 @@ def endpointslice_index(body: kopf.Body, namespace: str | None, labels: kopf.Lab
         body, fields=("endpoints", "ports", "addressType"))}
 
 
+@kopf.index("networking.k8s.io", "v1", "networkpolicies", labels=_MANAGED)
+def networkpolicy_index(body: kopf.Body, namespace: str | None, labels: kopf.Labels,
+                        **_: Any) -> Any:
+    return {(namespace, labels[MODEL_LABEL]): project_child(body)}
+
+
 @kopf.index("", "v1", "pods", labels=_MANAGED)
 def pod_index(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> Any:
     return {(namespace, labels[MODEL_LABEL]): project_pod(body)}
@@ -186,6 +208,7 @@ async def _reconcile(namespace: str | None, name: str, memo: kopf.Memo, priority
             pods=list(indexes["pod_index"].get(key, [])),
             services=list(indexes["service_index"].get(key, [])),
             endpoint_slices=list(indexes["endpointslice_index"].get(key, [])),
+            network_policies=list(indexes["networkpolicy_index"].get(key, [])),
         )
 
     await reconciler.reconcile(key, snapshot, priority=priority)
@@ -227,6 +250,7 @@ async def _with_retries(run: Callable[[], Awaitable[None]], name: str,
 
 @kopf.on.event("apps", "v1", "deployments", labels=_MANAGED)
 @kopf.on.event("", "v1", "services", labels=_MANAGED)
+@kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=_MANAGED)
 @kopf.on.event("", "v1", "pods", labels=_MANAGED)
 async def child_changed(namespace: str | None, name: str, labels: kopf.Labels, type: str,
                         logger: kopf.Logger, **kwargs: Any) -> None:

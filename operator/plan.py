@@ -92,6 +92,10 @@ def plan(world: World, verdict: Verdict | None, scale_request: api_status.Autosc
     if world.gateway:
         desired.append(render.render_httproute(owner, spec,
                                                rollout.route_weights(step, versions)))
+    if spec.network_policy.enabled:
+        # Applied, never deleted (the operator holds no delete on NetworkPolicies): turning
+        # it off stops the writes; the policy itself goes with the ModelDeployment or by hand.
+        desired.append(render.render_network_policy(owner, spec, world.network_peers))
 
     retire = [Retire(kind, api_version, versions[v].deployment)
               for v in sorted(step.versions.retire)

@@ -49,9 +49,11 @@ class Reconciler:
     def __init__(self, writer: Writer, clock: Callable[[], dt.datetime] | None = None,
                  scraper: Scraper | None = None, leading: Callable[[], bool] = lambda: True,
                  activator: ActivatorLink | None = None, *,
-                 node_cache: NodeCache | None = None):
+                 node_cache: NodeCache | None = None,
+                 network_peers: tuple[Mapping[str, Any], ...] = ()):
         self.activator = activator  # where a model at zero sends its traffic (activation.py)
         self.node_cache = node_cache  # the node-local model cache the pods mount, if any
+        self.network_peers = network_peers  # admitted by every model's NetworkPolicy
         self.leading = leading  # only the leader acts (see leader.py); others keep track
         self._writer = writer
         self._executor = Executor(writer)
@@ -192,7 +194,7 @@ class Reconciler:
         seen = world.build(observed, self._executor.latest_status(key, observed.resource),
                            gateway=await self._gateway_api(), activator=None,
                            activator_configured=self.activator is not None,
-                           node_cache=self.node_cache)
+                           node_cache=self.node_cache, network_peers=self.network_peers)
         if seen.spec is not None and seen.spec.autoscaling is not None and not seen.deleting:
             self._autoscaled.add(key)
         else:

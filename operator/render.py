@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -498,6 +498,55 @@ def _single_version_service(owner: Owner, version: str, name: str) -> dict[str, 
     service["metadata"]["labels"] = {**common_labels(owner.name), VERSION_LABEL: version}
     service["metadata"].pop("annotations", None)
     return with_hash(service)
+
+
+NETWORK_POLICY_API_VERSION = "networking.k8s.io/v1"
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set by the API server on every namespace
+
+
+def namespace_peer(namespace: str, pod_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """A NetworkPolicy peer: the pods of one namespace (those with ``pod_labels``)."""
+    peer: dict[str, Any] = {
+        "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: namespace}}}
+    if pod_labels is not None:
+        peer["podSelector"] = {"matchLabels": dict(sorted(pod_labels.items()))}
+    return peer
+
+
+def render_network_policy(owner: Owner, spec: api.ModelDeploymentSpec,
+                          system_peers: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """The model's NetworkPolicy: ingress to its pods' serving port only from its clients
+    (default: its own namespace), the model's Gateway, and ``system_peers``: the operator
+    (scrapes for analysis and autoscaling), the activator and Prometheus, as the chart
+    names them (``MODELYARD_NETWORK_PEERS``). Egress is left alone (the model store, DNS)."""
+    clients = spec.network_policy.clients
+    if clients is None:
+        peers: list[dict[str, Any]] = [{"podSelector": {}}]
+    else:
+        peers = [client.model_dump(by_alias=True, exclude_none=True) for client in clients]
+    if spec.gateway is not None:
+        peers.append(namespace_peer(spec.gateway.namespace or owner.namespace))
+    peers += [dict(peer) for peer in system_peers]
+    unique: list[dict[str, Any]] = []
+    for peer in peers:
+        if peer not in unique:
+            unique.append(peer)
+    return with_hash({
+        "apiVersion": NETWORK_POLICY_API_VERSION,
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": owner.name,
+            "namespace": owner.namespace,
+            "labels": common_labels(owner.name),
+            "ownerReferences": [owner.reference()],
+        },
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(owner.name)},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": unique,
+                         "ports": [{"protocol": "TCP", "port": spec.runtime.port}]}],
+        },
+    })
 
 
 HTTPROUTE_API_VERSION = "gateway.networking.k8s.io/v1"

@@ -127,6 +127,7 @@ class Observed:
     pods: list[Mapping[str, Any]]
     services: list[Mapping[str, Any]]
     endpoint_slices: list[Mapping[str, Any]] = field(default_factory=list)
+    network_policies: list[Mapping[str, Any]] = field(default_factory=list)
 
 
 def fingerprint(observed: Observed) -> tuple[str | None, ...]:
@@ -134,6 +135,7 @@ def fingerprint(observed: Observed) -> tuple[str | None, ...]:
     fingerprints, equal inputs (the resync skips a resource whose last pass found nothing
     to do when this has not changed since)."""
     children = (*observed.deployments, *observed.services, *observed.endpoint_slices,
+                *observed.network_policies,
                 *observed.pods)
     return (observed.resource.get("metadata", {}).get("resourceVersion"),
             *sorted(str(c.get("metadata", {}).get("resourceVersion")) for c in children))
@@ -189,6 +191,8 @@ class World:
     activator: ActivatorEndpoints | None  # None: no activator, or none ready
     activator_configured: bool = False  # the operator was told of an activator Service
     node_cache: NodeCache | None = None  # the node-local model cache pods mount, if any
+    # NetworkPolicy peers admitted to every model (operator, activator, Prometheus: the chart's)
+    network_peers: tuple[Mapping[str, Any], ...] = ()
 
     def ready_pod_ips(self, version: str) -> list[str]:
         """Addresses of the version's ready, not terminating pods."""
@@ -200,7 +204,8 @@ class World:
 
 def build(observed: Observed, previous: Mapping[str, Any], *, gateway: bool,
           activator: ActivatorEndpoints | None, activator_configured: bool = False,
-          node_cache: NodeCache | None = None) -> World:
+          node_cache: NodeCache | None = None,
+          network_peers: tuple[Mapping[str, Any], ...] = ()) -> World:
     """The world of one pass. ``previous`` is the latest status: the index's, or what the
     last pass wrote when the index has not caught up with it yet."""
     meta = observed.resource["metadata"]
@@ -214,7 +219,8 @@ def build(observed: Observed, previous: Mapping[str, Any], *, gateway: bool,
     live = {(kind, obj["metadata"]["name"]): {**obj, "kind": kind}
             for kind, objs in (("Deployment", observed.deployments),
                                ("Service", observed.services),
-                               ("EndpointSlice", observed.endpoint_slices))
+                               ("EndpointSlice", observed.endpoint_slices),
+                               ("NetworkPolicy", observed.network_policies))
             for obj in objs}
     return World(
         key=(meta["namespace"], meta["name"]),
@@ -232,6 +238,7 @@ def build(observed: Observed, previous: Mapping[str, Any], *, gateway: bool,
         activator=activator,
         node_cache=node_cache,
         activator_configured=activator_configured,
+        network_peers=network_peers,
     )
 
 

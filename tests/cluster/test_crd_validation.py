@@ -108,6 +108,12 @@ INVALID = [
     ("name too long for its Service", with_("metadata.name", "a" * 50),
      "metadata.name must be at most 42 characters"),
     ("no spec", with_("spec", ...), "spec: Required value"),
+    ("vllm told to log prompts", llm(vllm={"extraArgs": ["--enable-log-requests"]}),
+     "may not turn on vLLM's logging of prompts and outputs"),
+    ("tls for the vllm engine", {**llm(), "spec": {**llm()["spec"], "tls": {
+        "secretName": "chat-tls"}}}, "runtime.engine vllm does not take it yet"),
+    ("a network client naming nobody", with_("spec.networkPolicy", {"clients": [{}]}),
+     "a client names a namespaceSelector, a podSelector or both"),
 ]
 
 
@@ -130,6 +136,7 @@ def test_valid_manifest_is_accepted_and_defaulted_by_the_schema(kube: Kube) -> N
     assert spec["runtime"]["port"] == 8080
     assert spec["replicas"] == 1
     assert spec["rollout"]["strategy"] == "RollingUpdate"
+    assert spec["networkPolicy"] == {"enabled": True}  # on unless turned off
 
 
 def test_a_generative_model_is_accepted_with_its_engine_settings(kube: Kube) -> None:

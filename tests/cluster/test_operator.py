@@ -114,6 +114,12 @@ def test_gpu_model_is_scheduled_on_the_requested_gpu_product_and_reports_ready(
     assert status["versions"][0]["uri"] == "file:///models/resnet/1/model.pt"
     service = kube.get("service", "resnet")
     assert service["spec"]["selector"] == {"modelyard.dev/model-deployment": "resnet"}
+    # The API server took the model's NetworkPolicy (enforcement needs a policy plug-in,
+    # which this cluster has not: docs/security.md).
+    policy = kube.get("networkpolicy", "resnet")
+    assert policy["spec"]["podSelector"] == {
+        "matchLabels": {"modelyard.dev/model-deployment": "resnet"}}
+    assert {"podSelector": {}} in policy["spec"]["ingress"][0]["from"]
     # The Service's endpoints are the ready pods, as EndpointSlices (pods have routable IPs).
     slices = wait_for(lambda: ready_endpoints(kube, "resnet") if len(
         ready_endpoints(kube, "resnet")) == 3 else None, what="3 ready endpoints")
@@ -200,6 +206,7 @@ def test_deleting_the_model_garbage_collects_every_child(kube: Kube, operator: A
 
     wait_for(lambda: kube.get("deployment", "gone-v1") is None
              and kube.get("service", "gone") is None
+             and kube.get("networkpolicy", "gone") is None
              and not pods(kube, "gone"), timeout=90, what="children garbage-collected")
 
 

@@ -3,10 +3,18 @@ and carried through the activator."""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 from typing import Any
+
+import pydantic
+import pytest
+from worlds import world_of
 
 from modelyard.activator.routing import forward_headers, ready_endpoints
 from modelyard.operator import api, render
+from modelyard.operator.handlers import network_peers_from_env
+from modelyard.operator.plan import plan
 
 OWNER = render.Owner("resnet", "vision", "uid-1")
 
@@ -88,3 +96,60 @@ def test_the_activator_reaches_a_tls_pod_over_https() -> None:
     [plain] = ready_endpoints([pod({})])
     assert tls.url == "https://10.0.0.7:8080"
     assert plain.url == "http://10.0.0.7:8080"
+
+
+OPERATOR = render.namespace_peer("modelyard-system", {"app.kubernetes.io/component": "operator"})
+
+
+def test_a_model_s_network_policy_admits_its_namespace_and_modelyard_by_default() -> None:
+    policy = render.render_network_policy(OWNER, spec(), [OPERATOR])
+    assert policy["kind"] == "NetworkPolicy"
+    assert policy["metadata"]["name"] == "resnet"
+    assert policy["metadata"]["ownerReferences"][0]["kind"] == "ModelDeployment"
+    body = policy["spec"]
+    assert body["podSelector"] == {"matchLabels": {"modelyard.dev/model-deployment": "resnet"}}
+    assert body["policyTypes"] == ["Ingress"]  # egress (the model store, DNS) left alone
+    [rule] = body["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8080}]
+    assert rule["from"] == [{"podSelector": {}}, OPERATOR]
+
+
+def test_named_clients_replace_the_namespace_and_the_gateway_is_admitted() -> None:
+    clients = [{"namespaceSelector": {"matchLabels": {"team": "vision"}},
+                "podSelector": {"matchLabels": {"app": "frontend"}}},
+               {"podSelector": {"matchLabels": {"role": "batch"}}}]
+    policy = render.render_network_policy(OWNER, spec(
+        networkPolicy={"clients": clients}, gateway={"name": "gw", "namespace": "infra"},
+        runtime={"port": 9000}), [OPERATOR])
+    [rule] = policy["spec"]["ingress"]
+    assert rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"team": "vision"}},
+         "podSelector": {"matchLabels": {"app": "frontend"}}},
+        {"podSelector": {"matchLabels": {"role": "batch"}}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "infra"}}},
+        OPERATOR]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 9000}]
+
+
+def test_the_policy_is_planned_by_default_and_not_when_turned_off() -> None:
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    body = {"model": {"version": "1", "uri": "s3://b/m.pt"}}
+    on = plan(world_of(body, network_peers=(OPERATOR,)), None, None, now)
+    [policy] = [o for o in on.apply if o["kind"] == "NetworkPolicy"]
+    assert OPERATOR in policy["spec"]["ingress"][0]["from"]
+    off = plan(world_of({**body, "networkPolicy": {"enabled": False}}), None, None, now)
+    assert not [o for o in off.apply if o["kind"] == "NetworkPolicy"]
+
+
+def test_the_operator_reads_the_peers_the_chart_renders() -> None:
+    assert network_peers_from_env({}) == ()
+    peers = [OPERATOR, {"namespaceSelector": {"matchLabels": {"x": "y"}}}]
+    assert network_peers_from_env({"MODELYARD_NETWORK_PEERS": json.dumps(peers)}) == \
+        tuple(peers)
+    with pytest.raises(ValueError, match="JSON list"):
+        network_peers_from_env({"MODELYARD_NETWORK_PEERS": '{"a": 1}'})
+
+
+def test_a_client_names_at_least_one_selector() -> None:
+    with pytest.raises(pydantic.ValidationError):
+        spec(networkPolicy={"clients": [{"unknown": {}}]})

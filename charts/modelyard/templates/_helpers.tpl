@@ -103,6 +103,11 @@ operator needs each one and nothing more.
 - apiGroups: [gateway.networking.k8s.io]
   resources: [httproutes]
   verbs: [create, patch]
+{{- /* each model's NetworkPolicy: its index, and applied; never deleted (it goes with
+the model) */}}
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [list, watch, create, patch]
 {{- /* the index of the slices it manages; with the activator, a model at zero's slice */}}
 - apiGroups: [discovery.k8s.io]
   resources: [endpointslices]
