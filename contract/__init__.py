@@ -37,6 +37,7 @@ SCHEME_ANNOTATION = "modelyard.dev/scheme"  # pods: "https" when the model serve
 # ---------------------------------------------------------------------------- ports
 
 RUNTIME_PORT = 8080  # the runtime's HTTP port (OIP REST, /metrics, health) by default
+RUNTIME_GRPC_PORT = 8081  # the runtime's OIP gRPC port when enabled (KServe's convention)
 LLM_HEALTH_PORT = 8081  # the generative engine's launcher: honest readiness (/ready, /live)
 SERVICE_PORT = 80  # the model's Services
 
@@ -114,6 +115,9 @@ SETTINGS: tuple[Setting, ...] = (
             help="longest a request may wait in the queue; 503 past it (default 0: no bound)"),
     Setting("handler", "MODELYARD_HANDLER", help="module:Class pre/post-processing hook"),
     Setting("port", "MODELYARD_PORT", "int", help=f"default {RUNTIME_PORT}"),
+    Setting("grpc_port", "MODELYARD_GRPC_PORT", "int",
+            help=f"also serve OIP over gRPC on this port (default 0: off; pods: "
+                 f"spec.runtime.grpcPort, conventionally {RUNTIME_GRPC_PORT})"),
     Setting("host", "MODELYARD_HOST", help="bind address, default 0.0.0.0"),
     Setting("cache_dir", "MODELYARD_CACHE_DIR", "path",
             help="download cache (default ~/.cache/modelyard/models)"),

@@ -253,6 +253,12 @@ class RuntimeSpec(ApiModel):
         None, max_length=256, pattern=_IMPORT_PATH,
         description="module:Class with pre/post-processing hooks, importable in the image.")
     port: int = Field(8080, ge=1024, le=65535, description="Port the runtime listens on.")
+    grpc_port: int | None = Field(
+        None, ge=1024, le=65535,
+        description="Also serve the Open Inference Protocol over gRPC (the standard "
+                    "inference.GRPCInferenceService) on this port, conventionally 8081; the "
+                    "model's Service exposes it as port 'grpc' (HTTP/2 cleartext). Engine "
+                    "modelyard only; unset: REST only.")
     env: dict[str, str] = Field(
         default_factory=dict, description="Extra environment variables for the runtime.")
     vllm: VllmSettings | None = Field(None, description="Engine vllm: its settings.")
@@ -262,6 +268,11 @@ class RuntimeSpec(ApiModel):
              "runtime.vllm is set but runtime.engine is not vllm", ".vllm"),
         _cel("!has(self.engine) || self.engine != 'vllm' || !has(self.handler)",
              "runtime.handler is for engine modelyard; vLLM has no handler hook", ".handler"),
+        _cel("!has(self.grpcPort) || !has(self.engine) || self.engine != 'vllm'",
+             "runtime.grpcPort is for engine modelyard; vLLM serves its OpenAI API over "
+             "HTTP", ".grpcPort"),
+        _cel("!has(self.grpcPort) || self.grpcPort != (has(self.port) ? self.port : 8080)",
+             "runtime.grpcPort must differ from runtime.port", ".grpcPort"),
     ))
 
     def image_or_default(self) -> str:

@@ -81,7 +81,9 @@ def plan(world: World, verdict: Verdict | None, scale_request: api_status.Autosc
             scale[state.deployment] = replicas
 
     activated = needs_activator(spec, versions) and world.activator is not None
-    desired = [render.render_service(owner, step.active, to_activator=activated)]
+    desired = [render.render_service(owner, step.active, to_activator=activated,
+                                     grpc_port=spec.runtime.grpc_port,
+                                     grpc_tls=spec.tls is not None)]
     if activated and world.activator is not None:
         desired.append(render.render_activator_slice(owner, world.activator.addresses,
                                                      world.activator.port))

@@ -150,6 +150,7 @@ def runtime_env(owner: Owner, spec: api.ModelDeploymentSpec,
                                              _QUEUE.max_wait_ms),
         "handler": spec.runtime.handler,
         "port": str(spec.runtime.port),
+        "grpc_port": None if spec.runtime.grpc_port is None else str(spec.runtime.grpc_port),
         "cache_dir": MODEL_CACHE_DIR if node_cache is not None else CACHE_DIR,
         "device": "cuda" if _gpu_count(spec) else "cpu",
     }
@@ -323,7 +324,9 @@ def _runtime_container(owner: Owner, spec: api.ModelDeploymentSpec,
         "name": CONTAINER_NAME,
         "image": spec.runtime.image_or_default(),
         "env": runtime_env(owner, spec, node_cache),
-        "ports": [{"name": "http", "containerPort": spec.runtime.port, "protocol": "TCP"}],
+        "ports": [{"name": "http", "containerPort": spec.runtime.port, "protocol": "TCP"},
+                  *([{"name": "grpc", "containerPort": spec.runtime.grpc_port, "protocol": "TCP"}]
+                    if spec.runtime.grpc_port is not None else [])],
         "readinessProbe": {
             "httpGet": {"path": f"/v2/models/{model_name}/ready", "port": "http"},
             "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 2,
@@ -418,11 +421,13 @@ def _vllm_container(owner: Owner, spec: api.ModelDeploymentSpec,
 
 
 def render_service(owner: Owner, active: str | None = None, *,
-                   to_activator: bool = False) -> dict[str, Any]:
+                   to_activator: bool = False, grpc_port: int | None = None,
+                   grpc_tls: bool = False) -> dict[str, Any]:
     """The stable Service: every ready runtime pod of the model, whatever its version (the
     canary split is by replica ratio), or only version ``active`` (blue-green); with
     ``to_activator`` (scaled to zero) no selector, its endpoints being the activator's
-    (:func:`render_activator_slice`)."""
+    (:func:`render_activator_slice`). With ``grpc_port``, a second port, ``grpc`` (OIP over
+    gRPC: HTTP/2 cleartext, or TLS with ``grpc_tls``), on that number."""
     selector = selector_labels(owner.name)
     if active is not None:
         selector[VERSION_LABEL] = active
@@ -442,6 +447,11 @@ def render_service(owner: Owner, active: str | None = None, *,
                        "protocol": "TCP"}],
         },
     }
+    if grpc_port is not None:
+        port = {"name": "grpc", "port": grpc_port, "targetPort": "grpc", "protocol": "TCP"}
+        if not grpc_tls:
+            port["appProtocol"] = "kubernetes.io/h2c"
+        service["spec"]["ports"].append(port)
     if to_activator:
         del service["spec"]["selector"]
     return with_hash(service)

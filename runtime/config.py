@@ -51,6 +51,7 @@ class RuntimeConfig:
     handler: str | None = None
     host: str = "0.0.0.0"
     port: int = contract.RUNTIME_PORT
+    grpc_port: int = 0  # OIP over gRPC; 0: off
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache/modelyard/models")
     device: str = "auto"
     dtype: str | None = None
@@ -100,6 +101,8 @@ class RuntimeConfig:
             problems.append("queue bounds must not be negative (0: no bound)")
         if not 0 < self.port < 65536:
             problems.append(f"port {self.port} is out of range")
+        if not 0 <= self.grpc_port < 65536 or self.grpc_port == self.port:
+            problems.append(f"gRPC port {self.grpc_port} is out of range or the HTTP port")
         if self.sha256 is not None and (
             len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256.lower())
         ):

@@ -423,7 +423,14 @@ def create_app(runtime: Runtime) -> InferenceDoor:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         runtime.start()
+        grpc_server = None
+        if runtime.config.grpc_port:  # OIP over gRPC on the same loop and batcher
+            from modelyard.runtime.grpcserver import serve_grpc
+
+            grpc_server = await serve_grpc(runtime, keys)
         yield
+        if grpc_server is not None:  # its calls in flight finish; then the batcher drains
+            await grpc_server.stop(grace=30)
         await runtime.stop()
 
     app = FastAPI(

@@ -32,6 +32,7 @@ class RuntimeServer:
         self.port = free_port(host)
         self.host = host
         self.url = f"http://{host}:{self.port}"
+        self.grpc_port = int(env.get("MODELYARD_GRPC_PORT", "0"))  # 0: no gRPC
         self.name = env["MODELYARD_MODEL_NAME"]
         self.log_path = log_path
         full_env = {
@@ -103,8 +104,9 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
 @pytest.fixture(scope="session")
 def mlp_server(start_server, models: dict[str, Path]) -> RuntimeServer:  # type: ignore[no-untyped-def]
-    """The TinyMLP TorchScript model, batching 8 / 2 ms, body limit 1 MiB."""
+    """The TinyMLP TorchScript model, batching 8 / 2 ms, body limit 1 MiB, gRPC on too."""
     return start_server({  # type: ignore[no-any-return]
+        "MODELYARD_GRPC_PORT": str(free_port()),
         "MODELYARD_MODEL_NAME": "mlp",
         "MODELYARD_MODEL_VERSION": "3",
         "MODELYARD_MODEL_URI": f"file://{models['mlp']}",

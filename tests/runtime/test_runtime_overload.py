@@ -1,6 +1,6 @@
-"""Overload on the real server: a bounded queue (503 with Retry-After at once), deadlines
-that expire while queued (504, never reaching the model), a client that disconnects
-taking its work out of the queue, and the counters of all three.
+"""Overload on the real server: a bounded queue (503 with Retry-After at once; gRPC's
+UNAVAILABLE), deadlines that expire while queued (504 and DEADLINE_EXCEEDED, never reaching
+the model), a client that disconnects taking its work out of the queue, and the counters.
 
 One server, one scenario: its model holds every forward pass while a gate file exists,
 so the queue's state is decided by the test, never by timing; the model records each
@@ -13,9 +13,16 @@ import asyncio
 import socket
 from pathlib import Path
 
+import grpc
 import httpx
+import numpy as np
 import orjson
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from runtime_support import free_port
+from tritonclient.grpc import aio as grpcaio
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
 
 
 def _body(value: float) -> bytes:
@@ -32,7 +39,7 @@ def _samples(text: str) -> dict[tuple[str, str], float]:
     return out
 
 
-def test_overload_deadlines_and_disconnects(start_server, models: dict[str, Path],
+def test_overload_deadlines_and_disconnects(start_server, models: dict[str, Path],  # noqa: PLR0915
                                             tmp_path: Path) -> None:
     gate, record = tmp_path / "gate", tmp_path / "record"
     server = start_server({
@@ -43,13 +50,20 @@ def test_overload_deadlines_and_disconnects(start_server, models: dict[str, Path
         "MODELYARD_MAX_BATCH_SIZE": "2",
         "MODELYARD_MAX_DELAY_MS": "1",
         "MODELYARD_MAX_QUEUE_ITEMS": "5",
+        "MODELYARD_GRPC_PORT": str(free_port()),
         "TESTMODEL_GATE": str(gate),
         "TESTMODEL_RECORD": str(record),
     })
     url = f"{server.url}/v2/models/gated/infer"
 
-    async def scenario() -> None:
-        async with httpx.AsyncClient(timeout=60) as client:
+    def grpc_input(value: float) -> list[grpcaio.InferInput]:
+        tensor = grpcaio.InferInput("x", [1, 4], "FP32")
+        tensor.set_data_from_numpy(np.full((1, 4), value, np.float32))
+        return [tensor]
+
+    async def scenario() -> None:  # noqa: PLR0915 (one story, step by step)
+        async with httpx.AsyncClient(timeout=60) as client, \
+                grpcaio.InferenceServerClient(f"127.0.0.1:{server.grpc_port}") as rpc:
 
             async def metrics() -> dict[tuple[str, str], float]:
                 return _samples((await client.get(f"{server.url}/metrics")).text)
@@ -75,6 +89,9 @@ def test_overload_deadlines_and_disconnects(start_server, models: dict[str, Path
             expired = await expiring
             assert expired.status_code == 504
             assert "deadline" in expired.json()["error"]
+            with pytest.raises(InferenceServerException) as late:  # OIP timeout, in µs
+                await rpc.infer("gated", grpc_input(11.0), timeout=300_000)
+            assert late.value.status() == "StatusCode.DEADLINE_EXCEEDED"
 
             queued = [send(float(v)) for v in (2, 3, 4, 5)]
             await until("modelyard_queue_depth", "", 4)
@@ -96,6 +113,16 @@ def test_overload_deadlines_and_disconnects(start_server, models: dict[str, Path
             assert refused.status_code == 503
             assert "queue is full" in refused.json()["error"]
             assert int(refused.headers["Retry-After"]) >= 1
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+                request = service_pb2.ModelInferRequest(model_name="gated")
+                request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+                request.raw_input_contents.append(np.full((1, 4), 12.0, np.float32).tobytes())
+                stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as full:
+                    await stub.ModelInfer(request)
+            assert full.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "queue is full" in (full.value.details() or "")
+            assert int(dict(full.value.trailing_metadata() or ())["retry-after"]) >= 1
             live = await client.get(f"{server.url}/v2/health/live")
             assert live.status_code == 200
 
@@ -108,8 +135,8 @@ def test_overload_deadlines_and_disconnects(start_server, models: dict[str, Path
             assert again.status_code == 200  # and it keeps serving
 
             seen = await metrics()
-            assert seen[("modelyard_rejected_requests_total", "queue_full")] == 1
-            assert seen[("modelyard_rejected_requests_total", "deadline")] == 1
+            assert seen[("modelyard_rejected_requests_total", "queue_full")] == 2
+            assert seen[("modelyard_rejected_requests_total", "deadline")] == 2
             assert seen[("modelyard_rejected_requests_total", "disconnected")] == 1
 
     asyncio.run(asyncio.wait_for(scenario(), timeout=120))
@@ -118,3 +145,5 @@ def test_overload_deadlines_and_disconnects(start_server, models: dict[str, Path
     assert 7.0 not in computed  # expired while queued
     assert 8.0 not in computed  # its client disconnected while queued
     assert 9.0 not in computed  # refused
+    assert 11.0 not in computed  # gRPC: expired while queued
+    assert 12.0 not in computed  # gRPC: refused

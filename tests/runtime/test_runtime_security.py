@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from runtime_support import free_port
 
 from modelyard.activator.discovery import Lookup
 from modelyard.activator.proxy import Activator
@@ -146,6 +147,7 @@ def guarded(start_server, models: dict[str, Path], keys_dir: Path, tls_dir: Path
         "MODELYARD_API_KEYS": str(keys_dir),
         "MODELYARD_TLS_CERT_FILE": str(tls_dir / "tls.crt"),
         "MODELYARD_TLS_KEY_FILE": str(tls_dir / "tls.key"),
+        "MODELYARD_GRPC_PORT": str(free_port()),
     }, ready=False)
     server.url = server.url.replace("http://", "https://")
     deadline = time.monotonic() + 90
@@ -309,3 +311,39 @@ def test_the_activator_carries_the_key_to_a_tls_pod(guarded, verify) -> None:
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+def test_grpc_is_tls_only_with_the_same_keys_and_follows_a_renewal(guarded, ca,
+                                                                   tls_dir: Path) -> None:
+    """OIP over gRPC on the same pod: TLS verified against the CA, probes open, the API keys
+    as ``authorization`` metadata (UNAUTHENTICATED without), a renewal picked up without a
+    restart (the next handshake gets it)."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    target = f"127.0.0.1:{guarded.grpc_port}"
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca.pem)
+    with grpc.secure_channel(target, credentials) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ServerLive(service_pb2.ServerLiveRequest()).live
+        metadata = service_pb2.ModelMetadataRequest(name="mlp")
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelMetadata(metadata, metadata=(("authorization", "Bearer wrong"),))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "wrong" not in (refused.value.details() or "")
+        answer = stub.ModelMetadata(metadata, metadata=(("authorization", f"Bearer {KEY_B}"),))
+        assert answer.name == "mlp"
+    with grpc.insecure_channel(target) as plain:  # no cleartext beside TLS
+        with pytest.raises(grpc.RpcError) as cleartext:
+            service_pb2_grpc.GRPCInferenceServiceStub(plain).ServerLive(
+                service_pb2.ServerLiveRequest(), timeout=5)
+        assert cleartext.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    verify = ssl.create_default_context(cadata=ca.pem.decode())
+    verify.set_alpn_protocols(["h2"])  # what a gRPC client offers
+    entries, renewed = ca.issue()
+    write_secret(tls_dir, entries, 3)
+    deadline = time.monotonic() + 30
+    while served_serial(guarded.grpc_port, verify) != renewed:
+        assert time.monotonic() < deadline, "gRPC never served the renewed certificate"
+        time.sleep(0.2)

@@ -185,3 +185,19 @@ def test_the_operator_reads_the_node_cache_from_the_chart_s_variables() -> None:
         render.NodeCache("/c", 2 * 2**30)
     assert node_cache_from_env({"MODELYARD_NODE_CACHE_PATH": "/c",
                                 "MODELYARD_NODE_CACHE_MAX_BYTES": ""}) == render.NodeCache("/c")
+
+
+def test_grpc_port_is_rendered_in_the_pod_and_the_service_when_asked() -> None:
+    s = spec(runtime={"grpcPort": 8081})
+    [container] = render.render_deployment(OWNER, s, 1)["spec"]["template"]["spec"]["containers"]
+    assert {"name": "grpc", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["MODELYARD_GRPC_PORT"] == "8081"
+    service = render.render_service(OWNER, grpc_port=s.runtime.grpc_port)
+    assert {"name": "grpc", "port": 8081, "targetPort": "grpc", "protocol": "TCP",
+            "appProtocol": "kubernetes.io/h2c"} in service["spec"]["ports"]
+    # unset: REST only, and the pod is what it was
+    [plain] = render.render_deployment(OWNER, spec(), 1)["spec"]["template"]["spec"]["containers"]
+    assert [p["name"] for p in plain["ports"]] == ["http"]
+    assert "MODELYARD_GRPC_PORT" not in {e["name"] for e in plain["env"]}
+    assert [p["name"] for p in render.render_service(OWNER)["spec"]["ports"]] == ["http"]
