@@ -525,8 +525,9 @@ def namespace_peer(namespace: str, pod_labels: dict[str, str] | None = None) -> 
 
 def render_network_policy(owner: Owner, spec: api.ModelDeploymentSpec,
                           system_peers: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
-    """The model's NetworkPolicy: ingress to its pods' serving port only from its clients
-    (default: its own namespace), the model's Gateway, and ``system_peers``: the operator
+    """The model's NetworkPolicy: ingress to its pods' serving ports (HTTP, and gRPC when
+    served) only from its clients (default: its own namespace), the model's Gateway, and
+    ``system_peers``: the operator
     (scrapes for analysis and autoscaling), the activator and Prometheus, as the chart
     names them (``MODELYARD_NETWORK_PEERS``). Egress is left alone (the model store, DNS)."""
     clients = spec.network_policy.clients
@@ -554,7 +555,9 @@ def render_network_policy(owner: Owner, spec: api.ModelDeploymentSpec,
             "podSelector": {"matchLabels": selector_labels(owner.name)},
             "policyTypes": ["Ingress"],
             "ingress": [{"from": unique,
-                         "ports": [{"protocol": "TCP", "port": spec.runtime.port}]}],
+                         "ports": [{"protocol": "TCP", "port": port}
+                                   for port in (spec.runtime.port, spec.runtime.grpc_port)
+                                   if port is not None]}],
         },
     })
 

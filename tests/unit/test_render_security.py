@@ -129,6 +129,9 @@ def test_named_clients_replace_the_namespace_and_the_gateway_is_admitted() -> No
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "infra"}}},
         OPERATOR]
     assert rule["ports"] == [{"protocol": "TCP", "port": 9000}]
+    with_grpc = render.render_network_policy(OWNER, spec(runtime={"grpcPort": 8081}))
+    assert with_grpc["spec"]["ingress"][0]["ports"] == [  # gRPC, when served, too
+        {"protocol": "TCP", "port": 8080}, {"protocol": "TCP", "port": 8081}]
 
 
 def test_the_policy_is_planned_by_default_and_not_when_turned_off() -> None:
