@@ -313,6 +313,37 @@ def test_the_activator_carries_the_key_to_a_tls_pod(guarded, verify) -> None:
         sock.close()
 
 
+def test_the_page_asks_for_the_key_and_keeps_it_in_the_tab(guarded) -> None:
+    """The page at / in headless Chromium, on the guarded HTTPS server."""
+    from playwright import sync_api
+    from test_runtime_browser import ARGS, CHROMIUM
+
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(ignore_https_errors=True)  # the test CA is not Chromium's
+        try:
+            page.goto(guarded.url + "/")
+            page.wait_for_selector("#key-section:not([hidden])", timeout=20_000)
+            page.fill("#api-key", "wrong")
+            page.click("#use-key")
+            page.wait_for_function(
+                "document.getElementById('key-error').textContent.includes('invalid API key')",
+                timeout=20_000)
+            page.fill("#api-key", KEY_B)
+            page.click("#use-key")
+            page.wait_for_selector("body[data-loaded=true]", timeout=20_000)
+            assert page.is_hidden("#key-section")
+            page.click("#submit")
+            page.wait_for_function(
+                "document.getElementById('took').textContent.startsWith('HTTP')",
+                timeout=20_000)
+            assert page.text_content("#took").startswith("HTTP 200")
+            assert page.evaluate("sessionStorage.getItem('modelyard-api-key')") == KEY_B
+            assert KEY_B not in page.url
+        finally:
+            browser.close()
+
+
 def test_grpc_is_tls_only_with_the_same_keys_and_follows_a_renewal(guarded, ca,
                                                                    tls_dir: Path) -> None:
     """OIP over gRPC on the same pod: TLS verified against the CA, probes open, the API keys
