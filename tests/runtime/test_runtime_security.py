@@ -214,6 +214,27 @@ def test_every_key_of_the_secret_is_valid(guarded, verify, no_env_key) -> None:
     assert refused.value.status == 401
 
 
+def test_no_payload_reaches_the_log(guarded, verify) -> None:
+    """Tensors, request IDs and bad bodies are answered, never logged (docs/security.md)."""
+    auth = {"Authorization": f"Bearer {KEY_B}"}
+    marker = 7321.8125  # exact in float32: it would appear as written
+    body = {"id": "patient-4711", "inputs": [
+        {"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [marker, 1, 2, 3]}]}
+    url = f"{guarded.url}/v2/models/mlp/infer"
+    answered = httpx.post(url, json=body, headers=auth, verify=verify)
+    assert answered.status_code == 200
+    assert answered.json()["id"] == "patient-4711"
+    bad = httpx.post(url, content=b'{"inputs": [{"name": "secret-diagnosis-91"',
+                     headers=auth, verify=verify)
+    assert bad.status_code == 400
+    predicted = httpx.post(f"{guarded.url}/v1/models/mlp:predict", headers=auth, verify=verify,
+                           json={"instances": [[marker, 0, 0, 0]]})
+    assert predicted.status_code == 200
+    log = guarded.log()
+    for secret in ("7321.8125", "patient-4711", "secret-diagnosis-91", KEY_B):
+        assert secret not in log
+
+
 def test_the_client_takes_its_key_from_the_environment(guarded, verify, no_env_key) -> None:
     os.environ["MODELYARD_API_KEY"] = KEY_B
     with Client(guarded.url, "mlp", verify=verify) as client:
