@@ -514,7 +514,8 @@ def _check_activator(cluster: Any, ns: str, name: str) -> None:
     [container] = pod["containers"]
     assert container["image"] == "modelyard-operator:0.1.0"
     assert container["command"] == ["modelyard", "activator"]
-    assert container["args"] == ["--port=8080", "--admin-port=9090", "--timeout-seconds=120"]
+    assert container["args"] == ["--port=8080", "--admin-port=9090", "--timeout-seconds=120",
+                                 "--generative-timeout-seconds=600"]
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
         "http": 8080, "admin": 9090}
     for probe in ("livenessProbe", "readinessProbe"):
