@@ -602,6 +602,10 @@ class ModelDeploymentSpec(ApiModel):
         _cel("!has(self.tls) || !has(self.runtime.engine) || self.runtime.engine != 'vllm'",
              "tls is served by the tensor runtime; runtime.engine vllm does not take it yet",
              ".tls"),
+        _cel("!has(self.tls) || !has(self.gateway)",
+             "tls and gateway together are not supported yet: the Gateway would need a "
+             "BackendTLSPolicy per version Service, which modelyard does not render",
+             ".tls"),
     ))
 
     model: ModelSource = Field(..., description="The model to serve.")

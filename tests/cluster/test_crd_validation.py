@@ -114,6 +114,9 @@ INVALID = [
         "secretName": "chat-tls"}}}, "runtime.engine vllm does not take it yet"),
     ("a network client naming nobody", with_("spec.networkPolicy", {"clients": [{}]}),
      "a client names a namespaceSelector, a podSelector or both"),
+    ("tls behind a Gateway", with_("spec", {**VALID["spec"], "tls": {"secretName": "t"},
+                                            "gateway": {"name": "gw"}}),
+     "tls and gateway together are not supported yet"),
 ]
 
 

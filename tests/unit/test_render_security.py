@@ -156,3 +156,48 @@ def test_the_operator_reads_the_peers_the_chart_renders() -> None:
 def test_a_client_names_at_least_one_selector() -> None:
     with pytest.raises(pydantic.ValidationError):
         spec(networkPolicy={"clients": [{"unknown": {}}]})
+
+
+def test_the_vllm_launcher_sends_the_key_with_its_readiness_completion(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM with --api-key / VLLM_API_KEY refuses /v1 without it: the launcher's own
+    completion (what makes the pod Ready) must carry the key, or the pod never turns Ready."""
+    import http.server
+    import threading
+
+    from modelyard.runtime import llm
+
+    seen: list[str | None] = []
+
+    class Engine(http.server.BaseHTTPRequestHandler):  # vLLM's auth middleware, as seen
+        def do_POST(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            self.rfile.read(int(self.headers["Content-Length"]))
+            ok = self.headers.get("Authorization") == "Bearer engine-key-1"
+            body = json.dumps({"choices": [{"text": "!"}]} if ok else
+                              {"error": "Unauthorized"}).encode()
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Engine)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        config = llm.parse_config([], {"MODELYARD_MODEL_NAME": "chat",
+                                       "MODELYARD_MODEL_URI": "s3://m/chat/7/"})
+        launcher = llm.Launcher(config)
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        monkeypatch.delenv("VLLM_API_KEY", raising=False)
+        launcher._first_completion(base)
+        assert not launcher.state.answered  # refused without the key
+        monkeypatch.setenv("VLLM_API_KEY", "engine-key-1")
+        launcher._first_completion(base)
+        assert launcher.state.answered
+        assert seen == [None, "Bearer engine-key-1"]
+    finally:
+        server.shutdown()
+        server.server_close()
