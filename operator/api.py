@@ -103,6 +103,28 @@ class Optimize(ApiModel):
     compile: bool = Field(False, description="Run torch.compile on the model before warm-up.")
 
 
+# The runtime's tensor datatypes (modelyard.runtime.protocol.DATATYPES, the OIP names).
+TensorDatatype = Literal["FP32", "FP16", "BF16", "FP64", "INT64", "INT32", "INT16", "INT8",
+                         "UINT8", "BOOL"]
+_Dim = Annotated[int, Field(ge=-1, le=2**31 - 1, description="A dimension; -1: dynamic.")]
+
+
+class TensorSignature(ApiModel):
+    """One input or output of the model as OIP clients read it in the model metadata."""
+
+    name: str = Field(..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:/-]+$",
+                      description="The tensor's name (for an input: the forward argument's).")
+    datatype: TensorDatatype = Field(..., description="OIP datatype.")
+    shape: list[_Dim] = Field(
+        ..., min_length=1, max_length=16,
+        description="Dimensions; -1 marks a dynamic one (the first, the batch, usually -1).")
+
+
+# unique names, as the API server checks a list keyed by a field
+_SIGNATURES_UNIQUE: dict[str, Any] = {"x-kubernetes-list-type": "map",
+                                      "x-kubernetes-list-map-keys": ["name"]}
+
+
 class ModelSource(ApiModel):
     """Which model to serve and where to fetch it from."""
 
@@ -144,6 +166,16 @@ class ModelSource(ApiModel):
         description="Secret in the same namespace whose keys become the runtime's environment "
                     "(e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL).")
     optimize: Optimize | None = Field(None, description="Load-time optimisations.")
+    inputs: list[TensorSignature] | None = Field(
+        None, min_length=1, max_length=64, json_schema_extra=_SIGNATURES_UNIQUE,
+        description="Declared inputs, in the forward's order: what the model metadata "
+                    "serves and what requests are validated against (a TorchScript file "
+                    "carries no shapes). With every shape but the batch fixed, the runtime "
+                    "warms up on them and learns undeclared outputs. Overrides metadata "
+                    "inside the model file.")
+    outputs: list[TensorSignature] | None = Field(
+        None, min_length=1, max_length=64, json_schema_extra=_SIGNATURES_UNIQUE,
+        description="Declared outputs, in the model's order; default: learned at warm-up.")
 
     model_config = ConfigDict(json_schema_extra=_rules(
         _cel("!has(self.format) || self.format != 'safetensors' || has(self.entryPoint)",
@@ -157,6 +189,10 @@ class ModelSource(ApiModel):
              "(!has(self.entryPoint) && !has(self.optimize))",
              "format aoti is compiled and quantised by `modelyard convert`: entryPoint and "
              "optimize do not apply"),
+        _cel("!has(self.format) || self.format != 'hf' || "
+             "(!has(self.inputs) && !has(self.outputs))",
+             "format hf is served by its engine's OpenAI API: inputs and outputs are for "
+             "tensor models"),
         _cel("!self.uri.startsWith('pvc://') || self.uri.matches('^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.+')",
              "a pvc:// uri must look like pvc://CLAIM/PATH/TO/MODEL", ".uri"),
     ))

@@ -159,6 +159,11 @@ def runtime_env(owner: Owner, spec: api.ModelDeploymentSpec,
     if spec.tls is not None:
         values["tls_cert_file"] = f"{TLS_DIR}/tls.crt"
         values["tls_key_file"] = f"{TLS_DIR}/tls.key"
+    if model.inputs is not None or model.outputs is not None:  # declared signature
+        values["metadata"] = json.dumps({
+            key: [t.model_dump() for t in tensors or ()]
+            for key, tensors in (("inputs", model.inputs), ("outputs", model.outputs))},
+            separators=(",", ":"))
     if model.optimize is not None:
         values["dtype"] = model.optimize.dtype
         values["quantize"] = model.optimize.quantize

@@ -150,3 +150,22 @@ def test_metadata_file_beside_a_tmp_scripted_model(tmp_path: Path) -> None:
     path = save_torchscript(TinyMLP(), tmp_path / "m.pt", MLP_METADATA)
     assert os.path.getsize(path) > 0
     check_mlp(path, config(path))
+
+
+def test_a_signature_declared_in_the_spec_is_served_and_warms_up(
+        models: dict[str, Path]) -> None:
+    """spec.model.inputs of a TorchScript file without metadata: the operator's environment
+    gives the runtime the shapes, so it warms up and learns the outputs from the model."""
+    from modelyard.operator import api, render
+    from modelyard.runtime.config import parse_config
+
+    spec = api.parse_spec({"model": {"version": "1", "uri": "file:///m.pt", "inputs": [
+        {"name": "input", "datatype": "FP32", "shape": [-1, 4]}]}})
+    env = {e["name"]: e["value"] for e in render.runtime_env(render.Owner("m", "ns", "u"), spec)}
+    cfg = parse_config([], {**env, "MODELYARD_MODEL_URI": str(models["mlp_bare"]),
+                            "MODELYARD_DEVICE": "cpu"})
+    model = load_model(cfg, models["mlp_bare"])
+    model.warmup(2)
+    assert model.metadata()["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}]
+    assert [o["datatype"] for o in model.metadata()["outputs"]] == ["FP32", "INT64"]
+    assert [o["shape"] for o in model.metadata()["outputs"]] == [[-1, 3], [-1]]

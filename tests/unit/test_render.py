@@ -201,3 +201,18 @@ def test_grpc_port_is_rendered_in_the_pod_and_the_service_when_asked() -> None:
     assert [p["name"] for p in plain["ports"]] == ["http"]
     assert "MODELYARD_GRPC_PORT" not in {e["name"] for e in plain["env"]}
     assert [p["name"] for p in render.render_service(OWNER)["spec"]["ports"]] == ["http"]
+
+
+def test_a_declared_signature_reaches_the_runtime_as_its_metadata() -> None:
+    s = spec(model={"version": "1", "uri": "s3://m/k",
+                    "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}]})
+    env = {e["name"]: e["value"] for e in render.runtime_env(OWNER, s)}
+    assert json.loads(env["MODELYARD_METADATA"]) == {
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}], "outputs": []}
+    assert "MODELYARD_METADATA" not in {e["name"] for e in render.runtime_env(OWNER, spec())}
+    with pytest.raises(ValueError, match="datatype"):
+        spec(model={"version": "1", "uri": "s3://m/k",
+                    "inputs": [{"name": "x", "datatype": "FLOAT", "shape": [-1]}]})
+    with pytest.raises(ValueError, match="shape"):
+        spec(model={"version": "1", "uri": "s3://m/k",
+                    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-2]}]})
