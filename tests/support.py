@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +17,31 @@ CRD_PATH = ROOT / "crds" / "modeldeployments.modelyard.dev.yaml"
 def install_crd(cluster: Any) -> None:
     """The committed CRD file (what a user applies), not the one generated in memory."""
     cluster.install_crd(CRD_PATH.read_text())
+
+
+@contextlib.contextmanager
+def real_pod_cluster(state: Path) -> Iterator[Any]:
+    """A local cluster whose model pods are real runtime processes (one 8-GPU H100 node),
+    serving the demo model built at ``<state>/models/demo/1/model.pt``
+    (``file:///models/demo/1/model.pt`` in a spec), with the CRD installed. The cluster
+    carries ``models_dir`` and ``pods`` (the stand-in kubelet, :class:`PodProcesses`)."""
+    from modelyard.operator.devcluster import ClusterConfig, LocalCluster, NodePool
+    from modelyard.operator.devcluster.pods import PodProcesses
+    from modelyard.runtime.demo import build
+
+    pools = (NodePool("gpu-h100", count=1, gpus=8, gpu_product="NVIDIA-H100-80GB-HBM3"),)
+    models = state / "models"
+    build(models / "demo" / "1" / "model.pt", size=32, classes=10)
+    with LocalCluster(ClusterConfig(topology=pools, real_pods=True)) as local:
+        install_crd(local)
+        pods = PodProcesses(local, models_dir=models, log_dir=state / "pods", max_backoff_s=2)
+        pods.start()
+        local.models_dir = models  # type: ignore[attr-defined]
+        local.pods = pods  # type: ignore[attr-defined]
+        try:
+            yield local
+        finally:
+            pods.stop()
 
 
 def fresh_namespace(cluster: Any, prefix: str = "t") -> contextlib.AbstractContextManager[str]:

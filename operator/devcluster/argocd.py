@@ -53,6 +53,9 @@ NAMESPACE = "argocd"
 # The names cmd/main.go dispatches on; each is a link to the one binary.
 SERVERS = ("argocd-application-controller", "argocd-repo-server", "argocd-server")
 CRDS = ("application-crd.yaml", "appproject-crd.yaml")
+# The helper scripts Argo CD's image puts beside the binary (its Dockerfile): the repo server
+# runs git-verify-wrapper.sh on every revision it checks out.
+SCRIPTS = ("git-verify-wrapper.sh", "gpg-wrapper.sh")
 LOOPBACK = "127.0.0.1"
 _STOP_GRACE_S = 10
 
@@ -63,7 +66,8 @@ class ArgoCDStartError(RuntimeError):
 
 @dataclass(frozen=True)
 class ArgoCD:
-    """A built Argo CD: ``bin/argocd`` (and its server names), ``crds/``."""
+    """A built Argo CD: ``bin/argocd`` (and its server names, and the scripts its image
+    carries beside it), ``crds/``."""
 
     root: Path
 
@@ -79,7 +83,7 @@ class ArgoCD:
         return [self.root / "crds" / name for name in CRDS]
 
     def is_complete(self) -> bool:
-        return self.cli.is_file() and all(self.path(n).exists() for n in SERVERS) \
+        return self.cli.is_file() and all(self.path(n).exists() for n in (*SERVERS, *SCRIPTS)) \
             and all(p.is_file() for p in self.crds)
 
 
@@ -119,10 +123,13 @@ def _build(go: str, workdir: Path, out: ArgoCD) -> None:
     for name in SERVERS:
         out.path(name).symlink_to("argocd")
     listing = run_tool([go, "list", "-m", "-json", ARGOCD_MODULE], cwd=module, env=env)
-    source = Path(_json_field(listing, "Dir")) / "manifests" / "crds"
+    source = Path(_json_field(listing, "Dir"))
+    for name in SCRIPTS:
+        shutil.copyfile(source / "hack" / name, out.path(name))
+        out.path(name).chmod(0o755)
     (out.root / "crds").mkdir()
     for name in CRDS:
-        shutil.copyfile(source / name, out.root / "crds" / name)
+        shutil.copyfile(source / "manifests" / "crds" / name, out.root / "crds" / name)
 
 
 # ------------------------------------------------------------------------------ running
@@ -169,8 +176,7 @@ class LocalArgoCD:
         for crd in self.argocd.crds:
             self.cluster.kubectl("apply", "--server-side", "-f", str(crd))
         for name in ("applications.argoproj.io", "appprojects.argoproj.io"):
-            self.cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}",
-                                 "--timeout=60s")
+            self._await_established(name)
         labels = {"app.kubernetes.io/part-of": "argocd"}
         objects: list[dict[str, Any]] = [
             {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}]
@@ -182,6 +188,22 @@ class LocalArgoCD:
         self.cluster.kubectl("apply", "-f", "-",
                              input=json.dumps({"apiVersion": "v1", "kind": "List",
                                                "items": objects}))
+
+    def _await_established(self, crd: str, timeout: float = 60) -> None:
+        """Until the API server serves ``crd`` (``kubectl wait`` gives up at once while a
+        CRD this large has no conditions yet)."""
+        deadline = time.monotonic() + timeout
+        conditions: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            got = self.cluster.kubectl("get", "crd", crd, "-o", "json", check=False)
+            if got.returncode == 0:
+                conditions = json.loads(got.stdout).get("status", {}).get("conditions") or []
+                if any(c["type"] == "Established" and c["status"] == "True"
+                       for c in conditions):
+                    return
+            time.sleep(0.5)
+        raise ArgoCDStartError(f"CRD {crd} not established within {timeout:.0f} s: "
+                               f"{conditions}")
 
     def start(self) -> None:
         self.install()
@@ -260,7 +282,8 @@ class LocalArgoCD:
     # -- start-up -----------------------------------------------------------------
 
     def _env(self) -> dict[str, str]:
-        return {**os.environ, "KUBECONFIG": str(self.cluster.kubeconfig),
+        path = f"{self.argocd.cli.parent}{os.pathsep}{os.environ.get('PATH', os.defpath)}"
+        return {**os.environ, "PATH": path, "KUBECONFIG": str(self.cluster.kubeconfig),
                 "HOME": str(self.state / "home"), "TMPDIR": str(self.state / "tmp"),
                 "ARGOCD_FAKE_IN_CLUSTER": "true",
                 "ARGOCD_TLS_DATA_PATH": str(self.state / "tls"),

@@ -20,33 +20,18 @@ from support import (
     Kube,
     as_operator,
     fresh_namespace,
-    install_crd,
     ready_endpoint_pods,
+    real_pod_cluster,
     wait_for,
 )
 
-from modelyard.operator.devcluster import ClusterConfig, LocalCluster, NodePool
-from modelyard.operator.devcluster.pods import PodProcesses
 from modelyard.runtime.client import Client
-from modelyard.runtime.demo import build
 
 
 @pytest.fixture(scope="module")
 def real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    pools = (NodePool("gpu-h100", count=1, gpus=8, gpu_product="NVIDIA-H100-80GB-HBM3"),)
-    state = tmp_path_factory.mktemp("real")
-    models = state / "models"
-    build(models / "demo" / "1" / "model.pt", size=32, classes=10)
-    with LocalCluster(ClusterConfig(topology=pools, real_pods=True)) as local:
-        install_crd(local)
-        pods = PodProcesses(local, models_dir=models, log_dir=state / "pods", max_backoff_s=2)
-        pods.start()
-        local.models_dir = models  # type: ignore[attr-defined]
-        local.pods = pods  # type: ignore[attr-defined]
-        try:
-            yield local
-        finally:
-            pods.stop()
+    with real_pod_cluster(tmp_path_factory.mktemp("real")) as local:
+        yield local
 
 
 @pytest.fixture
