@@ -70,7 +70,8 @@ def _parts() -> list[Part]:
              prometheus.ensure_prometheus),
         Part(f"Argo CD v{argocd.ARGOCD_VERSION}: the argocd CLI, application controller, repo "
              "server and API server (GitOps tests)", frozenset({"test"}),
-             "~35 min at the lowest priority on a busy machine (one package at a time)",
+             "32 min when it was built at the lowest priority, one package at a time, on a "
+             "busy machine; it now builds with every core",
              argocd.ArgoCD(cache / argocd.version_key()).is_complete, argocd.ensure_argocd),
         Part(f"a real node's kubelet and kube-proxy v{binaries.KUBERNETES_VERSION}, containerd "
              f"v{nodebinaries.CONTAINERD_VERSION} and pause (tests/node)", frozenset({"test"}),

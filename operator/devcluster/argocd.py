@@ -115,10 +115,11 @@ def _build(go: str, workdir: Path, out: ArgoCD) -> None:
     for name in ("go.mod", "go.sum", "tools.go"):
         source = resources.files("modelyard.operator.devcluster").joinpath("argocd-gomod", name)
         (module / name).write_bytes(source.read_bytes())
-    env = {**os.environ, "GOTOOLCHAIN": GO_TOOLCHAIN, "CGO_ENABLED": "0", "GOMAXPROCS": "1",
-           "GOFLAGS": "-mod=readonly -buildvcs=false -p=1"}
-    nice = ["nice", "-n", "19"] if shutil.which("nice") else []
-    run_tool([*nice, go, "build", "-trimpath", f"-ldflags={ldflags()}", "-o", str(out.cli),
+    # Every core, at normal priority: it runs in `make test`'s set-up, before any test, with
+    # nothing else to share the machine with (like the Kubernetes build).
+    env = {**os.environ, "GOTOOLCHAIN": GO_TOOLCHAIN, "CGO_ENABLED": "0",
+           "GOFLAGS": "-mod=readonly -buildvcs=false"}
+    run_tool([go, "build", "-trimpath", f"-ldflags={ldflags()}", "-o", str(out.cli),
               f"{ARGOCD_MODULE}/cmd"], cwd=module, env=env)
     for name in SERVERS:
         out.path(name).symlink_to("argocd")
