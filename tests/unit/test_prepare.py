@@ -49,6 +49,45 @@ def test_it_builds_what_is_missing_and_says_so(prepare: ModuleType,
     assert built == ["b", "c"]
 
 
+def test_a_download_overlaps_the_builds_and_its_failure_still_fails(
+        prepare: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ``overlap`` part (a download) starts first, in a thread, and runs while the
+    compiling parts build in turn; prepare returns only once it is done, and its error is
+    prepare's."""
+    import threading
+
+    download_started, compile_done = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def download() -> None:
+        download_started.set()
+        assert compile_done.wait(10), "the compile did not run while the download did"
+        order.append("download")
+
+    def compile_() -> None:
+        assert download_started.wait(10), "the download had not started"
+        order.append("compile")
+        compile_done.set()
+
+    monkeypatch.setattr(prepare, "_parts", lambda: [
+        prepare.Part("compile", frozenset({"test"}), "~1 min", lambda: False, compile_),
+        prepare.Part("download", frozenset({"test"}), "~1 min", lambda: False, download,
+                     overlap=True)])
+    lines: list[str] = []
+    prepare.prepare("test", lines.append)
+    assert order == ["compile", "download"]
+    assert lines[-1].startswith("prepare: ready for `make test` in ")
+
+    def broken() -> None:
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(prepare, "_parts", lambda: [
+        prepare.Part("download", frozenset({"test"}), "~1 min", lambda: False, broken,
+                     overlap=True)])
+    with pytest.raises(RuntimeError, match="no network"):
+        prepare.prepare("test", lines.append)
+
+
 def test_it_knows_every_pinned_build_of_the_local_cluster(prepare: ModuleType) -> None:
     """Every `ensure_*` of the devcluster (each a pinned build through `cached_build`) is a
     part, so no test fixture is left to build one under the per-test timeout."""
