@@ -212,6 +212,30 @@ def test_the_activator_can_be_left_out(chart: Chart) -> None:
     assert not [o for o in inside if o["metadata"]["name"] == "r-modelyard-activator-endpoints"]
 
 
+def test_every_model_s_network_policy_admits_this_release(chart: Chart) -> None:
+    """The operator is told (MODELYARD_NETWORK_PEERS) to admit its own pods, the activator's
+    and the Prometheus of the values into every model's NetworkPolicy, and may apply them."""
+    from modelyard.operator.handlers import network_peers_from_env
+
+    def peers(objs: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
+        return network_peers_from_env(_operator_env(objs, "r-modelyard"))
+
+    here = {"matchLabels": {"kubernetes.io/metadata.name": "ops"}}
+    default = chart.template("r", "ops")
+    operator, activator, prometheus = peers(default)
+    assert operator == {"namespaceSelector": here, "podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "modelyard", "app.kubernetes.io/instance": "r",
+        "app.kubernetes.io/component": "operator"}}}
+    assert activator["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "activator"
+    assert prometheus == {"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "monitoring"}}}
+    only = peers(chart.template("r", "ops", {"activator": {"enabled": False},
+                                             "networkPolicy": {"prometheus": None}}))
+    assert only == (operator,)
+    assert _rules(default, "ClusterRole", "r-modelyard")[
+        "networking.k8s.io/networkpolicies"] == {"list", "watch", "create", "patch"}
+
+
 def test_the_node_cache_is_opt_in_and_prepared_on_every_node(chart: Chart) -> None:
     """Off by default (hostPath needs Pod Security's privileged level); on, the operator is
     told where and how big, and a DaemonSet hands the host directory to the pods' uid."""
