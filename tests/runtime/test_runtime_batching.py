@@ -219,3 +219,73 @@ def test_one_client_at_a_time_never_waits() -> None:
 
     run(scenario())
     assert model.batches == [1, 1, 1, 1, 1]
+
+
+def test_the_wait_bound_refuses_on_arrival_and_drops_at_the_bound() -> None:
+    """maxWaitMs: a request the queue ahead predicts to wait too long is refused at once;
+    one still queued when the bound passes is answered 503 then, never run."""
+    from modelyard.runtime.batching import QUEUE_WAIT
+    from modelyard.runtime.errors import Overloaded
+
+    model = Recorder()
+    shed: list[str] = []
+
+    async def scenario() -> None:
+        batcher = Batcher(model, max_batch_size=2, max_delay_ms=1, max_queue_wait_ms=100,
+                          on_shed=shed.append)
+        batcher.start()
+        model.gate.clear()
+        first = asyncio.ensure_future(batcher.submit({"x": torch.ones(1, 2)}))
+        await asyncio.to_thread(model.started.wait, 30)
+        await asyncio.sleep(0.15)  # this forward pass takes at least 150 ms...
+        model.gate.set()
+        await first  # ...which the batcher now knows
+        model.gate.clear()
+        model.started.clear()
+        running = asyncio.ensure_future(batcher.submit({"x": torch.ones(1, 2)}))
+        await asyncio.to_thread(model.started.wait, 30)
+        queued = asyncio.ensure_future(batcher.submit({"x": torch.full((1, 2), 5.0)}))
+        await asyncio.sleep(0)
+        # ahead of a new request: the running batch and one queued, >= 300 ms > 100 ms
+        with pytest.raises(Overloaded, match="would hold"):
+            await batcher.submit({"x": torch.full((1, 2), 6.0)})
+        with pytest.raises(Overloaded) as dropped:  # held past the bound: dropped, 503
+            await queued
+        assert dropped.value.retry_after >= 1
+        assert batcher.queue_depth == 0
+        model.gate.set()
+        await running
+        await batcher.stop()
+
+    run(scenario())
+    assert shed == [QUEUE_WAIT, QUEUE_WAIT]
+    assert model.batches == [1, 1]  # neither refused request reached the model
+
+
+def test_a_cancelled_request_leaves_the_queue() -> None:
+    from modelyard.runtime.batching import DISCONNECTED
+
+    model = Recorder()
+    shed: list[str] = []
+
+    async def scenario() -> None:
+        batcher = Batcher(model, max_batch_size=4, max_delay_ms=1, on_shed=shed.append)
+        batcher.start()
+        model.gate.clear()
+        running = asyncio.ensure_future(batcher.submit({"x": torch.ones(1, 2)}))
+        await asyncio.to_thread(model.started.wait, 30)
+        leaving = asyncio.ensure_future(batcher.submit({"x": torch.ones(3, 2)}))
+        staying = asyncio.ensure_future(batcher.submit({"x": torch.ones(1, 2)}))
+        await asyncio.sleep(0)
+        assert batcher.queue_depth == 4
+        leaving.cancel()  # the client went away
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        assert batcher.queue_depth == 1
+        model.gate.set()
+        await asyncio.gather(running, staying)
+        await batcher.stop()
+
+    run(scenario())
+    assert shed == [DISCONNECTED]
+    assert model.batches == [1, 1]  # the three cancelled rows were never computed
