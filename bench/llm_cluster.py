@@ -57,7 +57,7 @@ DEADLINE = float(os.environ.get("BENCH_DEADLINE", "420"))  # a bound on waiting
 # What tests/llmsupport.py gives vLLM for a tiny model on a CPU (the benchmarks never
 # import the tests): no torch.compile, 32 sequences at once, 1 GiB of KV cache.
 CPU_ARGS = ("--enforce-eager", "--max-num-seqs", "32")
-CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 TICK = os.sysconf("SC_CLK_TCK")
 
 

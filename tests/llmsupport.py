@@ -23,9 +23,11 @@ from modelyard.operator.devcluster import llm
 # machine (mostly imports), more while the rest of the suite runs.
 ENGINE_START_S = 420
 # Settings that make sense for a tiny model on a CPU: no torch.compile (minutes of
-# compiling for a model that runs in microseconds), float32, a short context.
+# compiling for a model that runs in microseconds), float32, a short context; and no
+# pinning of the engine's worker to a core (``auto`` pins every engine on this node to the
+# same first core: a canary's engine then starts in the shadow of the stable one's).
 CPU_ARGS = ("--enforce-eager", "--max-num-seqs", "32")
-CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
 def vllm_python() -> Path:

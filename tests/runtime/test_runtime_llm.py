@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,31 +91,62 @@ def models(tiny_llm: tuple[Path, str],
     return {"good": tiny_llm, "corrupt": (corrupt, corrupted_copy(tiny_llm[0], corrupt))}
 
 
-@pytest.fixture(scope="module")
-def served(models: dict[str, tuple[Path, str]], node_cache: Path,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Launched, list[str]]]:
-    """The good model, watched from its start: every distinct (/ready, engine /health)
-    pair the probes saw before the launcher said ready, in order."""
-    path, digest = models["good"]
-    launched = launch(tmp_path_factory.mktemp("served"), path.as_uri(), digest, drain_s=3,
-                      cache=node_cache)
-    seen: list[str] = []
-    deadline = time.monotonic() + ENGINE_START_S
-    try:
-        while time.monotonic() < deadline:
-            assert launched.process.poll() is None, launched.text()[-5000:]
-            pair = f"ready={_status(launched.health + '/ready')} " \
-                   f"engine={_status(launched.url + '/health')}"
-            if not seen or seen[-1] != pair:
-                seen.append(pair)
+class _Watch(threading.Thread):
+    """Every distinct (/ready, engine /health) pair a launch's probes see from its start
+    until the launcher says ready, in order."""
+
+    def __init__(self, launched: Launched) -> None:
+        super().__init__(daemon=True)
+        self.launched = launched
+        self.seen: list[str] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + ENGINE_START_S
+        while time.monotonic() < deadline and self.launched.process.poll() is None:
+            pair = f"ready={_status(self.launched.health + '/ready')} " \
+                   f"engine={_status(self.launched.url + '/health')}"
+            if not self.seen or self.seen[-1] != pair:
+                self.seen.append(pair)
             if pair.startswith("ready=200"):
                 break
             time.sleep(0.2)
-        else:
-            pytest.fail(f"not ready after {ENGINE_START_S} s:\n{launched.text()[-5000:]}")
-        yield launched, seen
+        self.done.set()
+
+
+@pytest.fixture(scope="module")
+def launches(models: dict[str, tuple[Path, str]], node_cache: Path,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, _Watch]]:
+    """The good model, and the one whose weights only the engine can refuse, started
+    together: a vLLM start is mostly imports, one process after another, so two starts
+    share 2 cores about as fast as one runs alone. Each is watched from its start."""
+    good_path, good_digest = models["good"]
+    bad_path, bad_digest = models["corrupt"]  # its manifest matches
+    watches = {
+        "good": _Watch(launch(tmp_path_factory.mktemp("served"), good_path.as_uri(),
+                              good_digest, drain_s=3, cache=node_cache)),
+        "bad": _Watch(launch(tmp_path_factory.mktemp("corrupt"), bad_path.as_uri(),
+                             bad_digest, cache=node_cache)),
+    }
+    for watch in watches.values():
+        watch.start()
+    try:
+        yield watches
     finally:
-        launched.stop()
+        for watch in watches.values():
+            watch.launched.stop()
+
+
+@pytest.fixture(scope="module")
+def served(launches: dict[str, _Watch]) -> tuple[Launched, list[str]]:
+    """The good model, ready: what its probes saw before."""
+    watch = launches["good"]
+    watch.done.wait(ENGINE_START_S + 5)
+    launched = watch.launched
+    assert launched.process.poll() is None, launched.text()[-5000:]
+    if not watch.seen or not watch.seen[-1].startswith("ready=200"):
+        pytest.fail(f"not ready after {ENGINE_START_S} s:\n{launched.text()[-5000:]}")
+    return launched, watch.seen
 
 
 def test_a_directory_that_does_not_match_its_digest_never_reaches_the_engine(
@@ -132,14 +164,12 @@ def test_a_directory_that_does_not_match_its_digest_never_reaches_the_engine(
 
 
 def test_an_engine_that_cannot_load_the_weights_reports_its_own_error(
-        models: dict[str, tuple[Path, str]], node_cache: Path, tmp_path: Path) -> None:
-    path, digest = models["corrupt"]  # its manifest matches: only the engine can refuse it
-    launched = launch(tmp_path, path.as_uri(), digest, cache=node_cache)
-    try:
-        code = launched.process.wait(ENGINE_START_S)
-    finally:
-        launched.stop()
+        launches: dict[str, _Watch]) -> None:
+    watch = launches["bad"]
+    launched = watch.launched
+    code = launched.process.wait(ENGINE_START_S)
     assert code != 0
+    assert not any(s.startswith("ready=200") for s in watch.seen), watch.seen
     message = launched.termination.read_text()
     assert message.startswith("vLLM exited with code"), message
     assert "safetensor" in message.lower() or "shape" in message.lower(), message
