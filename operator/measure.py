@@ -55,8 +55,7 @@ class CanaryJudge:
         window = (*world.key, current.started_at, str(current.step))
         for stale in [k for k in self._baselines if k[:2] == world.key and k[:4] != window]:
             del self._baselines[stale]
-        relative = thresholds.max_error_rate_increase is not None \
-            or thresholds.max_latency_p99_ratio is not None
+        relative = thresholds.compares_with_stable  # every threshold relative to stable
         versions = [request.target, request.stable] if relative else [request.target]
         try:
             if thresholds.source == "prometheus":

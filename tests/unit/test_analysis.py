@@ -193,3 +193,40 @@ def test_the_spec_rule_names_every_generative_threshold() -> None:
     assert set(api.Analysis.GENERATIVE_FIELDS) == generative
     rule = api.Analysis.engine_rule()["rule"]
     assert all(f"has(self.rollout.analysis.{name})" in rule for name in generative)
+
+
+def test_the_judge_measures_stable_for_a_ratio_on_token_latency_alone() -> None:
+    """The operator's judge (pods' /metrics, each window from its first scrape) measures the
+    stable version whenever a threshold is relative, the token-latency ratios included: with
+    only ``maxTtftP95Ratio`` set, a canary slow to its first token fails against stable."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from modelyard.operator.api_status import CanaryStatus
+    from modelyard.operator.measure import CanaryJudge
+    from modelyard.operator.rollout import AnalysisRequest
+
+    pods = {"10.0.0.1": "v1", "10.0.0.2": "v2"}  # stable, canary
+    moment = {"now": "before"}
+
+    async def scraper(ip: str, port: int) -> str | None:
+        return SCRAPES[(pods[ip], moment["now"])]
+
+    world = SimpleNamespace(
+        key=("ns", "chat"), spec=SimpleNamespace(runtime=SimpleNamespace(port=8080)),
+        ready_pod_ips=lambda version: [ip for ip, v in pods.items() if v == f"v{version}"])
+    canary = CanaryStatus(version="2", weight=50, step=1, started_at="2026-12-06T00:00:00Z",
+                          step_started_at="2026-12-06T00:00:00Z")
+    request = AnalysisRequest("2", "1", canary,
+                              api.Analysis(max_ttft_p95_ratio=2, min_requests=10))
+    judge = CanaryJudge(scraper)
+
+    async def scenario() -> tuple[analysis.Verdict, analysis.Verdict]:
+        first = await judge.verdict(world, request)  # type: ignore[arg-type]
+        moment["now"] = "after"  # 15 requests later, on both
+        return first, await judge.verdict(world, request)  # type: ignore[arg-type]
+
+    first, then = asyncio.run(scenario())
+    assert first.outcome == "wait"
+    assert then.outcome == "fail", then
+    assert then.reason.startswith("TTFT p95 662 ms above 2x the stable version's 55 ms")
