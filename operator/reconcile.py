@@ -73,6 +73,11 @@ class Reconciler:
         # changed at once wait here holding nothing, instead of a thousand passes each
         # holding its rendered plan while they wait for the API (gate.py).
         self._passes = gate.Gate(gate.PASSES)
+        # Resources with a pass queued that has not read the indexes yet: a trigger for one
+        # of them returns at once, since that pass will read what the trigger saw (as a
+        # controller's work queue holds a key once). A thousand models' events then wait as
+        # a thousand keys, not as every event's handler and its object.
+        self._queued: set[Key] = set()
 
     # ---------------------------------------------------------------- what is known
 
@@ -130,32 +135,46 @@ class Reconciler:
         snapshot = self._known.get(key)
         if snapshot is None or not self.leading():
             return
+        if key in self._queued:
+            return  # the queued pass reads the indexes when its turn comes
+        self._queued.add(key)
+        queued = True
         lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock, self._passes.slot(gate.CREATE if resync else priority):
-            observed = snapshot()
-            if observed is None:
-                self.forget(key)
-                return
-            await self._gateway_api()  # what the pass will read of it (asked once a minute)
-            inputs = self._inputs(key, observed)
-            if resync and self._at_rest.get(key) == inputs:
-                return
-            self._at_rest.pop(key, None)
-            started, ok, calls = time.monotonic(), False, self._executor.calls
-            try:
-                recheck_after = await self._pass(observed)
-                self._schedule(key, recheck_after)
-                if recheck_after is None and self._executor.calls == calls:
-                    self._at_rest[key] = inputs
-                ok = True
-            except GoneError as exc:
-                ok = True
-                log.debug("skipping %s/%s: %s", *key, exc)
-            except Exception:
-                self._schedule(key, RETRY_S)
-                raise
-            finally:
-                metrics.observe_pass(time.monotonic() - started, ok)
+        try:
+            async with lock, self._passes.slot(gate.CREATE if resync else priority):
+                self._queued.discard(key)  # from here a trigger queues the next pass
+                queued = False
+                await self._locked_pass(key, snapshot, resync)
+        finally:
+            if queued:  # cancelled while waiting: the key is free to queue again
+                self._queued.discard(key)
+
+    async def _locked_pass(self, key: Key, snapshot: Snapshot, resync: bool) -> None:
+        """One pass, under the resource's lock and a pass slot."""
+        observed = snapshot()
+        if observed is None:
+            self.forget(key)
+            return
+        await self._gateway_api()  # what the pass will read of it (asked once a minute)
+        inputs = self._inputs(key, observed)
+        if resync and self._at_rest.get(key) == inputs:
+            return
+        self._at_rest.pop(key, None)
+        started, ok, calls = time.monotonic(), False, self._executor.calls
+        try:
+            recheck_after = await self._pass(observed)
+            self._schedule(key, recheck_after)
+            if recheck_after is None and self._executor.calls == calls:
+                self._at_rest[key] = inputs
+            ok = True
+        except GoneError as exc:
+            ok = True
+            log.debug("skipping %s/%s: %s", *key, exc)
+        except Exception:
+            self._schedule(key, RETRY_S)
+            raise
+        finally:
+            metrics.observe_pass(time.monotonic() - started, ok)
 
     async def autoscaled(self, key: Key, decision: api_status.AutoscalerStatus) -> None:
         """The autoscaler's decision for ``key`` (total replicas, and what status reports

@@ -275,8 +275,9 @@ def test_an_operator_restarted_again_and_again_walks_every_step_once(
     every step is walked once, in order, on the same clocks, and nothing is duplicated."""
     from modelyard.operator.runner import OperatorThread
 
-    steps = [{"weight": 25, "pauseSeconds": 4}, {"weight": 50, "pauseSeconds": 4},
-             {"weight": 75, "pauseSeconds": 4}]
+    # Pauses long enough that the canary spans several restarts (each lives about 3 s)
+    steps = [{"weight": 25, "pauseSeconds": 6}, {"weight": 50, "pauseSeconds": 6},
+             {"weight": 75, "pauseSeconds": 6}]
     with OperatorThread():
         kube.apply(canary("chaos", "1", steps))
         wait_for(lambda: status(kube, "chaos").get("readyReplicas") == REPLICAS,

@@ -113,3 +113,35 @@ def test_passes_are_bounded_and_a_known_models_status_goes_before_new_models() -
     assert len(order) == 52
     # right after the passes that were running, before the 42 creations queued ahead of it
     assert order.index("known", 1) == 1 + gate.PASSES, order
+
+
+def test_triggers_for_a_model_whose_pass_is_queued_are_one_pass() -> None:
+    """While a model's pass runs, the next one queues; any trigger after that returns at
+    once (the queued pass reads the indexes when its turn comes), so a burst of events
+    costs two passes, and the second sees the last event."""
+    cluster = Cluster()
+    reconciler = Reconciler(cluster)  # type: ignore[arg-type]
+    seen: list[str] = []
+    release = asyncio.Event()
+
+    async def a_pass(observed: Observed) -> float | None:
+        seen.append(observed.pods[0]["metadata"]["resourceVersion"])
+        await release.wait()
+        return None
+
+    reconciler._pass = a_pass  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        first = asyncio.create_task(reconciler.reconcile(("ns", "m"), cluster.snapshot))
+        await asyncio.sleep(0)
+        burst = []
+        for version in range(11, 31):  # twenty events while the first pass runs
+            cluster.pod_version = str(version)
+            burst.append(asyncio.create_task(reconciler.reconcile(("ns", "m"))))
+            await asyncio.sleep(0)
+        assert sum(task.done() for task in burst) == 19  # all but the queued one returned
+        release.set()
+        await asyncio.gather(first, *burst)
+
+    asyncio.run(scenario())
+    assert seen == ["10", "30"]
