@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
 CRD_PATH = ROOT / "crds" / "modeldeployments.modelyard.dev.yaml"
@@ -118,3 +120,19 @@ class Kube:
         return [e for e in items if e["involvedObject"].get("name") == name]
 
 
+
+
+def activator_service(kube: Kube, host: str, port: int, admin: int) -> None:
+    """A Service ``activator`` in ``kube``'s namespace leading to an activator process at
+    ``host`` (proxy ``port``, ``admin`` port), as the chart's Service leads to its pods."""
+    kube.apply(yaml.safe_dump_all([
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "activator"},
+         "spec": {"ports": [{"name": "http", "port": 80}, {"name": "admin", "port": 9090}]}},
+        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+         "metadata": {"name": "activator-1", "labels": {
+             "kubernetes.io/service-name": "activator",
+             "endpointslice.kubernetes.io/managed-by": "test"}},
+         "addressType": "IPv4",
+         "endpoints": [{"addresses": [host], "conditions": {"ready": True}}],
+         "ports": [{"name": "http", "port": port}, {"name": "admin", "port": admin}]},
+    ]))

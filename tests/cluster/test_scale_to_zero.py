@@ -15,7 +15,14 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from support import Kube, as_operator, fresh_namespace, ready_endpoint_pods, wait_for
+from support import (
+    Kube,
+    activator_service,
+    as_operator,
+    fresh_namespace,
+    ready_endpoint_pods,
+    wait_for,
+)
 from test_real_pods import real_cluster  # noqa: F401 - the module's own real cluster
 
 from modelyard.operator.devcluster.ports import reserve_port
@@ -42,18 +49,7 @@ def activated(real_cluster: Any, tmp_path: Any,  # noqa: F811
         try:
             wait_for(lambda: _up(f"http://{host}:{admin}/healthz"), timeout=60,
                      what="the activator")
-            kube.apply(yaml.safe_dump_all([
-                {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "activator"},
-                 "spec": {"ports": [{"name": "http", "port": 80},
-                                    {"name": "admin", "port": 9090}]}},
-                {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                 "metadata": {"name": "activator-1", "labels": {
-                     "kubernetes.io/service-name": "activator",
-                     "endpointslice.kubernetes.io/managed-by": "test"}},
-                 "addressType": "IPv4",
-                 "endpoints": [{"addresses": [host], "conditions": {"ready": True}}],
-                 "ports": [{"name": "http", "port": port}, {"name": "admin", "port": admin}]},
-            ]))
+            activator_service(kube, host, port, admin)
             monkeypatch.setenv("MODELYARD_ACTIVATOR_SERVICE", f"{namespace}/activator")
             with OperatorThread():
                 yield kube

@@ -1,7 +1,6 @@
 """``modelyard chat``: the conversation against a played OpenAI-compatible server
 (``httpx.MockTransport``), and how the command finds and refuses models. The same command
-against real vLLM, through the activator, is in tests/pending/llm_activator.py (not yet in
-the suite)."""
+against real vLLM, through the activator, is in tests/cluster/test_llm.py."""
 
 from __future__ import annotations
 
