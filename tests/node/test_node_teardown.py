@@ -39,6 +39,20 @@ def test_a_stopped_node_leaves_nothing_behind(real_cluster: Any) -> None:
     before = _sysctls()
     images = real_cluster.real_node_images
     node = real_cluster.add_real_node("real-teardown", images=[images.pause])
+    try:
+        _run_a_pod_and_stop(real_cluster, node, images, before)
+    finally:  # whatever failed, the other tests' pods never land on this node
+        node.stop()
+        real_cluster.kubectl("delete", "pod", "sleeper", "--force", "--grace-period=0",
+                             check=False)
+        real_cluster.kubectl("delete", "node", "real-teardown", check=False)
+
+
+def _run_a_pod_and_stop(real_cluster: Any, node: Any, images: Any,
+                        before: dict[str, str]) -> None:
+    # It holds only the pause image: the pods other tests schedule onto real nodes by label
+    # must not land here. Cordoning leaves `nodeName` pods (below) alone.
+    real_cluster.kubectl("cordon", node.name)
     layout = node.layout
     assert layout is not None
     assert _sysctls() == before  # the kubelet saw its values, the machine kept its own
@@ -58,15 +72,15 @@ def test_a_stopped_node_leaves_nothing_behind(real_cluster: Any) -> None:
     assert inside  # containerd, its shims, kubelet, kube-proxy
     assert "cni0" in _out("ip", "-n", ns, "link", "show")
     assert "CNI-" in _out("ip", "netns", "exec", ns, "iptables-save")
-    assert "KUBE-SERVICES" in _out("ip", "netns", "exec", ns, "iptables-save")
+    # kube-proxy writes its chains on its first sync, which may come after the pod runs.
+    wait_for(lambda: "KUBE-SERVICES" in _out("ip", "netns", "exec", ns, "iptables-save"),
+             timeout=60, what="kube-proxy's chains in the node's namespace")
     cgroup = Path("/sys/fs/cgroup/memory") / layout.cgroup_root.strip("/")
     pod_pids = [p for procs in cgroup.rglob("cgroup.procs") for p in procs.read_text().split()]
     assert pod_pids
 
     started = {pid: _running_since(pid) for pid in [*inside, *pod_pids]}
     node.stop()
-    real_cluster.kubectl("delete", "pod", "sleeper", "--force", "--grace-period=0", check=False)
-    real_cluster.kubectl("delete", "node", "real-teardown", check=False)
 
     alive = [pid for pid, began in started.items() if _running_since(pid) == began]
     assert not alive, [_out("ps", "-o", "pid,stat,args", "-p", pid) for pid in alive]

@@ -133,7 +133,12 @@ def _run_to_completion(cluster: Any, namespace: str, name: str, image: str,
         phase = kube_json(cluster, "get", "pod", name, "-n", namespace)["status"].get("phase")
         return phase if phase in ("Succeeded", "Failed") else None
 
-    phase = wait_for(finished, timeout=120, interval=0.5, what=f"pod {name} to finish")
+    try:
+        phase = wait_for(finished, timeout=120, interval=0.5, what=f"pod {name} to finish")
+    except AssertionError as failure:  # say where it stood: its node, its containers' states
+        status = kube_json(cluster, "get", "pod", name, "-n", namespace)
+        raise AssertionError(f"{failure}; node {status['spec'].get('nodeName')}, "
+                             f"status {status['status']}") from None
     log = cluster.kubectl("logs", "-n", namespace, name, check=False).stdout
     return phase, log
 
