@@ -53,6 +53,8 @@ BATCH_SIZE = "modelyard_batch_size"  # histogram: items per forward pass
 INFERENCE_DURATION = "modelyard_inference_duration_seconds"  # histogram: per batch
 MODEL_LOAD = "modelyard_model_load_seconds"  # gauge: fetch + load + warm-up
 MODEL_READY = "modelyard_model_ready"  # gauge: 1 when the model answers inferences
+EXPLANATIONS = "modelyard_explanations"  # counter {outcome}: explain requests answered
+EXPLAIN_DURATION = "modelyard_explain_duration_seconds"  # histogram: one explanation computed
 GPU_UTILIZATION = "modelyard_gpu_utilization_ratio"  # gauge 0..1
 GPU_MEMORY = "modelyard_gpu_memory_bytes"  # gauge: allocated by this process
 GPU_MEMORY_RESERVED = "modelyard_gpu_memory_reserved_bytes"  # gauge: allocator's reserve
@@ -144,6 +146,17 @@ SETTINGS: tuple[Setting, ...] = (
             help="serve HTTPS with this certificate chain (PEM; reloaded when it changes)"),
     Setting("tls_key_file", "MODELYARD_TLS_KEY_FILE", "path",
             help="the certificate's private key (PEM)"),
+    Setting("explain", "MODELYARD_EXPLAIN", "bool",
+            help="serve POST /v2/models/{name}/explain: attributions with Captum "
+                 "(default false: 404)"),
+    Setting("explain_method", "MODELYARD_EXPLAIN_METHOD",
+            help="integrated_gradients (default) | saliency: a request's default"),
+    Setting("explain_steps", "MODELYARD_EXPLAIN_STEPS", "int",
+            help="integrated gradients' steps, a request's default and most (default 32)"),
+    Setting("explain_max_batch_size", "MODELYARD_EXPLAIN_MAX_BATCH_SIZE", "int",
+            help="most rows in one explain request (default 8)"),
+    Setting("explain_max_concurrent", "MODELYARD_EXPLAIN_MAX_CONCURRENT", "int",
+            help="explanations computed at once; past it 503 with Retry-After (default 1)"),
 )
 ENV_PREFIX = "MODELYARD_"
 _BY_FIELD = {s.field: s for s in SETTINGS}

@@ -223,6 +223,27 @@ class QueueBounds(ApiModel):
                     "it passes is answered 503; 0: no bound.")
 
 
+class Explain(ApiModel):
+    """Model explanations (engine modelyard): POST /v2/models/{name}/explain answers an OIP
+    inference request with the outputs and, per input, Captum's attributions. Each costs
+    steps forward and backward passes per row, on threads apart from inference, bounded
+    here; past maxConcurrent a request gets 503 with Retry-After (docs/runtime.md)."""
+
+    enabled: bool = Field(False, description="Serve the explain route; off: it answers 404.")
+    method: Literal["integrated_gradients", "saliency"] = Field(
+        "integrated_gradients",
+        description="A request's default: integrated_gradients (Captum's IntegratedGradients "
+                    "from a zeros baseline) or saliency (the gradient's magnitude: one "
+                    "backward pass, cheaper, coarser).")
+    steps: int = Field(
+        32, ge=2, le=512,
+        description="Integrated gradients' steps: a request's default and the most it may ask.")
+    max_batch_size: int = Field(
+        8, ge=1, le=256, description="Most rows (items along dim 0) in one explain request.")
+    max_concurrent: int = Field(
+        1, ge=1, le=16, description="Explanations computed at once per replica.")
+
+
 # Flags modelyard sets from first-class fields or itself: extraArgs may not repeat them.
 VLLM_OWNED_FLAGS = ("--model", "--served-model-name", "--host", "--port", "--dtype",
                     "--max-model-len", "--gpu-memory-utilization", "--tensor-parallel-size",
@@ -297,6 +318,10 @@ class RuntimeSpec(ApiModel):
                     "modelyard only; unset: REST only.")
     env: dict[str, str] = Field(
         default_factory=dict, description="Extra environment variables for the runtime.")
+    explain: Explain | None = Field(
+        None, description="Model explanations (Captum attributions); off when unset. Not "
+                          "for format aoti nor model.optimize.quantize, which have no "
+                          "gradients.")
     vllm: VllmSettings | None = Field(None, description="Engine vllm: its settings.")
 
     model_config = ConfigDict(json_schema_extra=_rules(
@@ -309,6 +334,9 @@ class RuntimeSpec(ApiModel):
              "HTTP", ".grpcPort"),
         _cel("!has(self.grpcPort) || self.grpcPort != (has(self.port) ? self.port : 8080)",
              "runtime.grpcPort must differ from runtime.port", ".grpcPort"),
+        _cel("!has(self.explain) || !self.explain.enabled || !has(self.engine) || "
+             "self.engine != 'vllm'",
+             "runtime.explain is for engine modelyard (tensor models)", ".explain"),
     ))
 
     def image_or_default(self) -> str:
@@ -638,6 +666,15 @@ class ModelDeploymentSpec(ApiModel):
         _cel("!has(self.tls) || !has(self.runtime.engine) || self.runtime.engine != 'vllm'",
              "tls is served by the tensor runtime; runtime.engine vllm does not take it yet",
              ".tls"),
+        _cel("!has(self.runtime.explain) || !self.runtime.explain.enabled || "
+             "!has(self.model.format) || self.model.format != 'aoti'",
+             "runtime.explain needs gradients through the model, and an aoti package has none: "
+             "serve the export or safetensors source to explain it", ".runtime.explain"),
+        _cel("!has(self.runtime.explain) || !self.runtime.explain.enabled || "
+             "!has(self.model.optimize) || !has(self.model.optimize.quantize)",
+             "runtime.explain needs gradients through the model, and dynamic-int8 layers "
+             "have none: leave model.optimize.quantize unset to explain it",
+             ".runtime.explain"),
         _cel("!has(self.tls) || !has(self.gateway)",
              "tls and gateway together are not supported yet: the Gateway would need a "
              "BackendTLSPolicy per version Service, which modelyard does not render",

@@ -154,6 +154,12 @@ def runtime_env(owner: Owner, spec: api.ModelDeploymentSpec,
         "cache_dir": MODEL_CACHE_DIR if node_cache is not None else CACHE_DIR,
         "device": "cuda" if _gpu_count(spec) else "cpu",
     }
+    explain = spec.runtime.explain
+    if explain is not None and explain.enabled:  # unset or off: the env (and digest) as before
+        values.update(explain="true", explain_method=explain.method,
+                      explain_steps=str(explain.steps),
+                      explain_max_batch_size=str(explain.max_batch_size),
+                      explain_max_concurrent=str(explain.max_concurrent))
     if spec.auth is not None:
         values["api_keys"] = API_KEYS_DIR
     if spec.tls is not None:

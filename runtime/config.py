@@ -32,6 +32,8 @@ FORMATS = ("torchscript", "export", "safetensors", "pickle", "aoti")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
 QUANTIZE = ("dynamic-int8",)
+EXPLAIN_METHODS = ("integrated_gradients", "saliency")
+MAX_EXPLAIN_STEPS = 512  # spec.runtime.explain.steps' schema bound too
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,11 @@ class RuntimeConfig:
     api_keys: Path | None = None  # a file or a mounted Secret's directory (auth.py)
     tls_cert_file: Path | None = None  # a mounted kubernetes.io/tls Secret's tls.crt
     tls_key_file: Path | None = None  # ... and its tls.key
+    explain: bool = False  # POST .../explain (explain.py); off: 404
+    explain_method: str = "integrated_gradients"
+    explain_steps: int = 32
+    explain_max_batch_size: int = 8
+    explain_max_concurrent: int = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -110,8 +117,27 @@ class RuntimeConfig:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             problems.append("TLS needs both a certificate and a key "
                             "(MODELYARD_TLS_CERT_FILE and MODELYARD_TLS_KEY_FILE)")
+        problems += self._explain_problems()
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _explain_problems(self) -> list[str]:
+        problems = []
+        if self.explain_method not in EXPLAIN_METHODS:
+            problems.append(f"explain method must be one of {', '.join(EXPLAIN_METHODS)}, "
+                            f"not {self.explain_method!r}")
+        if not 2 <= self.explain_steps <= MAX_EXPLAIN_STEPS:
+            problems.append(f"explain steps must be from 2 to {MAX_EXPLAIN_STEPS}")
+        if self.explain_max_batch_size < 1 or self.explain_max_concurrent < 1:
+            problems.append("explain's max batch size and max concurrent must be at least 1")
+        if self.explain and self.model_format == "aoti":
+            problems.append("explanations need gradients through the model, and an aoti "
+                            "package (AOTInductor) has none: serve the export or safetensors "
+                            "source to explain it")
+        if self.explain and self.quantize:
+            problems.append("explanations need gradients through the model, and dynamic-int8 "
+                            "quantised layers have none: leave quantize unset to explain it")
+        return problems
 
 
 _CONVERT: dict[str, Callable[[str], object]] = {

@@ -9,6 +9,7 @@ Hierarchy::
     RuntimeServingError
     ├── InvalidInput          400  malformed body, bad tensor, wrong shape / datatype
     ├── ModelNotFound         404  unknown model name or version
+    ├── NotEnabled            404  a route the deployment did not turn on (explanations)
     ├── PayloadTooLarge       413  body over the configured limit
     ├── ServiceUnavailable    503  model not loaded / warmed up yet, or draining
     │   └── Overloaded        503  the batch queue is full (items or wait): Retry-After
@@ -34,6 +35,7 @@ __all__ = [
     "InvalidInput",
     "ModelLoadError",
     "ModelNotFound",
+    "NotEnabled",
     "Overloaded",
     "PayloadTooLarge",
     "RuntimeServingError",
@@ -54,6 +56,10 @@ class InvalidInput(RuntimeServingError):
 
 class ModelNotFound(RuntimeServingError):
     """No model (or version) of that name is served here."""
+
+
+class NotEnabled(RuntimeServingError):
+    """The route exists, but this model's deployment did not turn it on."""
 
 
 class PayloadTooLarge(RuntimeServingError):
@@ -104,6 +110,7 @@ class ModelLoadError(StartupError):
 STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (InvalidInput, 400),
     (ModelNotFound, 404),
+    (NotEnabled, 404),
     (PayloadTooLarge, 413),
     (ServiceUnavailable, 503),
     (DeadlineExceeded, 504),

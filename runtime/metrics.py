@@ -6,6 +6,8 @@ registry, so tests can run several apps in one process) and exposed on
 and ``modelyard_queue_depth``; rollout analysis reads the request counter and
 the latency histogram. ``modelyard_rejected_requests_total{reason}`` counts the
 requests shed before the model ran (a full queue, a passed deadline, a client gone).
+Explanations (``explain.py``) have their own counter by outcome and their own latency
+histogram, so they never weigh on the inference latency that analysis and scaling read.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from prometheus_client.registry import Collector
 
 from modelyard import contract
 
-__all__ = ["CONTENT_TYPE", "RuntimeMetrics"]
+__all__ = ["CONTENT_TYPE", "EXPLAIN_OUTCOMES", "RuntimeMetrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -37,6 +39,10 @@ _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_EXPLAIN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+#: how an explain request ended: answered, a bad request (4xx), explanations off for the
+#: model (404), refused at the bound or before the model is ready (503), failed (5xx)
+EXPLAIN_OUTCOMES = ("ok", "invalid", "off", "overloaded", "failed")
 
 
 class _GpuCollector(Collector):
@@ -119,6 +125,16 @@ class RuntimeMetrics:
             contract.MODEL_READY, "1 when the model answers inferences",
             names, registry=self.registry,
         ).labels(model, version)
+        explanations = Counter(
+            contract.EXPLANATIONS, "Explain requests answered, by outcome "
+            "(" + ", ".join(EXPLAIN_OUTCOMES) + ")", [*names, "outcome"], registry=self.registry,
+        )
+        self._explanations = {outcome: explanations.labels(model, version, outcome)
+                              for outcome in EXPLAIN_OUTCOMES}
+        self.explain_duration = Histogram(
+            contract.EXPLAIN_DURATION, "Time to compute one explanation answered (200)",
+            names, buckets=_EXPLAIN_BUCKETS, registry=self.registry,
+        ).labels(model, version)
         self._per_outcome: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         if gpu:
             self.registry.register(_GpuCollector(self.labels))
@@ -132,6 +148,10 @@ class RuntimeMetrics:
 
     def observe_shed(self, reason: str) -> None:
         self._rejected[reason].inc()
+
+    def observe_explain(self, outcome: str) -> None:
+        """One explain request answered (its computing time: ``explain_duration``)."""
+        self._explanations[outcome].inc()
 
     def observe_request(self, protocol: str, code: int, seconds: float) -> None:
         children = self._per_outcome.get((protocol, code))

@@ -37,12 +37,14 @@ from modelyard.runtime.deadlines import TIMEOUT_HEADER, earliest, from_header
 from modelyard.runtime.errors import (
     InvalidInput,
     ModelNotFound,
+    NotEnabled,
     Overloaded,
     PayloadTooLarge,
     RuntimeServingError,
     ServiceUnavailable,
     status_for,
 )
+from modelyard.runtime.explain import Explainer, outcome_of
 from modelyard.runtime.handlers import Handler
 from modelyard.runtime.metrics import CONTENT_TYPE, RuntimeMetrics
 from modelyard.runtime.models import LoadedModel, load_model, load_object
@@ -115,6 +117,7 @@ class Runtime:
         self.model: LoadedModel | None = None
         self.handler: Handler | None = None
         self.batcher: Batcher | None = None
+        self.explainer: Explainer | None = None  # spec.runtime.explain (explain.py)
         self.failure: str | None = None
         self.draining = False
         self.exit_code = 0
@@ -150,6 +153,11 @@ class Runtime:
                 await run_blocking(model.warmup, config.max_batch_size)
             if handler is not None:
                 handler.setup(model)
+            if config.explain:
+                self.explainer = Explainer(model, config, self.metrics.explain_duration.observe)
+                if config.warmup and model.extra.get("declared") and not any(
+                        -1 in meta.shape[1:] for meta in model.inputs):
+                    await run_blocking(self.explainer.check)
         except Exception as error:
             message = str(error) if isinstance(error, RuntimeServingError) else repr(error)
             self.failure = f"model failed to load: {message}"
@@ -185,6 +193,8 @@ class Runtime:
             self._loader.cancel()
         if self.batcher is not None:
             await self.batcher.stop()
+        if self.explainer is not None:
+            self.explainer.close()
 
     # checks ----------------------------------------------------------------------------
     def check_model(self, name: str, version: str | None = None) -> None:
@@ -273,6 +283,36 @@ class Runtime:
             {k: v[i].tolist() for k, v in listed.items()} for i in range(rows)
         ]})
 
+    async def explain(self, name: str, version: str | None,
+                      body: Callable[[], Awaitable[bytes]], header_length: str | None) -> Reply:
+        """``/explain`` (explain.py): the outputs and each input's attributions. Counted
+        by outcome apart from inference (its metrics feed analysis and scaling); never
+        raises."""
+        error: Exception | None = None
+        try:
+            self.check_model(name, version)
+            if not self.config.explain:
+                raise NotEnabled(f"explanations are off for model {name!r}: its deployment "
+                                 "turns them on with spec.runtime.explain.enabled "
+                                 "(MODELYARD_EXPLAIN)")
+            self.loaded()
+            explainer = self.explainer
+            assert explainer is not None
+            explainer.check_room()  # before reading and decoding: refusing costs nothing
+            content = await body()
+            decoded = decode_infer_request(content, parse_header_length(header_length,
+                                                                        len(content)))
+            reply = Reply(200, await explainer.explain(decoded))
+        except _ClientGone:
+            raise
+        except Exception as failure:
+            if not isinstance(failure, RuntimeServingError):
+                log.exception("unexpected error during an explanation", exc_info=failure)
+            error = failure
+            reply = Reply.error(failure)
+        self.metrics.observe_explain(outcome_of(error))
+        return reply
+
     async def answer(self, protocol: str, work: Awaitable[Reply]) -> Reply:
         """Run one inference request: count it, time it, map its error (never raise)."""
         started = time.perf_counter()
@@ -304,6 +344,8 @@ async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any], gone: lis
 
 
 _INFER = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
+_EXPLAIN = re.compile(
+    r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/explain$")
 _PREDICT = re.compile(r"^/v1/models/(?P<name>[^/:]+):predict$")
 # Open without an API key: the kubelet's probes, Prometheus' and the operator's scrapes
 # (counts and latencies, no payload; the operator never reads Secrets), the static page.
@@ -342,6 +384,10 @@ class InferenceDoor:
             if infer or predict:
                 await self._inference(scope, receive, send, infer, predict)
                 return
+            explain = _EXPLAIN.match(path)
+            if explain:
+                await self._explain(scope, receive, send, explain)
+                return
         await self.app(scope, receive, send)
 
     async def _inference(
@@ -379,13 +425,33 @@ class InferenceDoor:
                     "headers": reply.headers()})
         await send({"type": "http.response.body", "body": reply.body})
 
-    async def _work(
-        self, receive: Receive, declared: int | None, header_length: str | None,
-        infer: re.Match[str] | None, predict: re.Match[str] | None,
-        *, request_timeout: bytes | None, gone: list[bool],
-    ) -> Reply:
+    async def _explain(self, scope: Scope, receive: Receive, send: Send,
+                       match: re.Match[str]) -> None:
+        """``/explain``: outside the batcher; a client that leaves before its body is
+        read gets no answer (one that leaves later: its explanation finishes)."""
+        if scope["method"] != "POST":
+            reply = Reply.json({"error": "Method Not Allowed"}, 405)
+        else:
+            declared: int | None = None
+            header_length: str | None = None
+            for key, value in scope["headers"]:
+                if key == b"content-length" and value.isdigit():
+                    declared = int(value)
+                elif key == b"inference-header-content-length":
+                    header_length = value.decode("latin-1")
+            try:
+                reply = await self.runtime.explain(match["name"], match["version"],
+                                                   lambda: self._body(receive, declared),
+                                                   header_length)
+            except _ClientGone:
+                return
+        await send({"type": "http.response.start", "status": reply.status,
+                    "headers": reply.headers()})
+        await send({"type": "http.response.body", "body": reply.body})
+
+    async def _body(self, receive: Receive, declared: int | None) -> bytes:
+        """The request body, within the size limit (413 past it)."""
         runtime = self.runtime
-        deadline = None if request_timeout is None else from_header(request_timeout)
         runtime.check_size(declared)
         chunks: list[bytes] = []
         total = 0
@@ -399,7 +465,16 @@ class InferenceDoor:
             runtime.check_size(None, total)
             chunks.append(chunk)
             more = message.get("more_body", False)
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _work(
+        self, receive: Receive, declared: int | None, header_length: str | None,
+        infer: re.Match[str] | None, predict: re.Match[str] | None,
+        *, request_timeout: bytes | None, gone: list[bool],
+    ) -> Reply:
+        runtime = self.runtime
+        deadline = None if request_timeout is None else from_header(request_timeout)
+        body = await self._body(receive, declared)
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.ensure_future(_watch_disconnect(receive, task, gone))

@@ -114,6 +114,17 @@ INVALID = [
         "secretName": "chat-tls"}}}, "runtime.engine vllm does not take it yet"),
     ("a network client naming nobody", with_("spec.networkPolicy", {"clients": [{}]}),
      "a client names a namespaceSelector, a podSelector or both"),
+    ("explanations of an aoti package", with_("spec", {
+        "model": {"version": "1", "uri": "s3://m/1/model.pt2", "format": "aoti"},
+        "runtime": {"explain": {"enabled": True}}}),
+     "runtime.explain needs gradients through the model, and an aoti package has none"),
+    ("explanations of int8 layers", with_("spec", {
+        "model": {"version": "1", "uri": "s3://m/1/model.safetensors", "format": "safetensors",
+                  "entryPoint": "m:build", "optimize": {"quantize": "dynamic-int8"}},
+        "runtime": {"explain": {"enabled": True}}}),
+     "dynamic-int8 layers have none"),
+    ("explain steps above the bound", with_("spec.runtime", {"explain": {"steps": 4096}}),
+     "spec.runtime.explain.steps: Invalid value: 4096"),
     ("tls behind a Gateway", with_("spec", {**VALID["spec"], "tls": {"secretName": "t"},
                                             "gateway": {"name": "gw"}}),
      "tls and gateway together are not supported yet"),

@@ -216,3 +216,28 @@ def test_a_declared_signature_reaches_the_runtime_as_its_metadata() -> None:
     with pytest.raises(ValueError, match="shape"):
         spec(model={"version": "1", "uri": "s3://m/k",
                     "inputs": [{"name": "x", "datatype": "FP32", "shape": [-2]}]})
+
+
+def test_explanations_are_rendered_only_when_enabled_and_read_back_by_the_runtime() -> None:
+    """spec.runtime.explain reaches the runtime as its MODELYARD_EXPLAIN* settings, which
+    the runtime's own parser reads into its config; unset or off, the pod is what it was."""
+    from modelyard.runtime.config import parse_config
+
+    s = spec(model={"version": "1", "uri": "s3://m/k.pt2", "format": "export"},
+             runtime={"explain": {"enabled": True, "method": "saliency", "steps": 64,
+                                  "maxBatchSize": 2, "maxConcurrent": 3}})
+    env = {e["name"]: e["value"] for e in render.runtime_env(OWNER, s)}
+    assert {k: v for k, v in env.items() if k.startswith("MODELYARD_EXPLAIN")} == {
+        "MODELYARD_EXPLAIN": "true", "MODELYARD_EXPLAIN_METHOD": "saliency",
+        "MODELYARD_EXPLAIN_STEPS": "64", "MODELYARD_EXPLAIN_MAX_BATCH_SIZE": "2",
+        "MODELYARD_EXPLAIN_MAX_CONCURRENT": "3"}
+    config = parse_config([], env)
+    assert (config.explain, config.explain_method, config.explain_steps,
+            config.explain_max_batch_size, config.explain_max_concurrent) == (
+        True, "saliency", 64, 2, 3)
+    for runtime in ({}, {"explain": {"enabled": False, "steps": 8}}):
+        plain = render.runtime_env(OWNER, spec(runtime=runtime))
+        assert not [e for e in plain if e["name"].startswith("MODELYARD_EXPLAIN")]
+        assert parse_config([], {e["name"]: e["value"] for e in plain}).explain is False
+    with pytest.raises(ValueError, match="less than or equal to 512"):
+        spec(runtime={"explain": {"enabled": True, "steps": 10_000}})
