@@ -740,7 +740,7 @@ def main() -> None:
     env = Environment(models / NAME / "1" / "model.pt", workdir)
     with contextlib.ExitStack() as stack:
         if {"coldstart", "step"} & set(parts):
-            bench_model.build(env.model_path, SIZE)
+            bench_model.build(env.model_path, SIZE, format="torchscript")  # legacy, as run
             env.cluster = stack.enter_context(local_cluster(models, workdir))
         if "coldstart" in parts:
             results["coldstart"] = coldstart_part(env, args)

@@ -72,7 +72,8 @@ def main() -> None:  # noqa: PLR0915
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
 
-    model_path = bench_model.build(CACHE / f"resnet18-{args.size}.pt", args.size)
+    model_path = bench_model.build(CACHE / f"resnet18-{args.size}.pt", args.size,
+                                   format="torchscript")  # legacy, as its runs were
     workdir = Path(tempfile.mkdtemp(prefix="modelyard-interleaved-"))
     env = Environment(model_path, args.size, workdir)
     bodies = make_bodies(args.size, workdir)

@@ -1,11 +1,13 @@
-"""The benchmark model: the demo ResNet-18 (plain torch, fixed random weights, TorchScript).
+"""The benchmark model: the demo ResNet-18 (plain torch, fixed random weights).
 
-Called by ``bench/runtime.py``; every server under test loads the same file. The
-model itself lives in :mod:`modelyard.runtime.demo` (``make run`` serves it too).
+Called by the benchmarks; every server under test loads the same file. The model and its
+formats live in :mod:`modelyard.runtime.demo` (``make run`` serves it too): ``export``
+(a ``torch.export`` program), ``aoti`` (an AOTInductor package from ``modelyard convert``)
+and the legacy ``torchscript``.
 """
 
 from __future__ import annotations
 
-from modelyard.runtime.demo import ResNet18, build
+from modelyard.runtime.demo import ResNet18, build, demo_model
 
-__all__ = ["ResNet18", "build"]
+__all__ = ["ResNet18", "build", "demo_model"]

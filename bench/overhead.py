@@ -130,7 +130,8 @@ def main() -> None:  # noqa: PLR0915
     if args.model == "null":
         model_path = build_null_model(CACHE / f"null-{args.size}.pt", args.size)
     else:
-        model_path = bench_model.build(CACHE / f"resnet18-{args.size}.pt", args.size)
+        model_path = bench_model.build(CACHE / f"resnet18-{args.size}.pt", args.size,
+                                       format="torchscript")  # legacy, as its runs were
     workdir = Path(tempfile.mkdtemp(prefix="modelyard-overhead-"))
     bodies = make_bodies(args.size, workdir)
     port = reserve_port()

@@ -250,7 +250,8 @@ def main() -> None:  # noqa: PLR0915
     args = parser.parse_args()
     if (os.cpu_count() or 1) < 2:
         sys.exit("the benchmark needs two cores: one for the server, one for the load")
-    model = bench_model.build(CACHE / f"resnet18-{args.size}.pt", args.size)
+    model = bench_model.build(CACHE / f"resnet18-{args.size}.pt", args.size,
+                              format="torchscript")  # legacy, as its runs were
     workdir = Path(tempfile.mkdtemp(prefix="modelyard-overload-"))
     bodies = make_bodies(args.size, workdir)
     body, headers = bodies["binary"]

@@ -1,10 +1,19 @@
 """The serving-runtime benchmark: modelyard against the raw limit, plain FastAPI and peers.
 
-    .venv/bin/python -m bench.runtime                # everything, ~25 min on 2 cores
+    .venv/bin/python -m bench.runtime                # everything, ~30 min on 2 cores
     .venv/bin/python -m bench.runtime --servers modelyard,fastapi --duration 10
+    .venv/bin/python -m bench.runtime --formats aoti,export,torchscript
 
-Method (so runs are comparable): the same TorchScript ResNet-18 (plain torch,
-fixed random weights, 3xSIZExSIZE) everywhere; each server with all its
+Method (so runs are comparable): the same ResNet-18 (plain torch, fixed random
+weights, 3xSIZExSIZE, ``modelyard.runtime.demo``) everywhere, in the formats of
+``--formats``: ``aoti`` (an AOTInductor package made by ``modelyard convert``, batch
+1 to 32, compiled once and cached), ``export`` (the ``torch.export`` program it is
+made from) and, on request, the legacy ``torchscript``. modelyard serves each format;
+the peers and plain FastAPI serve the first one, loaded the way ``bench/raw.py``
+loads it. Each format has its own raw limit (``bench/raw.py``: the model called
+directly in-process; an AOTInductor package through its C++ loader, as the runtime
+calls it), and each server is measured against the raw limit of the format it
+serves. Each server with all its
 processes pinned to core 0 (``taskset``; one torch/OMP thread), the load
 generator pinned to core 1; closed loop at each concurrency level, warm-up then
 the measured window; batching 16 / 5 ms wherever a server has it; the batch
@@ -50,6 +59,8 @@ SERVERS_DIR = ROOT / "bench" / "servers"
 CACHE = Path.home() / ".cache" / "modelyard" / "bench"
 SERVER_CORE, CLIENT_CORE = "0", "1"
 ALL_SERVERS = ("modelyard", "fastapi", "kserve", "mlserver", "litserve", "torchserve")
+FORMATS = ("aoti", "export", "torchscript")
+AOTI_MAX_BATCH = 32  # the largest batch bench/raw.py measures
 PAYLOADS = {
     "modelyard": ("binary", "json"),
     "fastapi": ("json",),
@@ -167,10 +178,40 @@ class Running:
 
 @dataclass
 class Environment:
-    model_path: Path
+    models: dict[str, Path]  # format -> file; the first format is what the peers serve
     size: int
     workdir: Path
     pythons: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def peer_format(self) -> str:
+        return next(iter(self.models))
+
+
+def served_format(name: str, env: Environment) -> str:
+    """``modelyard/aoti`` serves aoti; every other server the peers' format."""
+    return name.split("/", 1)[1] if name.startswith("modelyard/") else env.peer_format
+
+
+def build_models(size: int, formats: list[str]) -> dict[str, Path]:
+    """The demo ResNet-18 in each format, cached (an AOTInductor package per torch version:
+    it is compiled for this machine's CPU by ``modelyard convert``, verified against the
+    exported program, ~1 min on two cores the first time)."""
+    files = {
+        "export": f"resnet18-{size}.pt2",
+        "aoti": f"resnet18-{size}-aoti-b{AOTI_MAX_BATCH}-torch{torch.__version__}.pt2",
+        "torchscript": f"resnet18-{size}.pt",
+    }
+    models = {}
+    for fmt in formats:
+        path = CACHE / files[fmt]
+        if not path.exists():
+            print(f"building the {fmt} model…", flush=True)
+        started = time.monotonic()
+        models[fmt] = bench_model.build(path, size, format=fmt, max_batch=AOTI_MAX_BATCH)
+        if time.monotonic() - started > 1:
+            print(f"  {models[fmt]} in {time.monotonic() - started:.0f} s", flush=True)
+    return models
 
 
 def _env(extra: dict[str, str]) -> dict[str, str]:
@@ -190,20 +231,26 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
 def launch(name: str, env: Environment) -> Running:  # noqa: PLR0915
     port = reserve_port()
     base = f"http://127.0.0.1:{port}"
-    work = env.workdir / name
+    work = env.workdir / name.replace("/", "-")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     batch_log = work / "batches.log"
-    extra = {"BENCH_BATCH_LOG": str(batch_log), "BENCH_MODEL_PATH": str(env.model_path)}
-    model = str(env.model_path)
+    fmt = served_format(name, env)
+    model = str(env.models[fmt])
+    extra = {
+        "BENCH_BATCH_LOG": str(batch_log),
+        "BENCH_MODEL_PATH": model,
+        "BENCH_MODEL_FORMAT": fmt,
+    }
     v2 = f"{base}/v2/models/resnet/infer"
     metrics_url = None
-    if name == "modelyard":
+    if name.startswith("modelyard/"):
         command = [sys.executable, "-m", "modelyard.runtime"]
         extra.update(
             {
                 "MODELYARD_MODEL_NAME": "resnet",
                 "MODELYARD_MODEL_URI": model,
+                "MODELYARD_MODEL_FORMAT": fmt,
                 "MODELYARD_HOST": "127.0.0.1",
                 "MODELYARD_PORT": str(port),
                 "MODELYARD_MAX_BATCH_SIZE": "16",
@@ -263,7 +310,8 @@ def launch(name: str, env: Environment) -> Running:  # noqa: PLR0915
         python = env.pythons[name]
         store = work / "store"
         store.mkdir()
-        shutil.copy(model, work / "model.pt")
+        served = work / Path(model).name  # the handler loads it by this name
+        shutil.copy(model, served)
         subprocess.run(
             [
                 str(python.with_name("torch-model-archiver")),
@@ -272,7 +320,7 @@ def launch(name: str, env: Environment) -> Running:  # noqa: PLR0915
                 "--version",
                 "1.0",
                 "--serialized-file",
-                str(work / "model.pt"),
+                str(served),
                 "--handler",
                 str(SERVERS_DIR / "torchserve_handler.py"),
                 "--export-path",
@@ -477,16 +525,28 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(finite) if finite else float("nan")
 
 
+FORMAT_NOTES = {
+    "aoti": f"AOTInductor package from modelyard convert, batch 1-{AOTI_MAX_BATCH}",
+    "export": "torch.export program",
+    "torchscript": "TorchScript, legacy",
+}
+
+
+def _label(name: str, versions: dict[str, str]) -> str:
+    if name.startswith("modelyard/"):
+        return f"modelyard {versions.get('modelyard', '')} {name.split('/', 1)[1]}"
+    return f"{name} {versions.get(name, '')}".strip()
+
+
 def render(
     results: dict[str, object],
-    raw: dict[str, object],
+    raws: dict[str, dict[str, Any]],
     args: argparse.Namespace,
     versions: dict[str, str],
     skipped: dict[str, str],
 ) -> str:
     levels = args.levels
-    raw_best = float(raw["best_items_per_s"])  # type: ignore[arg-type]
-    batch1_ms = float(raw["batch1_ms"])  # type: ignore[arg-type]
+    peer_format = args.formats[0]
     lines = [
         f"modelyard runtime benchmark — ResNet-18 (plain torch, fixed random weights), "
         f"input 3x{args.size}x{args.size}, CPU",
@@ -497,33 +557,40 @@ def render(
         f"{CLIENT_CORE}; closed loop; {args.warmup:g} s warm-up + {args.duration:g} s measured "
         f"per level; {args.passes} pass(es), the second in reverse order; figures are means "
         f"over passes; batching 16 / 5 ms where supported; single-item requests",
-        "",
-        f"raw in-process limit (core {SERVER_CORE}, one thread; mean of before and after the "
-        f"sweep: {raw['before']['best_items_per_s']:.1f} and "
-        f"{raw['after']['best_items_per_s']:.1f}): best "
-        f"{raw_best:.1f} items/s at batch {raw['best_batch']}; batch-1 forward "
-        f"{batch1_ms:.1f} ms ({1000 / batch1_ms:.1f}/s)",
-        "  per batch size: "
-        + ", ".join(
-            f"b{b}={v:.1f}"
-            for b, v in raw["items_per_s"].items()  # type: ignore[attr-defined]
-        ),
+        f"load average (1 min) at the start {args.load_start:.1f}, at the end "
+        f"{os.getloadavg()[0]:.1f} (other work on the machine slows every figure)",
+        "model formats: "
+        + "; ".join(f"{f} ({FORMAT_NOTES[f]})" for f in args.formats)
+        + f"; modelyard serves each, the other servers serve {peer_format}",
         "",
     ]
-    header = f"{'server':<22}{'payload':<8}"
+    for fmt in args.formats:
+        raw = raws[fmt]
+        lines += [
+            f"raw in-process limit, {fmt} (core {SERVER_CORE}, one thread; mean of before and "
+            f"after the sweep: {raw['before']['best_items_per_s']:.1f} and "
+            f"{raw['after']['best_items_per_s']:.1f}): best {raw['best_items_per_s']:.1f} "
+            f"items/s at batch {raw['best_batch']}; batch-1 forward {raw['batch1_ms']:.1f} ms "
+            f"({1000 / raw['batch1_ms']:.1f}/s)",
+            "  per batch size: "
+            + ", ".join(f"b{b}={v:.1f}" for b, v in raw["items_per_s"].items()),
+        ]
+    lines.append("")
+    header = f"{'server':<26}{'payload':<8}"
     for level in levels:
         header += f"| c={level:<3} items/s   p50 ms   p99 ms  batch "
     header += "| eff@max | idle MB | idle CPU% | 1st inference s"
     lines.append(header)
     lines.append("-" * len(header))
     table: dict[tuple[str, str, int], float] = {}
-    for name in [n for n in args.servers if n in results and n != "_failed"]:
+    p50s: dict[tuple[str, str, int], float] = {}
+    for name in [n for n in args.server_order if n in results and n != "_failed"]:
         info = results[name]
         assert isinstance(info, dict)
+        raw_best = float(raws[args.server_formats[name]]["best_items_per_s"])
         kinds = sorted({key.split("@")[0] for key in info["runs"]}, key=lambda k: k != "binary")
         for kind in kinds:
-            label = f"{name} {versions.get(name, '')}".strip()
-            row = f"{label:<22}{kind:<8}"
+            row = f"{_label(name, versions):<26}{kind:<8}"
             for level in levels:
                 runs = info["runs"].get(f"{kind}@{level}", [])
                 ips = _mean([r["items_per_s"] for r in runs])
@@ -532,6 +599,7 @@ def render(
                 batch = _mean([r["mean_batch"] for r in runs])
                 errors = sum(int(r["errors"]) for r in runs)
                 table[(name, kind, level)] = ips
+                p50s[(name, kind, level)] = p50
                 row += f"| {ips:13.1f} {p50:8.1f} {p99:8.1f} {batch:5.1f}" + (
                     "!" if errors else " "
                 )
@@ -543,80 +611,105 @@ def render(
             lines.append(row)
     lines.append("")
     lines.append(
-        "eff@max = items/s at the highest concurrency ÷ raw limit; "
-        "'!' = some requests failed in that cell; batch = mean items per forward pass"
+        "eff@max = items/s at the highest concurrency ÷ the raw limit of the format that "
+        "server serves; '!' = some requests failed in that cell; batch = mean items per "
+        "forward pass"
     )
     failed = results.get("_failed", {})
     assert isinstance(failed, dict)
     for name, why in {**skipped, **failed}.items():
         lines.append(f"not measured: {name}: {why.splitlines()[0][:300]}")
-    lines += ["", *verdicts(table, results, raw_best, batch1_ms, levels)]
+    lines += ["", *verdicts(table, p50s, results, raws, args)]
     return "\n".join(lines) + "\n"
 
 
 def verdicts(
     table: dict[tuple[str, str, int], float],
+    p50s: dict[tuple[str, str, int], float],
     results: dict[str, object],
-    raw_best: float,
-    batch1_ms: float,
-    levels: list[int],
+    raws: dict[str, dict[str, Any]],
+    args: argparse.Namespace,
 ) -> list[str]:
-    out = ["targets (measured, not asserted):"]
+    levels = args.levels
     top = levels[-1]
-    for kind, target in (("binary", 0.90), ("json", 0.75)):
-        value = table.get(("modelyard", kind, top))
-        if value is not None:
-            met = "met" if value / raw_best >= target else "MISSED"
-            out.append(
-                f"  modelyard {kind} at c={top}: {value / raw_best:.2f} of raw "
-                f"(target ≥ {target:.2f}) — {met}"
-            )
+    ours = [n for n in args.server_order if n.startswith("modelyard/") and n in results]
+    out = ["targets (measured, not asserted):"]
+    for name in ours:
+        fmt = args.server_formats[name]
+        raw = raws[fmt]
+        for kind, target in (("binary", 0.90), ("json", 0.75)):
+            value = table.get((name, kind, top))
+            if value is not None:
+                share = value / raw["best_items_per_s"]
+                out.append(
+                    f"  {name} {kind} at c={top}: {share:.2f} of raw {fmt} "
+                    f"{raw['best_items_per_s']:.1f} items/s (target ≥ {target:.2f}) — "
+                    f"{'met' if share >= target else 'MISSED'}"
+                )
+        if 1 in levels:
+            for kind in ("binary", "json"):
+                p50 = p50s.get((name, kind, 1))
+                if p50 is None:
+                    continue
+                ratio = p50 / raw["batch1_ms"]
+                out.append(
+                    f"  {name} c=1 {kind}: p50 {p50:.1f} ms = x{ratio:.2f} of one batch-1 "
+                    f"{fmt} forward {raw['batch1_ms']:.1f} ms (target ≤ x1.15) — "
+                    f"{'met' if ratio <= 1.15 else 'MISSED'}"
+                )
     for level in [lv for lv in levels if lv >= 8]:
-        ours = max(
-            (v for (n, _, lv), v in table.items() if n == "modelyard" and lv == level),
-            default=float("nan"),
-        )
         peers = {
-            (n, k): v for (n, k, lv), v in table.items() if n not in ("modelyard",) and lv == level
+            (n, k): v
+            for (n, k, lv), v in table.items()
+            if not n.startswith("modelyard/") and lv == level
         }
-        if peers:
-            (best_name, best_kind), best = max(peers.items(), key=lambda item: item[1])
-            out.append(
-                f"  c={level}: modelyard {ours:.1f} items/s vs best other "
-                f"{best_name}/{best_kind} {best:.1f} → x{ours / best:.2f}"
+        if not peers:
+            continue
+        (best_name, best_kind), best = max(peers.items(), key=lambda item: item[1])
+        for name in ours:
+            mine = max(
+                (v for (n, _, lv), v in table.items() if n == name and lv == level),
+                default=float("nan"),
             )
-    info = results.get("modelyard")
-    if isinstance(info, dict) and 1 in levels:
-        p50s = [
-            _mean([r["p50_ms"] for r in info["runs"].get(f"{k}@1", [])]) for k in ("binary", "json")
-        ]
-        for kind, p50 in zip(("binary", "json"), p50s, strict=True):
-            met = "met" if p50 / batch1_ms <= 1.15 else "MISSED"
             out.append(
-                f"  c=1 {kind}: p50 {p50:.1f} ms = x{p50 / batch1_ms:.2f} of one batch-1 "
-                f"forward (target ≤ x1.15) — {met}"
+                f"  c={level}: {name} {mine:.1f} items/s vs best other "
+                f"{best_name}/{best_kind} ({args.formats[0]}) {best:.1f} → x{mine / best:.2f}"
             )
-        ours_mb = _mean(info["idle_mb"])
-        peers_mb = {
-            n: _mean(v["idle_mb"])
-            for n, v in results.items()
-            if isinstance(v, dict)
-            and n not in ("modelyard", "_failed", "fastapi")
-            and "idle_mb" in v
-        }
-        if peers_mb:
+    peers_mb = {
+        n: _mean(v["idle_mb"])
+        for n, v in results.items()
+        if isinstance(v, dict)
+        and not n.startswith("modelyard/")
+        and n not in ("_failed", "fastapi")
+        and "idle_mb" in v
+    }
+    for name in ours:
+        info = results[name]
+        if peers_mb and isinstance(info, dict):
+            ours_mb = _mean(info["idle_mb"])
             lightest = min(peers_mb, key=lambda n: peers_mb[n])
+            met = "met" if ours_mb < peers_mb[lightest] else "MISSED"
             out.append(
-                f"  idle memory: modelyard {ours_mb:.0f} MB vs lightest peer {lightest} "
-                f"{peers_mb[lightest]:.0f} MB — "
-                f"{'met' if ours_mb < peers_mb[lightest] else 'MISSED'}"
+                f"  idle memory: {name} {ours_mb:.0f} MB vs lightest peer {lightest} "
+                f"{peers_mb[lightest]:.0f} MB — {met}"
+            )
+    if len(args.formats) > 1:
+        base = args.formats[-1]
+        out.append(f"formats (raw, against {base}; not a target):")
+        for fmt in args.formats[:-1]:
+            a, b = raws[fmt], raws[base]
+            out.append(
+                f"  {fmt}: best x{a['best_items_per_s'] / b['best_items_per_s']:.2f} "
+                f"({a['best_items_per_s']:.1f} vs {b['best_items_per_s']:.1f} items/s), "
+                f"batch 1 x{b['batch1_ms'] / a['batch1_ms']:.2f} "
+                f"({a['batch1_ms']:.1f} vs {b['batch1_ms']:.1f} ms)"
             )
     return out
 
 
-def measure_raw(model_path: Path, size: int) -> dict[str, Any]:
-    """The raw limit on the server core (measured before and after the sweep)."""
-    print("raw limit…", flush=True)
+def measure_raw(model_path: Path, size: int, fmt: str) -> dict[str, Any]:
+    """The raw limit of one format on the server core (measured before and after the sweep)."""
+    print(f"raw limit, {fmt}…", flush=True)
     command = [
         "taskset",
         "-c",
@@ -627,6 +720,8 @@ def measure_raw(model_path: Path, size: int) -> dict[str, Any]:
         str(model_path),
         str(size),
         "4",
+        "--format",
+        fmt,
     ]
     run = subprocess.run(
         command, cwd=ROOT, capture_output=True, text=True, check=True, env=_env({}), timeout=900
@@ -656,6 +751,14 @@ def combine_raw(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]
     }
 
 
+def _formats(text: str) -> list[str]:
+    formats = [f for f in text.split(",") if f]
+    unknown = set(formats) - set(FORMATS)
+    if unknown or not formats:
+        raise argparse.ArgumentTypeError(f"formats are {', '.join(FORMATS)}")
+    return formats
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=64)
@@ -665,15 +768,23 @@ def main() -> None:
         "--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32]
     )
     parser.add_argument("--servers", type=lambda s: s.split(","), default=list(ALL_SERVERS))
+    parser.add_argument(
+        "--formats",
+        type=_formats,
+        default=["aoti", "export"],
+        help="model formats (aoti, export, torchscript): modelyard serves "
+        "each, the other servers the first (default aoti,export)",
+    )
     parser.add_argument("--passes", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     if (os.cpu_count() or 1) < 2:
         sys.exit("the benchmark needs two cores: one for the servers, one for the load")
 
-    model_path = bench_model.build(CACHE / f"resnet18-{args.size}.pt", args.size)
+    args.load_start = os.getloadavg()[0]
+    models = build_models(args.size, args.formats)
     workdir = Path(tempfile.mkdtemp(prefix="modelyard-bench-"))
-    env = Environment(model_path, args.size, workdir)
+    env = Environment(models, args.size, workdir)
     versions = {"modelyard": "0.1.0", "fastapi": ""}
     skipped: dict[str, str] = {}
     for name in args.servers:
@@ -685,25 +796,42 @@ def main() -> None:
             else:
                 env.pythons[name] = python
                 versions[name] = version_of(python, name)
-    servers = [n for n in args.servers if n not in skipped]
+    args.server_order = [
+        expanded
+        for name in args.servers
+        for expanded in (
+            [f"modelyard/{f}" for f in args.formats] if name == "modelyard" else [name]
+        )
+    ]
+    args.server_formats = {name: served_format(name, env) for name in args.server_order}
+    servers = [n for n in args.server_order if n not in skipped]
     bodies = make_bodies(args.size, workdir)
-    raw_before = measure_raw(model_path, args.size)
+    raw_before = {fmt: measure_raw(path, args.size, fmt) for fmt, path in models.items()}
     results: dict[str, object] = {}
     for index in range(args.passes):
         order = servers if index % 2 == 0 else list(reversed(servers))
         print(f"pass {index + 1}: {', '.join(order)}", flush=True)
         for name in order:
             run_server(name, env, bodies, args.levels, args.warmup, args.duration, results)
-    raw_after = measure_raw(model_path, args.size)
-    raw = combine_raw(raw_before, raw_after)
-    text = render(results, raw, args, versions, skipped)
+    raws = {
+        fmt: combine_raw(raw_before[fmt], measure_raw(path, args.size, fmt))
+        for fmt, path in models.items()
+    }
+    text = render(results, raws, args, versions, skipped)
     print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M")
     (args.out / f"runtime-{args.size}-{stamp}.txt").write_text(text)
     (args.out / f"runtime-{args.size}-{stamp}.json").write_text(
         json.dumps(
-            {"raw": raw, "results": results, "versions": versions, "skipped": skipped},
+            {
+                "raw": raws,
+                "results": results,
+                "versions": versions,
+                "skipped": skipped,
+                "formats": args.formats,
+                "models": {f: str(p) for f, p in models.items()},
+            },
             indent=1,
             default=str,
         )

@@ -313,7 +313,8 @@ def _up(cluster: LocalCluster, args: argparse.Namespace, stop: threading.Event,
 
 
 def _demo_models(examples: Path, models_dir: Path) -> list[Path]:
-    """Write the demo ResNet-18 wherever an example points at a missing file:///models/ file."""
+    """Write the demo ResNet-18 wherever an example points at a missing file:///models/ file,
+    in the example's format (``export``, ``aoti`` or the legacy ``torchscript``)."""
     import yaml
 
     from .devcluster.pods import MODELS_MOUNT
@@ -324,14 +325,18 @@ def _demo_models(examples: Path, models_dir: Path) -> list[Path]:
         for doc in yaml.safe_load_all(path.read_text()):
             if not isinstance(doc, dict) or doc.get("kind") != "ModelDeployment":
                 continue
-            uri = str(doc.get("spec", {}).get("model", {}).get("uri", ""))
+            model = doc.get("spec", {}).get("model", {})
+            uri = str(model.get("uri", ""))
             if not uri.startswith(f"file://{MODELS_MOUNT}"):
                 continue
             target = models_dir / uri.removeprefix(f"file://{MODELS_MOUNT}")
             if not target.exists():
                 from modelyard.runtime.demo import build
 
-                built.append(build(target, size=64))
+                batching = doc.get("spec", {}).get("runtime", {}).get("batching", {})
+                built.append(build(target, size=64,
+                                   format=str(model.get("format", "torchscript")),
+                                   max_batch=int(batching.get("maxBatchSize", 32))))
     return built
 
 

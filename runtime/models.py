@@ -326,6 +326,10 @@ def load_model(config: RuntimeConfig, path: Path) -> LoadedModel:
         warnings.simplefilter("ignore", FutureWarning)
         loaded = _load_module(config, path, device)
     module, embedded, derived, eager = loaded.module, loaded.embedded, loaded.derived, loaded.eager
+    if config.model_format == "torchscript":
+        log.warning("%s is TorchScript, which PyTorch has deprecated: it keeps loading, but "
+                    "serve a torch.export program (format export) or an AOTInductor package "
+                    "from `modelyard convert` (format aoti) instead", path)
     device = loaded.device or device
     if isinstance(module, torch.nn.Module) and config.model_format != "export":
         module.eval()  # an exported program is already in inference form (and refuses eval())

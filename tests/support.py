@@ -25,7 +25,9 @@ def install_crd(cluster: Any) -> None:
 def real_pod_cluster(state: Path) -> Iterator[Any]:
     """A local cluster whose model pods are real runtime processes (one 8-GPU H100 node),
     serving the demo model built at ``<state>/models/demo/1/model.pt``
-    (``file:///models/demo/1/model.pt`` in a spec), with the CRD installed. The cluster
+    (``file:///models/demo/1/model.pt`` in a spec), with the CRD installed. It is the
+    legacy TorchScript file, the format a spec gets when it names none: the cluster tests'
+    manifests leave ``format`` out, and so keep the legacy path tested end to end. The cluster
     carries ``models_dir`` and ``pods`` (the stand-in kubelet, :class:`PodProcesses`)."""
     from modelyard.operator.devcluster import ClusterConfig, LocalCluster, NodePool
     from modelyard.operator.devcluster.pods import PodProcesses
@@ -33,7 +35,7 @@ def real_pod_cluster(state: Path) -> Iterator[Any]:
 
     pools = (NodePool("gpu-h100", count=1, gpus=8, gpu_product="NVIDIA-H100-80GB-HBM3"),)
     models = state / "models"
-    build(models / "demo" / "1" / "model.pt", size=32, classes=10)
+    build(models / "demo" / "1" / "model.pt", size=32, classes=10, format="torchscript")
     with LocalCluster(ClusterConfig(topology=pools, real_pods=True)) as local:
         install_crd(local)
         pods = PodProcesses(local, models_dir=models, log_dir=state / "pods", max_backoff_s=2)

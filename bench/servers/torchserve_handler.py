@@ -1,4 +1,7 @@
-"""TorchServe handler: OIP JSON body, stdlib json in the worker, batched by the frontend."""
+"""TorchServe handler: OIP JSON body, stdlib json in the worker, batched by the frontend.
+
+The model is loaded by ``common.load_any`` in the benchmark's format, as every peer loads it.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import os
 
 import numpy as np
 import torch
+from common import load_any  # bench/servers, on the workers' PYTHONPATH
 from ts.torch_handler.base_handler import BaseHandler
 
 
@@ -21,7 +25,9 @@ class ResNetHandler(BaseHandler):  # type: ignore[misc]
     def initialize(self, context) -> None:  # type: ignore[no-untyped-def]
         torch.set_num_threads(1)
         model_dir = context.system_properties.get("model_dir")
-        self.model = torch.jit.load(os.path.join(model_dir, "model.pt")).eval()
+        served = os.path.basename(os.environ["BENCH_MODEL_PATH"])  # archived by that name
+        self.model = load_any(os.path.join(model_dir, served),
+                              os.environ.get("BENCH_MODEL_FORMAT", "torchscript"))
         self.initialized = True
 
     def preprocess(self, data):  # type: ignore[no-untyped-def]

@@ -35,6 +35,6 @@ def test_dev_up_serves_the_example_from_gpu_nodes(tmp_path: Path) -> None:
                for line in answers), answers
     tops = {line.split("top classes ")[1] for line in answers}
     assert len(tops) == 1, answers  # the same deterministic model answers the same
-    assert (state / "models" / "resnet" / "1" / "model.pt").exists()
+    assert (state / "models" / "resnet" / "1" / "model.pt2").exists()  # a torch.export program
     assert f"export KUBECONFIG={state / 'cluster' / 'kubeconfig'}" in out
     assert not (state / "cluster").exists()  # stopped cleanly, nothing left behind

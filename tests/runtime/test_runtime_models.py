@@ -38,8 +38,11 @@ def check_mlp(model_path: Path, cfg: RuntimeConfig, *, atol: float = 1e-5) -> No
     assert torch.equal(out[model.outputs[1].name], label)
 
 
-def test_torchscript_with_embedded_metadata(models: dict[str, Path]) -> None:
-    check_mlp(models["mlp"], config(models["mlp"]))
+def test_torchscript_with_embedded_metadata(models: dict[str, Path],
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="modelyard.runtime.models"):
+        check_mlp(models["mlp"], config(models["mlp"]))
+    assert "TorchScript, which PyTorch has deprecated" in caplog.text  # legacy: say so
     meta = load_model(config(models["mlp"]), models["mlp"]).metadata()
     assert meta["platform"] == "pytorch_torchscript"
     assert [o["name"] for o in meta["outputs"]] == ["logits", "label"]
