@@ -103,6 +103,38 @@ class Optimize(ApiModel):
     compile: bool = Field(False, description="Run torch.compile on the model before warm-up.")
 
 
+class Convert(ApiModel):
+    """Convert each new version before it rolls out: a Job on a node like the model's own
+    compiles the source into an AOTInductor package (``modelyard convert``), verifies it
+    against the source within ``tolerance``, writes it next to the source (same store,
+    named by its digest), and the new version's pods serve the package. A conversion that
+    fails stops the rollout; the stable version keeps serving (docs/rollouts.md)."""
+
+    target: Literal["aoti"] = Field(
+        "aoti", description="What to convert to: aoti (an AOTInductor package for the "
+                            "model's device: CUDA with resources.gpu, else CPU).")
+    quantize: Literal["none", "int8-weight-only", "int8-dynamic", "float8-dynamic"] = Field(
+        "none", description="torchao quantisation: int8-dynamic (CPU linear layers at "
+                            "batches above a few), int8-weight-only (memory-bound linear "
+                            "layers, batch 1-4), float8-dynamic (CUDA, compute capability "
+                            ">= 8.9). Needs format safetensors (an exported program has no "
+                            "nn.Linear left to rewrite).")
+    tolerance: float | None = Field(
+        None, ge=0, le=1,
+        description="Largest accepted output difference against the source (relative to "
+                    "the largest reference value; for integer outputs the share that "
+                    "differs). Default 1e-4, quantised 5e-2. A package outside it is never "
+                    "written and the rollout stops.")
+    image: str | None = Field(
+        None, min_length=1, max_length=512,
+        description="Image of the conversion Job; it needs modelyard's runtime, a C++ "
+                    "compiler and, to quantise, torchao (the extra 'convert'). Default: "
+                    "runtime.image.")
+    active_deadline_seconds: int = Field(
+        1800, ge=60, le=86_400,
+        description="How long the conversion Job may run before it counts as failed.")
+
+
 # The runtime's tensor datatypes (modelyard.runtime.protocol.DATATYPES, the OIP names).
 TensorDatatype = Literal["FP32", "FP16", "BF16", "FP64", "INT64", "INT32", "INT16", "INT8",
                          "UINT8", "BOOL"]
@@ -176,6 +208,10 @@ class ModelSource(ApiModel):
     outputs: list[TensorSignature] | None = Field(
         None, min_length=1, max_length=64, json_schema_extra=_SIGNATURES_UNIQUE,
         description="Declared outputs, in the model's order; default: learned at warm-up.")
+    convert: Convert | None = Field(
+        None, description="Convert each new version ahead of time before its pods start "
+                          "(format export or safetensors; a store the Job can write: s3://, "
+                          "pvc:// or file://).")
 
     model_config = ConfigDict(json_schema_extra=_rules(
         _cel("!has(self.format) || self.format != 'safetensors' || has(self.entryPoint)",
@@ -195,6 +231,21 @@ class ModelSource(ApiModel):
              "tensor models"),
         _cel("!self.uri.startsWith('pvc://') || self.uri.matches('^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.+')",
              "a pvc:// uri must look like pvc://CLAIM/PATH/TO/MODEL", ".uri"),
+        _cel("!has(self.convert) || (has(self.format) && "
+             "(self.format == 'export' || self.format == 'safetensors'))",
+             "convert compiles an exported program or safetensors weights: set format "
+             "export or safetensors (format aoti is already converted)", ".convert"),
+        _cel("!has(self.convert) || !self.uri.matches('^https?://')",
+             "convert writes its package next to the source, and an http(s) store is read "
+             "only: keep the source in s3://, pvc:// or file://", ".convert"),
+        _cel("!has(self.convert) || !has(self.optimize)",
+             "with convert the pods serve the compiled package: optimize does not apply "
+             "(quantise with convert.quantize)", ".optimize"),
+        _cel("!has(self.convert) || !has(self.convert.quantize) || "
+             "self.convert.quantize == 'none' || "
+             "(has(self.format) && self.format == 'safetensors')",
+             "convert.quantize rewrites nn.Linear layers, which an exported program no longer "
+             "has: convert from format safetensors", ".convert.quantize"),
     ))
 
 

@@ -64,6 +64,32 @@ class AnalysisFigures(WindowFigures):
                           "thresholds).")
 
 
+class ConversionRecord(ApiModel):
+    """A version's conversion (spec.model.convert): its Job, and what it measured."""
+
+    job: str = Field(..., description="The conversion Job.")
+    key: str = Field(..., description="Digest of what was converted (source and settings).")
+    phase: Literal["Converting", "Converted", "Failed"] = Field(
+        ..., description="Converting, Converted or Failed.")
+    target: str = Field("aoti", description="What it converts to.")
+    quantize: str = Field("none", description="The quantisation asked for.")
+    source_sha256: str | None = Field(None, description="SHA-256 of the source converted.")
+    artifact_uri: str | None = Field(None, description="The package written (content-"
+                                                       "addressed: named by its digest).")
+    artifact_sha256: str | None = Field(None, description="SHA-256 of the package.")
+    speedup: float | None = Field(
+        None, description="Package items/s over the source's, at the batching limit.")
+    speedup_batch1: float | None = Field(
+        None, description="Source latency over the package's, at batch 1.")
+    accuracy_delta: float | None = Field(
+        None, description="Largest output difference against the source (verification).")
+    tolerance: float | None = Field(None, description="The accuracy delta accepted.")
+    compile_seconds: float | None = Field(None, description="Time to export and compile.")
+    started_at: str = Field(..., description="When the conversion started.")
+    finished_at: str | None = Field(None, description="When it finished.")
+    message: str | None = Field(None, description="Why it failed.")
+
+
 class VersionRecord(ApiModel):
     """One entry of the version ledger."""
 
@@ -77,6 +103,8 @@ class VersionRecord(ApiModel):
     reason: str | None = Field(None, description="Why it is in this phase.")
     analysis: AnalysisFigures | None = Field(
         None, description="The canary analysis figures that decided this phase.")
+    conversion: ConversionRecord | None = Field(
+        None, description="Its conversion (spec.model.convert): the package it serves.")
 
 
 class CanaryStatus(ApiModel):

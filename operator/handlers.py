@@ -5,9 +5,10 @@ Run it as ``kopf run -m modelyard.operator.handlers --all-namespaces`` (or with
 Kept thin on purpose: every decision lives in :mod:`.reconcile` and the pure
 modules it calls.
 
-* Indexes keep the ModelDeployments and their Deployments, Services and Pods in
-  memory, so a pass reads nothing from the API; each keeps only what a pass reads of an
-  object (:func:`.world.project_pod` and its siblings), not the whole object.
+* Indexes keep the ModelDeployments and their Deployments, Services, Pods and
+  conversion Jobs (with their pods) in memory, so a pass reads nothing from the API;
+  each keeps only what a pass reads of an object (:func:`.world.project_pod` and its
+  siblings), not the whole object.
 * A pass runs on every event of a ModelDeployment (its initial listing included);
   when one of its children changes (a hand edit is reverted, a pod becomes ready,
   the scheduler gives up on a pod); and on one operator-wide resync loop, a safety
@@ -33,6 +34,7 @@ from kubernetes.utils import parse_quantity
 
 from . import api, gate, metrics
 from .activation import ActivatorLink
+from .conversion import CONVERT_LABEL
 from .kube import Writer, load_api_client
 from .leader import ElectionConfig, Elector
 from .reconcile import Reconciler
@@ -43,6 +45,9 @@ from .world import Observed, project_child, project_model, project_pod
 log = logging.getLogger(__name__)
 
 _MANAGED: dict[str, Any] = {MANAGED_BY: MANAGER, MODEL_LABEL: kopf.PRESENT}
+# Conversion Jobs and their pods (conversion.py) carry the model's name under their own
+# label: the model's Services select MODEL_LABEL, and must never select a Job's pod.
+_CONVERTING: dict[str, Any] = {MANAGED_BY: MANAGER, CONVERT_LABEL: kopf.PRESENT}
 _RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
 # Full passes for every resource, as a safety net for missed events; they write nothing when
 # nothing changed. Read at import: set MODELYARD_RESYNC_SECONDS before the operator starts.
@@ -192,6 +197,17 @@ def pod_index(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: 
     return {(namespace, labels[MODEL_LABEL]): project_pod(body)}
 
 
+@kopf.index("batch", "v1", "jobs", labels=_CONVERTING)
+def job_index(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> Any:
+    return {(namespace, labels[CONVERT_LABEL]): project_child(body, fields=())}
+
+
+@kopf.index("", "v1", "pods", labels=_CONVERTING)
+def job_pod_index(body: kopf.Body, namespace: str | None, labels: kopf.Labels,
+                  **_: Any) -> Any:
+    return {(namespace, labels[CONVERT_LABEL]): project_pod(body)}
+
+
 async def _reconcile(namespace: str | None, name: str, memo: kopf.Memo, priority: int,
                      **indexes: Any) -> None:
     assert namespace is not None  # ModelDeployments are namespaced
@@ -209,6 +225,8 @@ async def _reconcile(namespace: str | None, name: str, memo: kopf.Memo, priority
             services=list(indexes["service_index"].get(key, [])),
             endpoint_slices=list(indexes["endpointslice_index"].get(key, [])),
             network_policies=list(indexes["networkpolicy_index"].get(key, [])),
+            jobs=list(indexes["job_index"].get(key, [])),
+            job_pods=list(indexes["job_pod_index"].get(key, [])),
         )
 
     await reconciler.reconcile(key, snapshot, priority=priority)
@@ -257,5 +275,16 @@ async def child_changed(namespace: str | None, name: str, labels: kopf.Labels, t
     if not type:
         return  # the initial listing: the ModelDeployments' own listing covers it
     await _with_retries(lambda: _reconcile(namespace, labels[MODEL_LABEL],
+                                           priority=gate.REPORT, **kwargs), name, logger)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=_CONVERTING)
+@kopf.on.event("", "v1", "pods", labels=_CONVERTING)
+async def conversion_changed(namespace: str | None, name: str, labels: kopf.Labels, type: str,
+                             logger: kopf.Logger, **kwargs: Any) -> None:
+    """A conversion Job (or its pod) changed: the model's pass reads its outcome."""
+    if not type:
+        return  # the initial listing: the ModelDeployments' own listing covers it
+    await _with_retries(lambda: _reconcile(namespace, labels[CONVERT_LABEL],
                                            priority=gate.REPORT, **kwargs), name, logger)
 

@@ -70,6 +70,7 @@ class Writer:
         self._coordination = client.CoordinationV1Api(api_client)
         self._discovery = client.DiscoveryV1Api(api_client)
         self._networking = client.NetworkingV1Api(api_client)
+        self._batch = client.BatchV1Api(api_client)
         self._route_group, self._route_version = render.HTTPROUTE_API_VERSION.split("/")
         # Every kind render.py produces; a new one must be added here (apply says so).
         self._kinds: dict[tuple[str, str], _Kind] = {
@@ -80,6 +81,8 @@ class Writer:
             ("discovery.k8s.io/v1", "EndpointSlice"): _Kind(
                 self._discovery.patch_namespaced_endpoint_slice,
                 self._discovery.delete_namespaced_endpoint_slice),
+            ("batch/v1", "Job"): _Kind(self._batch.patch_namespaced_job,  # conversion
+                                       self._batch.delete_namespaced_job),
             (render.NETWORK_POLICY_API_VERSION, "NetworkPolicy"): _Kind(
                 self._networking.patch_namespaced_network_policy,
                 self._networking.delete_namespaced_network_policy),

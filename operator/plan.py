@@ -5,7 +5,8 @@ The second of the controller's four stages (observe → **plan** → execute →
 analysis' verdict (gathered before planning, never awaited in the middle of it), the
 autoscaler's latest decision and the clock, and returns a :class:`Plan`:
 
-* ``apply``: the children as they should be (:mod:`.render`), applied where they differ;
+* ``apply``: the children as they should be (:mod:`.render`), applied where they differ,
+  and a version's conversion Job (:mod:`.conversion`) until it is converted;
 * ``scale``: replicas set through Deployments' scale subresource (versions other than the
   target, and the target itself while the autoscaler owns its replicas);
 * ``retire``: what no longer belongs (finished versions, an unused preview Service or
@@ -24,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import api, api_status, render, rollout
+from . import api, api_status, conversion, render, rollout
 from .analysis import Verdict
 from .status import Event, compute_status, invalid_status
 from .world import VersionState, World
@@ -64,7 +65,13 @@ def plan(world: World, verdict: Verdict | None, scale_request: api_status.Autosc
         return Plan(status=status, events=(event,))
     autoscaler = (scale_request or world.previous.autoscaler) if spec.autoscaling else None
     total = autoscaler.desired_replicas if autoscaler else render.replicas_wanted(spec)
-    step = rollout.plan_rollout(world, verdict, total, now)
+    # With spec.model.convert the target starts only once converted (conversion.py):
+    # until then what runs keeps running; then its pods serve the package.
+    converting = conversion.plan_conversion(world, now)
+    step = rollout.hold(world, total) if converting.blocks \
+        else rollout.plan_rollout(world, verdict, total, now)
+    served = spec if converting.model is None \
+        else spec.model_copy(update={"model": converting.model})
     owner, versions, target = world.owner, world.versions, spec.model.version
 
     scale: dict[str, int] = {}
@@ -87,7 +94,10 @@ def plan(world: World, verdict: Verdict | None, scale_request: api_status.Autosc
     if activated and world.activator is not None:
         desired.append(render.render_activator_slice(owner, world.activator.addresses,
                                                      world.activator.port))
-    desired.append(render.render_deployment(owner, spec, rendered, world.node_cache))
+    if not converting.blocks:
+        desired.append(render.render_deployment(owner, served, rendered, world.node_cache))
+    if converting.create is not None:
+        desired.append(converting.create)
     desired += [render.render_version_service(owner, v) for v in sorted(step.versions.keep)]
     if step.preview:
         desired.append(render.render_preview_service(owner, step.preview))
@@ -107,8 +117,10 @@ def plan(world: World, verdict: Verdict | None, scale_request: api_status.Autosc
     if not activated:
         retire.append(Retire("EndpointSlice", "discovery.k8s.io/v1",
                              render.activator_slice_name(owner.name)))
+    retire += [Retire("Job", "batch/v1", name) for name in converting.retire]
 
-    status, events = compute_status(world, step, autoscaler=autoscaler, now=now)
+    status, events = compute_status(world, step, autoscaler=autoscaler, now=now,
+                                    conversion=converting)
     scaled = _scaled_event(world, autoscaler)
     recheck = step.recheck_after
     if needs_activator(spec, versions) and world.activator_configured:

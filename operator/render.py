@@ -137,7 +137,7 @@ def runtime_env(owner: Owner, spec: api.ModelDeploymentSpec,
     values: dict[str, str | None] = {  # RuntimeConfig field -> value (modelyard.contract)
         "model_name": served_model_name(owner.name, spec),
         "model_version": model.version,
-        "model_uri": _pod_uri(model.uri),
+        "model_uri": pod_uri(model.uri),
         "model_format": str(model.format),
         "sha256": model.sha256,
         "entry_point": model.entry_point,
@@ -223,7 +223,7 @@ def render_deployment(
     if spec.auth is not None:
         _mount_api_keys(spec, container, volumes)
     pod_annotations = _mount_tls(spec, container, volumes)
-    if claim := _pvc_claim(spec.model.uri):
+    if claim := pvc_claim(spec.model.uri):
         volumes.append({"name": "model-store",
                         "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
         container["volumeMounts"].append(
@@ -240,24 +240,7 @@ def render_deployment(
         "containers": [container],
         "volumes": volumes,
     }
-    node_selector = dict(spec.scheduling.node_selector)
-    gpu = spec.resources.gpu
-    tolerations = [t.model_dump(by_alias=True, exclude_none=True)
-                   for t in spec.scheduling.tolerations]
-    if gpu is not None and gpu.count > 0:
-        if gpu.product:
-            node_selector[GPU_PRODUCT_LABEL] = gpu.product
-        tolerations.insert(0, {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
-    if node_selector:
-        pod_spec["nodeSelector"] = dict(sorted(node_selector.items()))
-    if tolerations:
-        pod_spec["tolerations"] = tolerations
-    if spec.scheduling.affinity:
-        pod_spec["affinity"] = spec.scheduling.affinity
-    if spec.scheduling.priority_class_name:
-        pod_spec["priorityClassName"] = spec.scheduling.priority_class_name
-    if spec.scheduling.runtime_class_name:
-        pod_spec["runtimeClassName"] = spec.scheduling.runtime_class_name
+    pod_spec |= placement(spec)
 
     deployment: dict[str, Any] = {
         "apiVersion": "apps/v1",
@@ -294,6 +277,31 @@ def render_deployment(
     with_hash(deployment)
     deployment["spec"]["replicas"] = replicas
     return deployment
+
+
+def placement(spec: api.ModelDeploymentSpec) -> dict[str, Any]:
+    """Where the model's pods (and its conversion Job's, :mod:`.conversion`) may run: the
+    GPU product's node label, the GPU taint tolerated, and spec.scheduling."""
+    out: dict[str, Any] = {}
+    node_selector = dict(spec.scheduling.node_selector)
+    gpu = spec.resources.gpu
+    tolerations = [t.model_dump(by_alias=True, exclude_none=True)
+                   for t in spec.scheduling.tolerations]
+    if gpu is not None and gpu.count > 0:
+        if gpu.product:
+            node_selector[GPU_PRODUCT_LABEL] = gpu.product
+        tolerations.insert(0, {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    if node_selector:
+        out["nodeSelector"] = dict(sorted(node_selector.items()))
+    if tolerations:
+        out["tolerations"] = tolerations
+    if spec.scheduling.affinity:
+        out["affinity"] = spec.scheduling.affinity
+    if spec.scheduling.priority_class_name:
+        out["priorityClassName"] = spec.scheduling.priority_class_name
+    if spec.scheduling.runtime_class_name:
+        out["runtimeClassName"] = spec.scheduling.runtime_class_name
+    return out
 
 
 def _mount_api_keys(spec: api.ModelDeploymentSpec, container: dict[str, Any],
@@ -351,7 +359,7 @@ def _runtime_container(owner: Owner, spec: api.ModelDeploymentSpec,
             "httpGet": {"path": "/v2/health/live", "port": "http"},
             "periodSeconds": 5, "failureThreshold": 120,
         },
-        "resources": _resources(spec),
+        "resources": resources(spec),
     }
 
 
@@ -380,7 +388,7 @@ def llm_env(owner: Owner, spec: api.ModelDeploymentSpec,
     env = contract.llm_env({
         "model_name": served_model_name(owner.name, spec),
         "model_version": model.version,
-        "model_uri": _pod_uri(model.uri),
+        "model_uri": pod_uri(model.uri),
         "sha256": model.sha256,
         "port": str(spec.runtime.port),
         "health_port": str(contract.LLM_HEALTH_PORT),
@@ -427,7 +435,7 @@ def _vllm_container(owner: Owner, spec: api.ModelDeploymentSpec,
         # The launcher writes why the engine stopped (its own error line) here; a crash
         # loop's reason in status is then the engine's, not only an exit code.
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "resources": _resources(spec),
+        "resources": resources(spec),
     }
 
 
@@ -611,7 +619,7 @@ def with_hash(obj: dict[str, Any]) -> dict[str, Any]:
     return obj
 
 
-def _resources(spec: api.ModelDeploymentSpec) -> dict[str, Any]:
+def resources(spec: api.ModelDeploymentSpec) -> dict[str, Any]:
     amounts: dict[str, str] = {}
     if spec.resources.cpu is not None:
         amounts["cpu"] = str(spec.resources.cpu)
@@ -629,15 +637,15 @@ def _gpu_count(spec: api.ModelDeploymentSpec) -> int:
     return spec.resources.gpu.count if spec.resources.gpu is not None else 0
 
 
-def _pvc_claim(uri: str) -> str | None:
+def pvc_claim(uri: str) -> str | None:
     if not uri.startswith("pvc://"):
         return None
     return uri.removeprefix("pvc://").split("/", 1)[0]
 
 
-def _pod_uri(uri: str) -> str:
+def pod_uri(uri: str) -> str:
     """pvc://CLAIM/PATH is mounted into the pod; the runtime reads it as a file."""
-    if claim := _pvc_claim(uri):
+    if claim := pvc_claim(uri):
         path = uri.removeprefix(f"pvc://{claim}/")
         return f"file://{PVC_MOUNT_ROOT}/{claim}/{path}"
     return uri

@@ -9,7 +9,8 @@ functions of (spec, observed versions, previous status, verdict, clock); called 
 * :func:`step_canary` is the canary step machine, :func:`step_blue_green` the blue-green
   preview; each says when it next needs a pass (``recheck_after``: a pause ending, an
   analysis due), so nothing that falls due waits for the resync;
-* :func:`route_weights` turns a step into HTTPRoute weights (Gateway API clusters).
+* :func:`route_weights` turns a step into HTTPRoute weights (Gateway API clusters);
+* :func:`hold` keeps what runs while the target waits for its conversion.
 
 Traffic is split by replica ratio behind the stable Service without a Gateway, so a
 canary step's weight becomes a replica count for each version:
@@ -183,6 +184,21 @@ def plan_rollout(world: World, verdict: Verdict | None, total: int,
     return Step(both, decision.replicas, canary=canary, message=decision.message,
                 handled=handled, active=stable.version if blue_green else None,
                 preview=target if blue_green else None, recheck_after=recheck)
+
+
+def hold(world: World, total: int) -> Step:
+    """The target may not start yet (its conversion runs or failed, see
+    :mod:`.conversion`): whatever runs keeps running, the stable version at all
+    ``total`` replicas, and nothing is retired."""
+    spec = world.spec
+    assert spec is not None
+    target = spec.model.version
+    stable = stable_of(world.versions, world.previous.stable_version, target)
+    blue_green = spec.rollout.strategy == api.RolloutStrategy.BLUE_GREEN
+    return Step(VersionPlan(target, frozenset(world.versions), frozenset()),
+                {stable.version: total} if stable is not None else {},
+                handled=world.previous.handled_requests or HandledRequests(),
+                active=stable.version if blue_green and stable is not None else None)
 
 
 def plan_versions(target: str, observed: Mapping[str, VersionState],

@@ -24,10 +24,12 @@ from .api_status import (
     VersionPhase,
     VersionRecord,
 )
+from .conversion import ConversionStep
 from .rollout import RollBack, Step
 from .world import VersionState, World, stamp
 
 READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
+CONVERTED = "Converted"  # only with spec.model.convert
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,11 @@ class Event:
 
 
 def compute_status(world: World, step: Step, *, autoscaler: AutoscalerStatus | None,
-                   now: dt.datetime) -> tuple[ModelDeploymentStatus, list[Event]]:
+                   now: dt.datetime, conversion: ConversionStep | None = None,
+                   ) -> tuple[ModelDeploymentStatus, list[Event]]:
     """The status for this pass. With a rollout in progress (``step.canary``) the target
-    version stays in phase Canary until ``step.promoted``."""
+    version stays in phase Canary until ``step.promoted``. ``conversion``: where the
+    target's conversion stands (spec.model.convert), recorded in its ledger entry."""
     spec, previous, observed, plan = world.spec, world.previous, world.versions, step.versions
     assert spec is not None
     at = stamp(now)
@@ -51,12 +55,9 @@ def compute_status(world: World, step: Step, *, autoscaler: AutoscalerStatus | N
     live = [s for s in observed.values() if s.version not in plan.retire]
     events: list[Event] = []
 
-    if rolled_back is not None:
-        versions = _roll_back(previous.versions, target, rolled_back, at, events)
-    else:
-        versions = _ledger(previous.versions, spec=spec, target=target,
-                           target_state=target_state, stamp=at, events=events,
-                           canary=canary is not None, promoted=step.promoted)
+    conv = conversion if conversion is not None and conversion.phase is not None else None
+    versions = _versions(previous.versions, spec, step, target_state=target_state,
+                         conv=conv, at=at, events=events)
     stable = next((r.version for r in versions if r.phase == VersionPhase.STABLE), None)
 
     ready_count = sum(s.ready for s in serving)
@@ -73,6 +74,8 @@ def compute_status(world: World, step: Step, *, autoscaler: AutoscalerStatus | N
     if rolled_back is not None:
         progressing = (ConditionStatus.FALSE, "RolledBack",
                        f"version {target} was rolled back: {rolled_back.reason}")
+    elif conv is not None and conv.blocks:
+        progressing = _converting(conv, target)[0]
     elif canary is not None:
         progressing = (ConditionStatus.TRUE, "Canary", step.message)
     elif target_state is None:
@@ -94,6 +97,8 @@ def compute_status(world: World, step: Step, *, autoscaler: AutoscalerStatus | N
                    f"version {target} was rolled back: {rolled_back.reason}; "
                    "change spec.model.version, or ask for a retry (modelyard retry NAME), "
                    "to roll out again")
+    if conv is not None and conv.phase == "Failed":
+        problem = _converting(conv, target)[1]
     degraded = problem or (ConditionStatus.FALSE, "AsExpected", "")
 
     conditions = [
@@ -102,6 +107,9 @@ def compute_status(world: World, step: Step, *, autoscaler: AutoscalerStatus | N
                    generation=world.generation, stamp=at),
         _condition(previous.conditions, DEGRADED, degraded, generation=world.generation, stamp=at),
     ]
+    if conv is not None:
+        conditions.append(_condition(previous.conditions, CONVERTED, _converting(conv, target)[2],
+                                     generation=world.generation, stamp=at))
     events += _transition_events(previous.conditions, conditions)
 
     status = ModelDeploymentStatus(
@@ -129,6 +137,23 @@ def status_payload(status: ModelDeploymentStatus) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- internals
+
+
+def _versions(previous: Sequence[VersionRecord], spec: api.ModelDeploymentSpec, step: Step, *,
+              target_state: VersionState | None, conv: ConversionStep | None, at: str,
+              events: list[Event]) -> list[VersionRecord]:
+    """The ledger after this pass."""
+    target = step.versions.target
+    if step.rolled_back is not None:
+        return _roll_back(previous, target, step.rolled_back, at, events)
+    if conv is not None and conv.phase == "Failed":
+        return _conversion_failed(previous, spec, conv, at)
+    versions = _ledger(previous, spec=spec, target=target, target_state=target_state,
+                       stamp=at, events=events, canary=step.canary is not None,
+                       promoted=step.promoted)
+    if conv is not None:
+        _record_conversion(versions, target, conv, events)
+    return versions
 
 
 def _ledger(
@@ -182,6 +207,67 @@ def _ledger(
                 record.phase = VersionPhase.SUPERSEDED
                 record.finished_at = stamp
                 record.reason = f"replaced by version {target}"
+    return records
+
+
+Verdict = tuple[ConditionStatus, str, str]
+
+
+def _converting(conv: ConversionStep, target: str) -> tuple[Verdict, Verdict, Verdict]:
+    """The Progressing, Degraded and Converted conditions while a conversion matters."""
+    if conv.phase == "Failed":
+        return ((ConditionStatus.FALSE, "ConversionFailed",
+                 f"version {target} was not rolled out: {conv.message}"),
+                (ConditionStatus.TRUE, "ConversionFailed",
+                 f"the conversion of version {target} failed: {conv.message}; change "
+                 "spec.model.version or spec.model.convert, or ask for a retry "
+                 "(modelyard retry NAME)"),
+                (ConditionStatus.FALSE, "ConversionFailed", conv.message))
+    converted = conv.phase == "Converted"
+    return ((ConditionStatus.TRUE, "Converting", conv.message),
+            (ConditionStatus.FALSE, "AsExpected", ""),
+            (ConditionStatus.TRUE if converted else ConditionStatus.FALSE,
+             "Converted" if converted else "Converting", conv.message))
+
+
+def _record_conversion(records: list[VersionRecord], target: str, conv: ConversionStep,
+                       events: list[Event]) -> None:
+    """The target's open ledger entry records its conversion (the Job, then the package)."""
+    current = next((r for r in records if r.version == target and r.phase in (
+        VersionPhase.PENDING, VersionPhase.CANARY, VersionPhase.STABLE)), None)
+    record = conv.record
+    if current is None or record is None or current.conversion == record:
+        return
+    before = current.conversion
+    if before is None or before.job != record.job:
+        events.append(Event("Normal", "Converting",
+                            f"converting version {target} (Job {record.job})"))
+    if record.phase == "Converted" and (before is None or before.phase != "Converted"):
+        events.append(Event("Normal", "Converted", f"version {target} {conv.message}"))
+    current.conversion = record
+
+
+def _conversion_failed(previous: Sequence[VersionRecord], spec: api.ModelDeploymentSpec,
+                       conv: ConversionStep, stamp: str) -> list[VersionRecord]:
+    """The target's entry records the failed conversion; a version already serving (its
+    source, before convert was asked for) keeps its phase, any other is Failed."""
+    records = [r.model_copy() for r in previous]
+    target, record = spec.model.version, conv.record
+    assert record is not None
+    current = records[0] if records and records[0].version == target else None
+    if current is not None and current.conversion is not None \
+            and current.conversion.job == record.job and current.conversion.phase == "Failed":
+        return records  # already recorded
+    if current is None or current.phase not in (VersionPhase.PENDING, VersionPhase.CANARY,
+                                                VersionPhase.STABLE):
+        current = VersionRecord(version=target, uri=spec.model.uri, sha256=spec.model.sha256,
+                                phase=VersionPhase.PENDING, deployed_at=stamp)
+        records.insert(0, current)
+    if current.phase != VersionPhase.STABLE:
+        current.phase = VersionPhase.FAILED
+        current.finished_at = stamp
+        current.reason = f"conversion failed: {conv.message}"
+    current.conversion = record  # the Degraded condition's Event says it
     return records
 
 

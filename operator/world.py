@@ -128,6 +128,8 @@ class Observed:
     services: list[Mapping[str, Any]]
     endpoint_slices: list[Mapping[str, Any]] = field(default_factory=list)
     network_policies: list[Mapping[str, Any]] = field(default_factory=list)
+    jobs: list[Mapping[str, Any]] = field(default_factory=list)  # conversion Jobs
+    job_pods: list[Mapping[str, Any]] = field(default_factory=list)  # their pods
 
 
 def fingerprint(observed: Observed) -> tuple[str | None, ...]:
@@ -135,7 +137,7 @@ def fingerprint(observed: Observed) -> tuple[str | None, ...]:
     fingerprints, equal inputs (the resync skips a resource whose last pass found nothing
     to do when this has not changed since)."""
     children = (*observed.deployments, *observed.services, *observed.endpoint_slices,
-                *observed.network_policies,
+                *observed.network_policies, *observed.jobs, *observed.job_pods,
                 *observed.pods)
     return (observed.resource.get("metadata", {}).get("resourceVersion"),
             *sorted(str(c.get("metadata", {}).get("resourceVersion")) for c in children))
@@ -193,6 +195,8 @@ class World:
     node_cache: NodeCache | None = None  # the node-local model cache pods mount, if any
     # NetworkPolicy peers admitted to every model (operator, activator, Prometheus: the chart's)
     network_peers: tuple[Mapping[str, Any], ...] = ()
+    jobs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # conversion Jobs
+    job_pods: Sequence[Mapping[str, Any]] = ()  # the conversion Jobs' pods
 
     def ready_pod_ips(self, version: str) -> list[str]:
         """Addresses of the version's ready, not terminating pods."""
@@ -220,7 +224,8 @@ def build(observed: Observed, previous: Mapping[str, Any], *, gateway: bool,
             for kind, objs in (("Deployment", observed.deployments),
                                ("Service", observed.services),
                                ("EndpointSlice", observed.endpoint_slices),
-                               ("NetworkPolicy", observed.network_policies))
+                               ("NetworkPolicy", observed.network_policies),
+                               ("Job", observed.jobs))
             for obj in objs}
     return World(
         key=(meta["namespace"], meta["name"]),
@@ -239,6 +244,8 @@ def build(observed: Observed, previous: Mapping[str, Any], *, gateway: bool,
         node_cache=node_cache,
         activator_configured=activator_configured,
         network_peers=network_peers,
+        jobs=MappingProxyType({j["metadata"]["name"]: j for j in observed.jobs}),
+        job_pods=tuple(observed.job_pods),
     )
 
 

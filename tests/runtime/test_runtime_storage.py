@@ -227,3 +227,69 @@ def test_runtime_refuses_a_model_whose_checksum_differs(start_server,
     log = server.log()
     assert "refusing to serve" in log
     assert sha256_of(models["mlp"]) in log
+
+
+# ------------------------------------------- a conversion Job's package, published beside
+
+
+def _package(tmp_path: Path) -> tuple[Path, Path, str]:
+    """Stand-ins for a converted package and its manifest (what the Job publishes)."""
+    package = tmp_path / "work" / "model.pt2"
+    package.parent.mkdir(parents=True, exist_ok=True)
+    package.write_bytes(PAYLOAD + b"compiled")
+    manifest = package.with_name("model.pt2.manifest.json")
+    manifest.write_text('{"format": "aoti"}')
+    return package, manifest, sha256_of(package)
+
+
+def test_a_package_is_published_next_to_its_s3_source_and_fetched_by_its_digest(
+        s3_env: str, tmp_path: Path) -> None:
+    import boto3
+
+    from modelyard.runtime.convertjob import publish
+
+    package, manifest, digest = _package(tmp_path)
+    uri = publish(package, manifest, "s3://models/mlp/1/model.pt", digest)
+    assert uri == f"s3://models/mlp/1/aoti/{digest}.pt2"
+    assert fetch(uri, tmp_path / "cache", digest).read_bytes() == package.read_bytes()
+    body = boto3.client("s3").get_object(Bucket="models",
+                                         Key=f"mlp/1/aoti/{digest}.pt2.manifest.json")["Body"]
+    assert body.read() == manifest.read_bytes()
+
+
+def test_a_package_is_published_next_to_its_file_source_and_http_is_read_only(
+        tmp_path: Path) -> None:
+    from modelyard.runtime.convertjob import publish
+
+    package, manifest, digest = _package(tmp_path)
+    source = tmp_path / "store" / "m" / "3" / "model.pt2"
+    uri = publish(package, manifest, source.as_uri(), digest)
+    written = source.parent / "aoti" / f"{digest}.pt2"
+    assert uri == written.as_uri()
+    assert sha256_of(written) == digest
+    assert (source.parent / "aoti" / f"{digest}.pt2.manifest.json").is_file()
+    with pytest.raises(StorageError, match="read only"):
+        publish(package, manifest, "https://models.example/m/3/model.pt2", digest)
+
+
+def test_a_conversion_job_reports_why_it_failed_and_writes_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from modelyard.runtime.convertjob import main
+
+    source = tmp_path / "m" / "1" / "model.pt2"
+    source.parent.mkdir(parents=True)
+    source.write_bytes(PAYLOAD)
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("MODELYARD_TERMINATION_LOG", str(log))
+    monkeypatch.setenv("MODELYARD_CACHE_DIR", str(tmp_path / "cache"))
+    code = main(["--source", source.as_uri(), "--format", "export", "--sha256", "a" * 64])
+    assert code == 1
+    report = json.loads(log.read_text())
+    assert "refusing to serve" in report["error"]
+    assert report["source"] == source.as_uri()
+    assert "artifactUri" not in report
+    assert not (source.parent / "aoti").exists()
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report

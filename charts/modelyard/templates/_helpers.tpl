@@ -100,6 +100,11 @@ operator needs each one and nothing more.
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+{{- /* spec.model.convert: each version's conversion Job (its index, created once, deleted
+once another takes its place); its result is read from its pod's status (pods above) */}}
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [list, watch, create, patch, delete]
 - apiGroups: [gateway.networking.k8s.io]
   resources: [httproutes]
   verbs: [create, patch]
