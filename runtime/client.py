@@ -10,6 +10,9 @@ differs. It imports numpy, orjson and httpx, never torch.
     with Client("http://127.0.0.1:8080", "resnet") as client:
         outputs = client.infer({"input": batch})      # {"logits": np.ndarray}
 
+Explanations (a deployment with ``spec.runtime.explain``): ``client.explain(inputs,
+target=3)`` returns an :class:`Explanation`, the outputs and each input's attributions.
+
 Errors: every non-2xx answer raises :class:`InferenceServerError` with the
 status and the server's ``error`` message.
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
@@ -33,8 +37,10 @@ import orjson
 __all__ = [
     "AsyncClient",
     "Client",
+    "Explanation",
     "InferenceServerError",
     "auth_headers",
+    "decode_explanation",
     "decode_response",
     "encode_request",
 ]
@@ -85,8 +91,9 @@ def encode_request(
     binary: bool = True,
     outputs: list[str] | None = None,
     request_id: str | None = None,
+    parameters: Mapping[str, Any] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
-    """Build an OIP request body and its headers."""
+    """Build an OIP request body and its headers (``parameters``: the request's own)."""
     entries: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for name, value in inputs.items():
@@ -118,6 +125,8 @@ def encode_request(
         ]
     else:
         document["parameters"] = {"binary_data_output": binary}
+    if parameters:
+        document["parameters"] = {**document.get("parameters", {}), **parameters}
     header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
     if not binary:
         return header, {"Content-Type": "application/json"}
@@ -163,6 +172,35 @@ def decode_response(body: bytes, headers: Mapping[str, str]) -> dict[str, np.nda
     return result
 
 
+@dataclass(frozen=True)
+class Explanation:
+    """An ``/explain`` answer: the model's outputs, each input's attributions (the input's
+    shape) and what was computed (method, output, target per row, steps,
+    convergence_delta per row for integrated gradients)."""
+
+    outputs: dict[str, np.ndarray[Any, Any]]
+    attributions: dict[str, np.ndarray[Any, Any]]
+    parameters: dict[str, Any]
+
+
+def decode_explanation(body: bytes) -> Explanation:
+    """Decode an ``/explain`` answer (JSON)."""
+    document = orjson.loads(body)
+
+    def arrays(entries: list[dict[str, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+        return {e["name"]: np.asarray(e["data"], dtype=np.float32 if e["datatype"] == "BF16"
+                                      else _FROM_DATATYPE[e["datatype"]]).reshape(e["shape"])
+                for e in entries}
+
+    return Explanation(arrays(document.get("outputs", [])),
+                       arrays(document.get("attributions", [])),
+                       dict(document.get("parameters") or {}))
+
+
+def _explain_parameters(**given: Any) -> dict[str, Any]:
+    return {name: value for name, value in given.items() if value is not None}
+
+
 API_KEY_ENV = "MODELYARD_API_KEY"
 
 
@@ -179,6 +217,7 @@ class _Base:
         self.binary = binary
         base = f"/v2/models/{model}" + (f"/versions/{version}" if version else "")
         self._infer_path = base + "/infer"
+        self._explain_path = base + "/explain"
         self._ready_path = base + "/ready"
         self._metadata_path = base
 
@@ -223,6 +262,18 @@ class Client(_Base):
         response = self._http.post(self._infer_path, content=body, headers=headers)
         _raise_for_status(response)
         return decode_response(response.content, response.headers)
+
+    def explain(
+        self, inputs: Mapping[str, InputValue], *, target: int | list[int] | None = None,
+        method: str | None = None, steps: int | None = None, output: str | None = None,
+    ) -> Explanation:
+        """Attributions of ``output``'s ``target`` class (default: each row's highest) to
+        each input, by ``method`` in ``steps`` (defaults: the deployment's)."""
+        body, headers = encode_request(inputs, binary=self.binary, parameters=_explain_parameters(
+            target=target, method=method, steps=steps, output=output))
+        response = self._http.post(self._explain_path, content=body, headers=headers)
+        _raise_for_status(response)
+        return decode_explanation(response.content)
 
     def predict(self, instances: list[Any]) -> list[Any]:
         """KServe v1 ``:predict``: instances in, predictions out."""
@@ -282,6 +333,16 @@ class AsyncClient(_Base):
         response = await self._http.post(self._infer_path, content=body, headers=headers)
         _raise_for_status(response)
         return decode_response(response.content, response.headers)
+
+    async def explain(
+        self, inputs: Mapping[str, InputValue], *, target: int | list[int] | None = None,
+        method: str | None = None, steps: int | None = None, output: str | None = None,
+    ) -> Explanation:
+        body, headers = encode_request(inputs, binary=self.binary, parameters=_explain_parameters(
+            target=target, method=method, steps=steps, output=output))
+        response = await self._http.post(self._explain_path, content=body, headers=headers)
+        _raise_for_status(response)
+        return decode_explanation(response.content)
 
     async def predict(self, instances: list[Any]) -> list[Any]:
         response = await self._http.post(

@@ -23,6 +23,7 @@ import torch
 from explain_testmodels import BIAS, METADATA, WEIGHT, GatedLinear
 from prometheus_client.parser import text_string_to_metric_families
 
+from modelyard.runtime.client import AsyncClient
 from modelyard.runtime.config import RuntimeConfig
 from modelyard.runtime.errors import ConfigError
 from modelyard.runtime.explain import Explainer
@@ -88,7 +89,7 @@ def test_explanations_known_answers_bounds_and_metrics(  # noqa: PLR0915 (one st
     weight, bias = np.asarray(WEIGHT), np.asarray(BIAS)
     x = np.asarray([[1.0, 1.0, 1.0, 1.0], [2.0, -1.0, 0.5, 3.0]])
 
-    async def scenario() -> None:
+    async def scenario() -> None:  # noqa: PLR0915 (one story, step by step)
         async with httpx.AsyncClient(timeout=60, headers=AUTH) as client:
             # the API key applies as it does to inference
             refused = await client.post(url, content=_request(x.tolist()),
@@ -113,11 +114,15 @@ def test_explanations_known_answers_bounds_and_metrics(  # noqa: PLR0915 (one st
                                                                 rel=1e-4)
             assert all(abs(d) < 1e-3 for d in details["convergence_delta"])
 
-            # a chosen class per row, fewer steps
-            answer = await client.post(url, content=_request(x.tolist(), target=[2, 1], steps=8))
-            assert answer.status_code == 200, answer.text
-            np.testing.assert_allclose(_tensor(answer.json(), "attributions", "x"),
-                                       x * weight[[2, 1]], rtol=1e-4, atol=1e-5)
+            # a chosen class per row, fewer steps: through the client, binary tensors in
+            async with AsyncClient(server.url, "linear", api_key=KEY) as sdk:
+                explanation = await sdk.explain({"x": x.astype(np.float32)}, target=[2, 1],
+                                                steps=8)
+            assert (explanation.parameters["target"], explanation.parameters["steps"]) == (
+                [2, 1], 8)
+            np.testing.assert_allclose(explanation.attributions["x"], x * weight[[2, 1]],
+                                       rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(explanation.outputs["y"], x @ weight.T + bias, rtol=1e-5)
 
             # saliency, the cheap method: |W[t]| for every row
             answer = await client.post(url, content=_request(x.tolist(), method="saliency",
