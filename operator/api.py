@@ -371,8 +371,8 @@ class RuntimeSpec(ApiModel):
         default_factory=dict, description="Extra environment variables for the runtime.")
     explain: Explain | None = Field(
         None, description="Model explanations (Captum attributions); off when unset. Not "
-                          "for format aoti nor model.optimize.quantize, which have no "
-                          "gradients.")
+                          "for format aoti, model.convert nor model.optimize.quantize, which "
+                          "leave no gradients.")
     vllm: VllmSettings | None = Field(None, description="Engine vllm: its settings.")
 
     model_config = ConfigDict(json_schema_extra=_rules(
@@ -725,6 +725,11 @@ class ModelDeploymentSpec(ApiModel):
              "!has(self.model.optimize) || !has(self.model.optimize.quantize)",
              "runtime.explain needs gradients through the model, and dynamic-int8 layers "
              "have none: leave model.optimize.quantize unset to explain it",
+             ".runtime.explain"),
+        _cel("!has(self.runtime.explain) || !self.runtime.explain.enabled || "
+             "!has(self.model.convert)",
+             "runtime.explain needs gradients through the model, and model.convert makes the "
+             "pods serve an aoti package, which has none: explain the unconverted model",
              ".runtime.explain"),
         _cel("!has(self.tls) || !has(self.gateway)",
              "tls and gateway together are not supported yet: the Gateway would need a "

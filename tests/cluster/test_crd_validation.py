@@ -123,8 +123,25 @@ INVALID = [
                   "entryPoint": "m:build", "optimize": {"quantize": "dynamic-int8"}},
         "runtime": {"explain": {"enabled": True}}}),
      "dynamic-int8 layers have none"),
+    ("explanations of a converted model", with_("spec", {
+        "model": {"version": "1", "uri": "s3://m/1/model.pt2", "format": "export",
+                  "convert": {"target": "aoti"}},
+        "runtime": {"explain": {"enabled": True}}}),
+     "model.convert makes the pods serve an aoti package"),
     ("explain steps above the bound", with_("spec.runtime", {"explain": {"steps": 4096}}),
      "spec.runtime.explain.steps: Invalid value: 4096"),
+    ("conversion from an http store", with_("spec.model", {
+        "version": "1", "uri": "https://models.example/m/1/model.pt2", "format": "export",
+        "convert": {}}), "an http(s) store is read only"),
+    ("conversion of a TorchScript file", with_("spec.model.convert", {}),
+     "convert compiles an exported program or safetensors weights"),
+    ("quantising an exported program", with_("spec.model", {
+        "version": "1", "uri": "s3://m/1/model.pt2", "format": "export",
+        "convert": {"quantize": "int8-dynamic"}}), "which an exported program no longer has"),
+    ("conversion with load-time optimize", with_("spec.model", {
+        "version": "1", "uri": "s3://m/1/model.safetensors", "format": "safetensors",
+        "entryPoint": "m:build", "optimize": {"compile": True}, "convert": {}}),
+     "optimize does not apply"),
     ("tls behind a Gateway", with_("spec", {**VALID["spec"], "tls": {"secretName": "t"},
                                             "gateway": {"name": "gw"}}),
      "tls and gateway together are not supported yet"),
@@ -151,6 +168,14 @@ def test_valid_manifest_is_accepted_and_defaulted_by_the_schema(kube: Kube) -> N
     assert spec["replicas"] == 1
     assert spec["rollout"]["strategy"] == "RollingUpdate"
     assert spec["networkPolicy"] == {"enabled": True}  # on unless turned off
+
+
+def test_a_conversion_is_accepted_and_defaulted(kube: Kube) -> None:
+    kube.apply(yaml.safe_dump(with_("spec.model", {
+        "version": "3", "uri": "pvc://store/resnet/3/model.pt2", "format": "export",
+        "convert": {}})))
+    convert = kube.get("md", "resnet")["spec"]["model"]["convert"]
+    assert convert == {"target": "aoti", "quantize": "none", "activeDeadlineSeconds": 1800}
 
 
 def test_a_generative_model_is_accepted_with_its_engine_settings(kube: Kube) -> None:
