@@ -21,6 +21,12 @@ launcher's health port; its model cache is one directory per node, shared by tha
 pods as a node's cache would be, and its termination message is reported in the pod's
 status as a kubelet reports ``/dev/termination-log``.
 
+A conversion Job's pod (``spec.model.convert``, label ``modelyard.dev/convert-for``) runs
+its container's command (``python -m modelyard.runtime.convertjob ...``) once, to its end:
+the pod then reports phase Succeeded or Failed, its container terminated with the exit
+code and the termination message the command wrote, as a kubelet reports a finished
+container of a ``restartPolicy: Never`` pod; the Job controller takes it from there.
+
 Two things differ from a real node, on purpose:
 
 * ``file:///models/...`` inside a pod is ``<models_dir>/...`` on this machine, as if
@@ -55,6 +61,7 @@ log = logging.getLogger(__name__)
 
 SELECTOR = "app.kubernetes.io/managed-by=modelyard"
 MODELS_MOUNT = "/models/"
+CONVERT_LABEL = "modelyard.dev/convert-for"  # a conversion Job's pod (operator/conversion.py)
 
 
 @dataclass
@@ -74,6 +81,9 @@ class _Running:
     start_after: float = 0.0  # back-off: do not restart before this (monotonic)
     last_exit: int | None = None
     reported: tuple[bool, str] | None = None  # (ready, container state) last patched
+    container: str = "runtime"
+    run_once: bool = False  # a Job's pod: never restarted, its end reported
+    started_at: str = ""
 
 
 class PodProcesses:
@@ -140,6 +150,9 @@ class PodProcesses:
     def _tend(self, key: str, running: _Running) -> None:
         """Start or restart the process, and report its state as a kubelet would."""
         now = time.monotonic()
+        if running.run_once:
+            self._tend_once(key, running)
+            return
         if running.process is not None and running.process.poll() is not None:
             running.last_exit = running.process.returncode
             running.process = None
@@ -161,6 +174,39 @@ class PodProcesses:
         if running.reported != (ready, state):
             self._report(key, running, ready, state)
             running.reported = (ready, state)
+
+    def _tend_once(self, key: str, running: _Running) -> None:
+        """A Job's pod: start its command once; when it exits, report how it ended."""
+        if running.process is None and running.last_exit is None:
+            running.started_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            self._spawn(key, running)
+            return
+        if running.process is None or running.process.poll() is None \
+                or running.reported is not None:
+            return
+        code = running.last_exit = running.process.returncode
+        namespace, name = key.split("/", 1)
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        terminated: dict[str, Any] = {"exitCode": code, "startedAt": running.started_at,
+                                      "finishedAt": stamp,
+                                      "reason": "Completed" if code == 0 else "Error"}
+        if message := _termination_message(running.termination_log):
+            terminated["message"] = message
+        patch = {"status": {
+            "phase": "Succeeded" if code == 0 else "Failed",
+            "conditions": [{"type": kind, "status": "False", "lastTransitionTime": stamp,
+                            "reason": "PodCompleted"} for kind in ("Ready", "ContainersReady")],
+            "containerStatuses": [{"name": running.container, "ready": False,
+                                   "restartCount": 0, "started": False,
+                                   "state": {"terminated": terminated}}],
+        }}
+        proc = self.cluster.kubectl("patch", "pod", name, "-n", namespace, "--subresource=status",
+                                    "--type=strategic", "-p", json.dumps(patch), check=False)
+        if proc.returncode != 0 and "NotFound" not in proc.stderr:
+            log.warning("could not report the end of pod %s: %s", key, proc.stderr.strip())
+            return
+        running.reported = (False, "terminated")
+        log.info("the command of pod %s exited with %s", key, code)
 
     def _report(self, key: str, running: _Running, ready: bool, state: str) -> None:
         namespace, name = key.split("/", 1)
@@ -218,7 +264,24 @@ class PodProcesses:
                            logfile=self.log_dir / f"{key.replace('/', '_')}.log",
                            probe_port=int(probe_port))
         command = [*container.get("command", []), *container.get("args", [])]
-        if "modelyard.runtime.llm" in command:
+        if CONVERT_LABEL in pod["metadata"].get("labels", {}):
+            # The Job's command, its model URIs on this machine's models directory, its
+            # container paths (cache, home, temp) in the log directory.
+            work = self.log_dir.parent / "convert-work"
+            running.run_once, running.container = True, container["name"]
+            argv = command[command.index("-m"):]
+            device = self._device or _device_for("cuda")
+            running.argv = tuple(
+                self._local_uri(a) if before == "--source"
+                else device if before == "--device" and a == "cuda" else a
+                for before, a in zip(["", *argv], argv, strict=False))
+            running.termination_log = self.log_dir / f"{key.replace('/', '_')}.termination"
+            for sub in ("tmp", "home"):
+                (work / sub).mkdir(parents=True, exist_ok=True)
+            env |= {"MODELYARD_CACHE_DIR": str(work), "HOME": str(work / "home"),
+                    "TMPDIR": str(work / "tmp"),
+                    "MODELYARD_TERMINATION_LOG": str(running.termination_log)}
+        elif "modelyard.runtime.llm" in command:
             # The image's python3 is vLLM's environment: here, the one prepare.py builds,
             # with modelyard importable from the source tree.
             from . import llm
@@ -234,6 +297,12 @@ class PodProcesses:
                 "HOME": str(self.log_dir.parent / "home"),
             }
         return running
+
+    def _local_uri(self, value: str) -> str:
+        """``file:///models/...`` (a pod's model disk) on this machine."""
+        if value.startswith(f"file://{MODELS_MOUNT}"):
+            return (self.models_dir / value.removeprefix(f"file://{MODELS_MOUNT}")).as_uri()
+        return value
 
     def _spawn(self, key: str, running: _Running) -> None:
         network = self.cluster.pod_network
