@@ -123,6 +123,11 @@ INVALID = [
                   "entryPoint": "m:build", "optimize": {"quantize": "dynamic-int8"}},
         "runtime": {"explain": {"enabled": True}}}),
      "dynamic-int8 layers have none"),
+    ("explanations of a converted model", with_("spec", {
+        "model": {"version": "1", "uri": "s3://m/1/model.pt2", "format": "export",
+                  "convert": {"target": "aoti"}},
+        "runtime": {"explain": {"enabled": True}}}),
+     "model.convert makes the pods serve an aoti package"),
     ("explain steps above the bound", with_("spec.runtime", {"explain": {"steps": 4096}}),
      "spec.runtime.explain.steps: Invalid value: 4096"),
     ("conversion from an http store", with_("spec.model", {
