@@ -236,6 +236,15 @@ def test_every_model_s_network_policy_admits_this_release(chart: Chart) -> None:
         "networking.k8s.io/networkpolicies"] == {"list", "watch", "create", "patch"}
 
 
+def test_the_operator_may_run_conversion_jobs_and_read_them_back(chart: Chart) -> None:
+    """spec.model.convert: the operator indexes, creates (server-side apply) and deletes
+    conversion Jobs, and reads their result from their pods (no pods/log, no get)."""
+    for values, kind in (({}, "ClusterRole"), ({"watchNamespaces": ["team-a"]}, "Role")):
+        rules = _rules(chart.template("r", "ops", values), kind, "r-modelyard")
+        assert rules["batch/jobs"] == {"list", "watch", "create", "patch", "delete"}
+        assert rules["/pods"] == {"list", "watch"}
+
+
 def test_the_node_cache_is_opt_in_and_prepared_on_every_node(chart: Chart) -> None:
     """Off by default (hostPath needs Pod Security's privileged level); on, the operator is
     told where and how big, and a DaemonSet hands the host directory to the pods' uid."""
