@@ -180,8 +180,8 @@ def job_outcome(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]
     conditions = {c.get("type"): c for c in (job.get("status") or {}).get("conditions") or []
                   if c.get("status") == "True"}
     finished = conditions.get("Complete") or conditions.get("Failed")
-    if finished is None:
-        return None
+    if finished is None or any(_still_running(pod) for pod in pods):
+        return None  # the pod's own end (its report) may reach the index after the Job's
     result, text = _termination(pods)
     if finished.get("type") == "Complete":
         return True, result, text
@@ -191,6 +191,14 @@ def job_outcome(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]
         message = f"{finished.get('message') or 'the Job ran past its deadline'}" \
                   f"{': ' + text if text else ''}"
     return False, result, str(message)
+
+
+def _still_running(pod: Mapping[str, Any]) -> bool:
+    """A pod that has not terminated as far as the index knows (not deleted, no phase
+    Succeeded or Failed)."""
+    if pod.get("metadata", {}).get("deletionTimestamp"):
+        return False
+    return (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
 
 
 def _termination(pods: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], str]:

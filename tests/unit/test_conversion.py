@@ -311,3 +311,21 @@ def test_a_hold_keeps_what_runs() -> None:
     step = rollout.hold(world, 2)
     assert step.replicas == {"1": 2}
     assert step.versions.retire == frozenset()
+
+
+def test_a_job_seen_complete_before_its_pod_s_end_waits_for_the_pod() -> None:
+    """Jobs and pods are two watches: the Job's condition may arrive first."""
+    cluster = stable_at_1()
+    bump(cluster)
+    cluster.run_pass()
+    [name] = cluster.created
+    cluster.finish(name, ok=True, message=report("2"))
+    pod = cluster.job_pods[0]
+    pod["status"] = {"phase": "Running", "containerStatuses": [
+        {"name": "convert", "state": {"running": {}}}]}
+    cluster.run_pass()
+    assert cluster.condition("Converted").reason == "Converting"
+    cluster.job_pods.clear()
+    cluster.finish(name, ok=True, message=report("2"))
+    cluster.run_pass()
+    assert cluster.condition("Converted").status == "True"
