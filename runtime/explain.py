@@ -220,8 +220,9 @@ class Explainer:
                     return_convergence_delta=True)
                 details.update(steps=ask.steps, baseline="zeros",
                                convergence_delta=delta.detach().float().tolist())
-            else:
-                result = attribute(args, target=targets, abs=True)
+            else:  # the gradient at the inputs themselves: they need autograd
+                result = attribute(tuple(a.detach().requires_grad_(True) for a in args),
+                                   target=targets, abs=True)
         except RuntimeServingError:
             raise
         except torch.OutOfMemoryError:
