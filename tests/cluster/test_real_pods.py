@@ -1,5 +1,6 @@
 """Runtime pods backed by real runtime processes on their own pod IPs: Ready means the
-model answers, and a model that cannot load crash-loops and degrades instead of going Ready."""
+model answers, and a model that cannot load crash-loops and degrades instead of going Ready;
+rollouts under real traffic; and a version converted by a real Job before its canary."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -24,6 +26,7 @@ from support import (
     real_pod_cluster,
     wait_for,
 )
+from torch import nn
 
 from modelyard.runtime.client import Client
 
@@ -395,3 +398,151 @@ def test_a_canary_judged_by_prometheus_against_stable_is_rolled_back(
     assert record["analysis"]["requests"] >= 20
     assert record["analysis"]["errorRate"] == 1.0  # every request to the broken model failed
     assert traffic.failed["1"] == 0, traffic.failed
+
+
+# ------------------------------------------------- conversion in the rollout (#15)
+
+_MLP_MAX_BATCH = 8
+
+
+class _Mlp(nn.Module):
+    def __init__(self, fixed_batch: int | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        self.fixed_batch = fixed_batch
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # the served input's name
+        if self.fixed_batch is not None:
+            input = input.reshape(self.fixed_batch, 16)
+        out: torch.Tensor = self.net(input)
+        return out
+
+
+def _export_mlp(path: Path, *, fixed_batch: int | None = None) -> Path:
+    """The MLP as a torch.export program: batch dynamic (1..8), or fixed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = _Mlp(fixed_batch).eval()
+    batch = torch.export.Dim("batch", min=1, max=_MLP_MAX_BATCH)
+    dynamic = None if fixed_batch else ({0: batch},)
+    torch.export.save(torch.export.export(model, (torch.zeros(2, 16),),
+                                          dynamic_shapes=dynamic), str(path))
+    return path
+
+
+def _mlp_manifest(version: str, *, convert: dict[str, Any] | None = None,
+                  name: str = "mlp", folder: str | None = None) -> str:
+    model: dict[str, Any] = {"version": version, "format": "export",
+                             "uri": f"file:///models/mlp/{folder or version}/model.pt2"}
+    if convert is not None:
+        model["convert"] = convert
+    return yaml.safe_dump({
+        "apiVersion": "modelyard.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": name},
+        "spec": {"model": model, "replicas": 1, "resources": {"gpu": {"count": 1}},
+                 "runtime": {"batching": {"maxBatchSize": _MLP_MAX_BATCH}},
+                 "rollout": {"strategy": "Canary",
+                             "steps": [{"weight": 50, "pauseSeconds": 2}]}},
+    })
+
+
+def _md_status(kube: Kube, name: str = "mlp") -> dict[str, Any]:
+    return dict((kube.get("md", name) or {}).get("status") or {})
+
+
+def _mlp_answer(kube: Kube, version: str, name: str = "mlp") -> np.ndarray:
+    """The version's ready pod answers an inference (through its own IP)."""
+    pods = [p for p in kube.get("pods", selector=f"modelyard.dev/model-deployment={name},"
+                                                f"modelyard.dev/version={version}")
+            if any(c["type"] == "Ready" and c["status"] == "True"
+                   for c in p["status"].get("conditions", []))]
+    assert pods, f"no ready pod of version {version}"
+    x = np.linspace(-1, 1, 3 * 16, dtype=np.float32).reshape(3, 16)
+    with Client(f"http://{pods[0]['status']['podIP']}:8080", name) as client:
+        out = client.infer({"input": x})
+    return np.asarray(next(iter(out.values())))
+
+
+def _mlp_expected() -> np.ndarray:
+    x = torch.linspace(-1, 1, 3 * 16).reshape(3, 16)
+    with torch.no_grad():
+        return _Mlp().eval()(x).numpy()  # type: ignore[no-any-return]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_version_is_converted_by_a_job_and_served_by_its_canary_and_a_failed_one_stops(
+        real: Kube, real_cluster: Any) -> None:
+    """Conversion in the rollout (spec.model.convert), for real: the operator's Job runs
+    ``modelyard.runtime.convertjob`` as a real process (the stand-in kubelet runs a Job's
+    pod to its end and reports its termination message), the package is written next to
+    the source, the canary serves it and is promoted; beside it, a conversion that fails
+    (an exported program whose batch is fixed cannot be given a dynamic one: it fails before
+    compiling) stops that model's rollout while its stable version keeps answering. One
+    compile in all (an MLP: tens of seconds on 2 cores)."""
+    kube, cluster = real, real_cluster
+    mlp = cluster.models_dir / "mlp"
+    _export_mlp(mlp / "1" / "model.pt2")
+    _export_mlp(mlp / "2" / "model.pt2")
+    _export_mlp(mlp / "3" / "model.pt2", fixed_batch=2)
+    for name in ("mlp", "broken"):
+        kube.apply(_mlp_manifest("1", name=name))
+    for name in ("mlp", "broken"):
+        wait_for(lambda name=name: _md_status(kube, name).get("stableVersion") == "1"
+                 and _md_status(kube, name).get("readyReplicas") == 1, timeout=120,
+                 what=f"{name} v1 serving")
+
+    kube.apply(_mlp_manifest("2", convert={"tolerance": 1e-4}))
+    # beside it, a version whose conversion fails: its export has a fixed batch
+    kube.apply(_mlp_manifest("2", name="broken", folder="3", convert={"tolerance": 1e-4}))
+    jobs = wait_for(lambda: kube.get("jobs", selector="modelyard.dev/convert-for=mlp"),
+                    timeout=30, what="the conversion Job")
+    assert not kube.get("deployment", "mlp-v2"), "no canary before the package exists"
+    assert kube.condition("mlp", "Converted")["reason"] == "Converting"  # type: ignore[index]
+
+    def converted() -> dict[str, Any] | None:
+        cond = kube.condition("mlp", "Converted")
+        assert cond is None or cond["reason"] != "ConversionFailed", cond
+        return cond if cond and cond["status"] == "True" else None
+
+    wait_for(converted, timeout=400, interval=1, what="v2 converted")
+    promoted = wait_for(lambda: (s := _md_status(kube)).get("stableVersion") == "2" and s,
+                        timeout=120, what="v2 promoted")
+    record = promoted["versions"][0]
+    conversion = record["conversion"]
+    package = cluster.models_dir / "mlp" / "2" / "aoti" / f"{conversion['artifactSha256']}.pt2"
+    assert package.is_file(), "written next to the source, named by its digest"
+    assert _sha256(package) == conversion["artifactSha256"]
+    assert conversion["sourceSha256"] == _sha256(cluster.models_dir / "mlp" / "2" / "model.pt2")
+    assert conversion["artifactUri"] == f"file:///models/mlp/2/aoti/{_sha256(package)}.pt2"
+    assert conversion["accuracyDelta"] <= 1e-4
+    assert conversion["speedup"] > 0
+    assert conversion["job"] == jobs[0]["metadata"]["name"]
+    assert (record["version"], record["phase"]) == ("2", "Stable")
+    [pod] = kube.get("pods", selector="modelyard.dev/model-deployment=mlp,modelyard.dev/version=2")
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["MODELYARD_MODEL_FORMAT"] == "aoti"
+    assert env["MODELYARD_MODEL_SHA256"] == _sha256(package)
+    np.testing.assert_allclose(_mlp_answer(kube, "2"), _mlp_expected(), rtol=1e-4, atol=1e-5)
+    reasons = [e["reason"] for e in kube.events("mlp")]
+    assert "Converted" in reasons
+
+    def failed() -> dict[str, Any] | None:
+        cond = kube.condition("broken", "Converted")
+        return cond if cond and cond["reason"] == "ConversionFailed" else None
+
+    cond = wait_for(failed, timeout=60, interval=1, what="broken v2's conversion failed")
+    assert "dynamic batch" in cond["message"], cond
+    degraded = kube.condition("broken", "Degraded")
+    assert degraded is not None
+    assert degraded["reason"] == "ConversionFailed"
+    after = _md_status(kube, "broken")
+    assert after["stableVersion"] == "1"
+    assert (after["versions"][0]["version"], after["versions"][0]["phase"]) == ("2", "Failed")
+    assert "dynamic batch" in after["versions"][0]["reason"]
+    assert not kube.get("deployment", "broken-v2")
+    assert kube.condition("broken", "Ready")["status"] == "True"  # type: ignore[index]
+    np.testing.assert_allclose(_mlp_answer(kube, "1", "broken"), _mlp_expected(), rtol=1e-4,
+                               atol=1e-5)
