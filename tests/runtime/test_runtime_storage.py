@@ -293,3 +293,20 @@ def test_a_conversion_job_reports_why_it_failed_and_writes_nothing(
     assert "artifactUri" not in report
     assert not (source.parent / "aoti").exists()
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
+
+
+def test_a_conversion_job_without_a_compiler_says_which_image_to_use(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runtime image serves packages but cannot compile one (no g++): the Job's report
+    names the fix, spec.model.convert.image."""
+    import json
+
+    from modelyard.runtime.convertjob import main
+
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("MODELYARD_TERMINATION_LOG", str(log))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert main(["--source", (tmp_path / "model.pt2").as_uri(), "--format", "export"]) == 1
+    error = json.loads(log.read_text())["error"]
+    assert "no C++ compiler" in error
+    assert "spec.model.convert.image" in error
