@@ -10,14 +10,16 @@ run:
 	@.venv/bin/python scripts/prepare.py cluster
 	.venv/bin/modelyard dev up
 
-# Everything CI checks: lint, types, import contracts, then every test tier.
+# Everything CI checks: lint, types, import contracts, then every test tier, on two
+# pytest-xdist workers: most tests wait on a control loop, so two keep both cores busy
+# (tests/conftest.py groups what must share a worker and hands out the longest first).
 test:
 	@scripts/bootstrap
 	@.venv/bin/python scripts/prepare.py
 	.venv/bin/ruff check .
 	.venv/bin/mypy
 	PYTHONPATH=.import-root .venv/bin/lint-imports
-	.venv/bin/python -m pytest
+	.venv/bin/python -m pytest -n 2 --dist loadgroup --no-loadscope-reorder
 
 # The fast loop (about a minute): lint, types, import contracts and the unit tests.
 check:

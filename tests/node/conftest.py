@@ -52,8 +52,23 @@ def real_node(real_cluster: Any) -> Any:
     return real_cluster.real_nodes[0]
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
+    """The journey's timings so far ride on each of its reports: under pytest-xdist the
+    summary is printed by the controller, which sees reports, not the worker's stash."""
+    outcome = yield
+    timings = item.config.stash.get(JOURNEY_TIMINGS, None)
+    if timings and call.when == "call":
+        outcome.get_result().user_properties.append(("journey timings", dict(timings)))
+
+
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    timings = config.stash.get(JOURNEY_TIMINGS, None)
+    timings: dict[str, float] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            for name, value in getattr(report, "user_properties", ()):
+                if name == "journey timings" and len(value) >= len(timings):
+                    timings = value
     if timings:
         terminalreporter.section("the journey on the real node, at the chart's defaults")
         for what, value in timings.items():
