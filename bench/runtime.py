@@ -576,7 +576,9 @@ def render(
             + ", ".join(f"b{b}={v:.1f}" for b, v in raw["items_per_s"].items()),
         ]
     lines.append("")
-    header = f"{'server':<26}{'payload':<8}"
+    shown = [n for n in args.server_order if n in results and n != "_failed"]
+    width = max([22, *(len(_label(n, versions)) + 2 for n in shown)])
+    header = f"{'server':<{width}}{'payload':<8}"
     for level in levels:
         header += f"| c={level:<3} items/s   p50 ms   p99 ms  batch "
     header += "| eff@max | idle MB | idle CPU% | 1st inference s"
@@ -584,13 +586,13 @@ def render(
     lines.append("-" * len(header))
     table: dict[tuple[str, str, int], float] = {}
     p50s: dict[tuple[str, str, int], float] = {}
-    for name in [n for n in args.server_order if n in results and n != "_failed"]:
+    for name in shown:
         info = results[name]
         assert isinstance(info, dict)
         raw_best = float(raws[args.server_formats[name]]["best_items_per_s"])
         kinds = sorted({key.split("@")[0] for key in info["runs"]}, key=lambda k: k != "binary")
         for kind in kinds:
-            row = f"{_label(name, versions):<26}{kind:<8}"
+            row = f"{_label(name, versions):<{width}}{kind:<8}"
             for level in levels:
                 runs = info["runs"].get(f"{kind}@{level}", [])
                 ips = _mean([r["items_per_s"] for r in runs])
