@@ -19,7 +19,7 @@ test:
 	.venv/bin/ruff check .
 	.venv/bin/mypy
 	PYTHONPATH=.import-root .venv/bin/lint-imports
-	.venv/bin/python -m pytest -n 2 --dist loadgroup --no-loadscope-reorder
+	.venv/bin/python -m pytest -n 2
 
 # The fast loop (about a minute): lint, types, import contracts and the unit tests.
 check:

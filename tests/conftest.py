@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from support import ROOT, Kube, as_operator, fresh_namespace, install_crd
+from support import Kube, as_operator, fresh_namespace, install_crd
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -25,28 +25,39 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.pop("MODELYARD_RESYNC_SECONDS", None)
 
 
-# `make test` runs two pytest-xdist workers (`-n 2 --dist loadgroup`): a group runs on one
-# worker, in order, and the groups are handed out in the order below. A group is a module
-# (its module-scoped fixtures are built once) except two: the modules that start vLLM (two
-# engines at once would ask the 2 cores twice over) and those on the real node (one node
-# per session). The longest groups go first, so the two workers finish close together.
+# `make test` runs two pytest-xdist workers (`-n 2`): a group runs on one worker, in order,
+# and the groups are handed out in the order below. A group is a module (its module-scoped
+# fixtures are built once) except two: the modules that start vLLM (two engines at once
+# would ask the 2 cores twice over) and those on the real node (one node per session). The
+# longest groups go first, so the two workers finish close together.
 _GROUPS = {"tests/runtime/test_runtime_llm.py": "vllm", "tests/cluster/test_llm.py": "vllm"}
 _FIRST = ("vllm", "node")
 
 
-def _group(item: pytest.Item) -> str:
-    path = item.path.relative_to(ROOT).as_posix()
+def _group(path: str) -> str:
+    """The group of a test module, by its path from the repository's root."""
     return _GROUPS.get(path) or ("node" if path.startswith("tests/node/") else path)
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Hand out whole groups (xdist's `loadgroup` marks no longer reach its scheduler under
+    pytest 9, so the scheduler is told the groups itself)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid.split("::", 1)[0])
+
+    config.option.loadscopereorder = False  # keep the order collection gives
+    return GroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if {"cluster", "binaries"} & set(item.fixturenames) or "e2e" in item.path.parts:
             item.add_marker(pytest.mark.cluster)
-        item.add_marker(pytest.mark.xdist_group(_group(item)))
     rank = {group: index for index, group in enumerate(_FIRST)}
-    items.sort(key=lambda item: rank.get(_group(item), len(rank)))  # stable: else unchanged
+    items.sort(key=lambda item: rank.get(_group(item.nodeid.split("::", 1)[0]), len(rank)))
 
 
 @pytest.fixture(scope="session")
