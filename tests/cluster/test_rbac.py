@@ -225,6 +225,27 @@ def drive_a_models_life(kube: Kube, name: str) -> None:
              what="children garbage-collected")
 
 
+def drive_a_conversion(kube: Kube, name: str) -> None:
+    """A version that asks for conversion gets its Job (kwok holds the Job's pod Running, so
+    it stays converting); when the spec stops asking, the Job is deleted."""
+    def manifest(convert: bool) -> str:
+        doc = yaml.safe_load(model(name, "1", [{"weight": 50}]))
+        doc["spec"]["model"].update(format="export", uri=f"s3://models/{name}/1/model.pt2")
+        if convert:
+            doc["spec"]["model"]["convert"] = {"target": "aoti"}
+        return yaml.safe_dump(doc)
+
+    def jobs() -> list[Any]:
+        return list(kube.get("jobs", selector=f"modelyard.dev/convert-for={name}") or [])
+
+    kube.apply(manifest(convert=True))
+    wait_for(jobs, what="the conversion Job")
+    assert status(kube, name).get("readyReplicas", 0) == 0  # nothing starts before it
+    kube.apply(manifest(convert=False))
+    wait_for(lambda: not jobs(), what="the conversion Job deleted")
+    kube.run("delete", "md", name, "--wait=true", "--timeout=60s")
+
+
 def sleepy(name: str, min_replicas: int) -> str:
     return yaml.safe_dump({
         "apiVersion": "modelyard.dev/v1alpha1", "kind": "ModelDeployment",
@@ -377,6 +398,7 @@ def test_the_operator_runs_a_whole_rollout_with_only_the_charts_cluster_wide_rba
     with fresh_namespace(audited, prefix="rbac") as ns, OperatorThread():
         kube = Kube(audited, ns)
         drive_as(audited, user, lambda: drive_a_models_life(kube, "life"))
+        drive_as(audited, user, lambda: drive_a_conversion(kube, "converted"))
         drive_as(audited, user, lambda: drive_to_zero_and_back(
             kube, "sleepy", addresses, at_zero=lambda: ask_the_activator(
                 activator_config, ns, "sleepy")))
@@ -409,6 +431,7 @@ def test_the_operator_runs_with_only_the_charts_namespaced_rbac(
         with OperatorThread([ns]):
             kube = Kube(audited, ns)
             drive_as(audited, user, lambda: drive_a_models_life(kube, "scoped"))
+            drive_as(audited, user, lambda: drive_a_conversion(kube, "converted"))
             drive_as(audited, user, lambda: drive_to_zero_and_back(
                 kube, "sleepy", addresses, at_zero=lambda: ask_the_activator(
                     activator_config, ns, "sleepy")))
