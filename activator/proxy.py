@@ -90,8 +90,9 @@ class Activator:
         except _TooLarge:
             self.metrics.rejected.labels("too_large").inc()
             return _error(413, f"request body above {self.settings.max_body_bytes} bytes")
-        except ClientDisconnect:
-            return Response(status_code=400)
+        except ClientDisconnect:  # gone before its body was read: counted like any other
+            self._observe(ref, time.monotonic(), False, "abandoned")
+            return Response(status_code=499)
         start = time.monotonic()
         tried: set[Endpoint] = set()
         held = False
