@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -58,6 +59,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.cluster)
     rank = {group: index for index, group in enumerate(_FIRST)}
     items.sort(key=lambda item: rank.get(_group(item.nodeid.split("::", 1)[0]), len(rank)))
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """The real-node journey's timings (tests/node/conftest.py puts them on its reports).
+    Here, not beside the journey: under pytest-xdist only this conftest is loaded where
+    the summary is printed."""
+    timings: dict[str, float] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            for name, value in getattr(report, "user_properties", ()):
+                if name == "journey timings" and len(value) >= len(timings):
+                    timings = value
+    if timings:
+        terminalreporter.section("the journey on the real node, at the chart's defaults")
+        for what, value in timings.items():
+            terminalreporter.write_line(f"{what}: {json.dumps(value)}")
 
 
 @pytest.fixture(scope="session")

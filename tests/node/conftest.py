@@ -8,7 +8,6 @@ missing the fixture fails at once, naming that command.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -60,16 +59,3 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
     timings = item.config.stash.get(JOURNEY_TIMINGS, None)
     if timings and call.when == "call":
         outcome.get_result().user_properties.append(("journey timings", dict(timings)))
-
-
-def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    timings: dict[str, float] = {}
-    for reports in terminalreporter.stats.values():
-        for report in reports:
-            for name, value in getattr(report, "user_properties", ()):
-                if name == "journey timings" and len(value) >= len(timings):
-                    timings = value
-    if timings:
-        terminalreporter.section("the journey on the real node, at the chart's defaults")
-        for what, value in timings.items():
-            terminalreporter.write_line(f"{what}: {json.dumps(value)}")
