@@ -64,13 +64,34 @@ def show_status(name: str, namespace: str, out: TextIO = sys.stdout) -> None:
 
 def show_history(name: str, namespace: str, out: TextIO = sys.stdout) -> None:
     status = api_status.parse_status(fetch(name, namespace).get("status"))
-    rows = [("VERSION", "PHASE", "DEPLOYED", "FINISHED", "REASON")]
-    rows += [(r.version, str(r.phase), r.deployed_at, r.finished_at or "", r.reason or "")
-             for r in status.versions]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  "
-              + row[4], file=out)
+    for line in history_lines(status):
+        print(line, file=out)
+
+
+def history_lines(status: api_status.ModelDeploymentStatus) -> list[str]:
+    """The ledger as a table, newest first; the reason, free text, last and unpadded."""
+    rows = [("VERSION", "PHASE", "DEPLOYED", "FINISHED", "CONVERSION", "REASON")]
+    rows += [(r.version, str(r.phase), r.deployed_at, r.finished_at or "",
+              _conversion(r.conversion), r.reason or "") for r in status.versions]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  "
+            + row[5] for row in rows]
+
+
+def _conversion(record: api_status.ConversionRecord | None) -> str:
+    """What a version's conversion measured: ``aoti x8.40 b1:x1.46 delta:0``."""
+    if record is None:
+        return ""
+    if record.phase != "Converted":
+        return record.phase
+    words = [record.target if record.quantize == "none" else f"{record.target}/{record.quantize}"]
+    if record.speedup is not None:
+        words.append(f"x{record.speedup:.2f}")
+    if record.speedup_batch1 is not None:
+        words.append(f"b1:x{record.speedup_batch1:.2f}")
+    if record.accuracy_delta is not None:
+        words.append(f"delta:{record.accuracy_delta:.2g}")
+    return " ".join(words)
 
 
 def promote(name: str, namespace: str, out: TextIO = sys.stdout) -> None:

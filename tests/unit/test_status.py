@@ -145,3 +145,29 @@ def test_transition_time_moves_only_when_the_status_flips() -> None:
     assert cond(a, "Ready").last_transition_time == cond(b, "Ready").last_transition_time
     flipped = cond(b, "Progressing").last_transition_time
     assert flipped != cond(a, "Progressing").last_transition_time
+
+
+def test_history_shows_what_a_conversion_measured() -> None:
+    from modelyard.operator.usercli import history_lines
+
+    status = api_status.parse_status({"versions": [
+        {"version": "3", "uri": "s3://m/3/model.pt2", "phase": "Failed",
+         "deployedAt": "2026-12-06T10:02:00Z", "reason": "ConversionFailed",
+         "conversion": {"job": "m-convert-c", "key": "c", "phase": "Failed",
+                        "startedAt": "2026-12-06T10:02:00Z", "message": "dynamic batch"}},
+        {"version": "2", "uri": "s3://m/2/model.pt2", "phase": "Stable",
+         "deployedAt": "2026-12-06T10:01:00Z",
+         "conversion": {"job": "m-convert-b", "key": "b", "phase": "Converted",
+                        "startedAt": "2026-12-06T10:00:00Z", "speedup": 8.4,
+                        "speedupBatch1": 1.46, "accuracyDelta": 0.0}},
+        {"version": "1", "uri": "s3://m/1/model.pt2", "phase": "Superseded",
+         "deployedAt": "2026-12-06T09:00:00Z"},
+    ]})
+    header, failed, converted, plain = history_lines(status)
+    assert header.split() == ["VERSION", "PHASE", "DEPLOYED", "FINISHED", "CONVERSION",
+                              "REASON"]
+    assert failed.split()[:2] == ["3", "Failed"]
+    assert failed.split()[-2:] == ["Failed", "ConversionFailed"]  # its conversion, its reason
+    assert converted.split()[:2] == ["2", "Stable"]
+    assert "aoti x8.40 b1:x1.46 delta:0" in converted
+    assert plain.split() == ["1", "Superseded", "2026-12-06T09:00:00Z"]
