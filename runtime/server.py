@@ -398,16 +398,7 @@ class InferenceDoor:
         if scope["method"] != "POST":
             reply = Reply.json({"error": "Method Not Allowed"}, 405)
         else:
-            declared: int | None = None
-            header_length: str | None = None
-            timeout: bytes | None = None
-            for key, value in scope["headers"]:
-                if key == b"content-length" and value.isdigit():
-                    declared = int(value)
-                elif key == b"inference-header-content-length":
-                    header_length = value.decode("latin-1")
-                elif key == TIMEOUT_HEADER:
-                    timeout = value
+            declared, header_length, timeout = _body_headers(scope)
             gone: list[bool] = []
             try:
                 work = self._work(receive, declared, header_length, infer, predict,
@@ -432,13 +423,7 @@ class InferenceDoor:
         if scope["method"] != "POST":
             reply = Reply.json({"error": "Method Not Allowed"}, 405)
         else:
-            declared: int | None = None
-            header_length: str | None = None
-            for key, value in scope["headers"]:
-                if key == b"content-length" and value.isdigit():
-                    declared = int(value)
-                elif key == b"inference-header-content-length":
-                    header_length = value.decode("latin-1")
+            declared, header_length, _ = _body_headers(scope)
             try:
                 reply = await self.runtime.explain(match["name"], match["version"],
                                                    lambda: self._body(receive, declared),
@@ -613,3 +598,19 @@ def _health_routes(app: FastAPI, runtime: Runtime) -> None:
             "handler": runtime.config.handler,
             "accepts_images": bool(handler is not None and handler.accepts_images),
         })
+
+
+def _body_headers(scope: Scope) -> tuple[int | None, str | None, bytes | None]:
+    """The headers a request body is read by: its declared length, the OIP binary
+    extension's JSON header length, and the request's own deadline (raw)."""
+    declared: int | None = None
+    header_length: str | None = None
+    timeout: bytes | None = None
+    for key, value in scope["headers"]:
+        if key == b"content-length" and value.isdigit():
+            declared = int(value)
+        elif key == b"inference-header-content-length":
+            header_length = value.decode("latin-1")
+        elif key == TIMEOUT_HEADER:
+            timeout = value
+    return declared, header_length, timeout
