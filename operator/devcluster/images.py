@@ -202,9 +202,10 @@ def _ensure_project_image(context: Path, flavour: str, base: Image,
         # The new image stays tagged: removing it would also remove its untagged parents,
         # the cached layers (torch's among them) the next build reuses. Older builds of the
         # same image go, and with them only the layers no other image uses.
+        # (buildah 1.28 knows no image by its bare repository name: list them all.)
         repository = image.name.rpartition(":")[0]
-        listed = _buildah("images", "--format", "{{.Name}}:{{.Tag}}", repository, check=False)
-        for old in set(listed.split()) - {image.name}:
+        listed = _buildah("images", "--format", "{{.Name}}:{{.Tag}}", check=False).split()
+        for old in {n for n in listed if n.rpartition(":")[0] == repository} - {image.name}:
             _buildah("rmi", old, check=False)
 
     tree = cached_tree(f"the {flavour} image {image.name} (buildah, {dockerfile.name})",
