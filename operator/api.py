@@ -128,8 +128,8 @@ class Convert(ApiModel):
     image: str | None = Field(
         None, min_length=1, max_length=512,
         description="Image of the conversion Job; it needs modelyard's runtime, a C++ "
-                    "compiler and, to quantise, torchao (the extra 'convert'). Default: "
-                    "runtime.image.")
+                    "compiler and, to quantise, torchao (the extra 'convert'), as the "
+                    "runtime image has them. Default: runtime.image.")
     active_deadline_seconds: int = Field(
         1800, ge=60, le=86_400,
         description="How long the conversion Job may run before it counts as failed.")

@@ -213,11 +213,23 @@ def _termination(pods: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], str
             try:
                 value = json.loads(text)
             except ValueError:
-                return {}, text[-1024:]
+                return {}, _from_log(text)
             if isinstance(value, dict):
                 return value, str(value.get("error") or "")
-            return {}, text[-1024:]
+            return {}, _from_log(text)
     return {}, ""
+
+
+def _from_log(text: str) -> str:
+    """A log's tail as a message: its last line first (a traceback's exception), then as
+    much of the tail before it as fits in 1024 characters."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return text[-1024:]
+    last = lines[-1][:512]
+    before = text[: text.rstrip().rfind(lines[-1])].rstrip()
+    room = 1024 - len(last) - len(" (the log before it: …)")
+    return f"{last} (the log before it: …{before[-room:]})" if room > 0 else last
 
 
 def _check_result(result: Mapping[str, Any], model: api.ModelSource) -> str | None:
@@ -277,22 +289,25 @@ def render_job(owner: render.Owner, spec: api.ModelDeploymentSpec, name: str,
         "image": convert.image or spec.runtime.image_or_default(),
         "command": list(COMMAND),
         "args": args,
+        # The root is read-only: the download cache and HOME (which libraries create their
+        # caches under) on the work volume, and Inductor's build directory on /tmp.
         "env": [{"name": "MODELYARD_CACHE_DIR", "value": render.CACHE_DIR},
-                {"name": "HOME", "value": f"{render.CACHE_DIR}/home"},
-                {"name": "TMPDIR", "value": f"{render.CACHE_DIR}/tmp"}],
+                {"name": "HOME", "value": f"{render.CACHE_DIR}/home"}],
         "resources": render.resources(spec),
         "terminationMessagePath": TERMINATION_LOG,
         # its report, or when it dies without one, its log's tail
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
-        "volumeMounts": [{"name": "work", "mountPath": render.CACHE_DIR}],
+        "volumeMounts": [{"name": "work", "mountPath": render.CACHE_DIR},
+                         {"name": "tmp", "mountPath": "/tmp"}],
     }
     if spec.runtime.image_pull_policy:
         container["imagePullPolicy"] = spec.runtime.image_pull_policy
     if model.credentials_secret:
         container["envFrom"] = [{"secretRef": {"name": model.credentials_secret}}]
-    volumes: list[dict[str, Any]] = [{"name": "work", "emptyDir": {}}]
+    volumes: list[dict[str, Any]] = [{"name": "work", "emptyDir": {}},
+                                     {"name": "tmp", "emptyDir": {}}]
     if claim := render.pvc_claim(model.uri):  # the package goes beside the source: writable
         volumes.append({"name": "model-store", "persistentVolumeClaim": {"claimName": claim}})
         container["volumeMounts"].append(

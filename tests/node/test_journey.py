@@ -4,14 +4,15 @@ A platform team ``helm install``s the chart (every value at its default but the 
 references); an ML engineer applies a ModelDeployment, waits for Ready from the kubelet's
 readiness probe, sends real inferences through the model's Service from a pod in the
 cluster, rolls a new version out as a canary, aborts another, scales to zero and deletes
-it. A client pod counts every request from the first Ready to the deletion: none may be
-lost. The tests run in file order and share one installation (a module fixture); each
-prints its timings. No ``MODELYARD_*`` variable is set for the operator, the activator or
-the runtime.
+it; then a second model is converted by its Job on the node before it serves. A client
+pod counts every request from the first Ready to the deletion: none may be lost. The tests
+run in file order and share one installation (a module fixture); each prints its timings.
+No ``MODELYARD_*`` variable is set for the operator, the activator or the runtime.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from nodesupport import (
@@ -28,6 +30,7 @@ from nodesupport import (
     NODE_SELECTOR,
     kube_json,
     restricted_namespace,
+    s3_store,
     serve_file,
 )
 from support import ROOT, wait_for
@@ -280,3 +283,116 @@ def test_7_delete_and_nothing_lost(journey: Journey) -> None:
              timeout=120, what="owned objects to be garbage-collected")
     assert totals["failed"] == 0, totals
 
+
+
+def test_8_a_model_converted_by_its_job_on_the_node_then_served(
+        journey: Journey, real_node: Any, tmp_path: Any) -> None:
+    """spec.model.convert with every default: the Job runs the runtime image (its g++ and
+    torchao) in the restricted namespace, reads an exported program from S3, writes the
+    verified package beside it and reports through the default /dev/termination-log; the
+    model's pod then serves that package."""
+    import boto3
+
+    source = tmp_path / "model.pt2"
+    model = _exported_mlp(source)
+    name, ns = "converted", journey.namespace
+    with s3_store(real_node.layout.host_ip, tmp_path / "moto.log") as endpoint:
+        keys = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "modelyard",
+                "AWS_SECRET_ACCESS_KEY": "modelyard", "AWS_DEFAULT_REGION": "us-east-1"}
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="modelyard", aws_secret_access_key="modelyard")
+        s3.create_bucket(Bucket="models")
+        s3.upload_file(str(source), "models", "mlp/1/model.pt2")
+        journey.kubectl("create", "secret", "generic", "store", "-n", ns,
+                        *(f"--from-literal={k}={v}" for k, v in keys.items()))
+        manifest = {
+            "apiVersion": "modelyard.dev/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {
+                "model": {"version": "1", "uri": "s3://models/mlp/1/model.pt2",
+                          "format": "export", "credentialsSecret": "store", "convert": {}},
+                "runtime": {"image": journey.cluster.real_node_images.runtime.name,
+                            "batching": {"maxBatchSize": 8}},
+                # the Job gets the model's own resources: a core, room for the compiler
+                "resources": {"cpu": "1", "memory": "3Gi"},
+                "scheduling": {"nodeSelector": NODE_SELECTOR},
+            },
+        }
+        started = time.monotonic()
+        journey.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+
+        def status() -> dict[str, Any]:
+            found = kube_json(journey.cluster, "get", "md", name, "-n", ns)
+            return dict(found.get("status") or {})
+
+        def converted() -> bool:
+            conditions = {c["type"]: c for c in status().get("conditions", [])}
+            cond = conditions.get("Converted") or {}
+            if cond.get("reason") == "ConversionFailed":
+                logs = journey.kubectl("logs", "-n", ns, "-l",
+                                       f"modelyard.dev/convert-for={name}", "--tail=40",
+                                       check=False)
+                raise AssertionError(f"{cond.get('message')}\n{logs.stdout}{logs.stderr}")
+            return cond.get("status") == "True"
+
+        wait_for(converted, timeout=480, interval=1, what="the conversion Job to succeed")
+        journey.timings["conversion Job done after apply (s)"] = time.monotonic() - started
+        wait_for(lambda: any(c["type"] == "Ready" and c["status"] == "True"
+                             for c in status().get("conditions", [])),
+                 timeout=240, interval=1, what="the converted model to be Ready")
+        journey.timings["converted model Ready after apply (s)"] = time.monotonic() - started
+
+        [job_pod] = kube_json(journey.cluster, "get", "pods", "-n", ns, "-l",
+                              f"modelyard.dev/convert-for={name}")["items"]
+        [container] = job_pod["spec"]["containers"]
+        assert container["image"] == journey.cluster.real_node_images.runtime.name
+        assert container["terminationMessagePath"] == "/dev/termination-log"
+        assert job_pod["spec"]["nodeName"] == real_node.name
+        assert job_pod["status"]["phase"] == "Succeeded"
+
+        record = status()["versions"][0]
+        conversion = record["conversion"]
+        artifact = conversion["artifactUri"]
+        assert artifact.startswith("s3://models/mlp/1/aoti/"), artifact
+        package = s3.get_object(Bucket="models", Key=artifact.removeprefix("s3://models/"))
+        assert hashlib.sha256(package["Body"].read()).hexdigest() == \
+            conversion["artifactSha256"]
+        assert conversion["sourceSha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+        assert conversion["accuracyDelta"] <= 1e-4  # the default tolerance holds
+
+        [pod] = kube_json(journey.cluster, "get", "pods", "-n", ns, "-l",
+                          f"modelyard.dev/model-deployment={name}")["items"]
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert (env["MODELYARD_MODEL_FORMAT"], env["MODELYARD_MODEL_SHA256"]) == (
+            "aoti", conversion["artifactSha256"])
+        _assert_answers_like(model, f"http://{pod['status']['podIP']}:8080", name)
+        journey.kubectl("delete", "md", name, "-n", ns, "--wait=true", "--timeout=120s")
+
+
+def _exported_mlp(path: Any) -> Any:
+    """A small MLP exported with a dynamic batch up to the model's batching limit (8)."""
+    import torch
+
+    torch.manual_seed(8)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 4)).eval()
+    batch = torch.export.Dim("batch", min=1, max=8)
+    torch.export.save(torch.export.export(model, (torch.zeros(2, 16),),
+                                          dynamic_shapes=({0: batch},)), str(path))
+    return model
+
+
+def _assert_answers_like(model: Any, url: str, name: str) -> None:
+    """A batch of 3 through the served model matches the source model's outputs."""
+    import numpy as np
+    import torch
+
+    x = np.linspace(-1, 1, 3 * 16, dtype=np.float32).reshape(3, 16)
+    body = {"inputs": [{"name": "input", "shape": [3, 16], "datatype": "FP32",
+                        "data": x.ravel().tolist()}]}
+    reply = httpx.post(f"{url}/v2/models/{name}/infer", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    answer = np.asarray(reply.json()["outputs"][0]["data"]).reshape(3, 4)
+    np.testing.assert_allclose(answer, expected, rtol=1e-4, atol=1e-5)

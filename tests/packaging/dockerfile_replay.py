@@ -13,8 +13,9 @@ is ``<root>/opt/venv`` here.
 * The final stage: ``COPY --from=STAGE`` copies between roots; ``RUN`` commands
   split on ``&&`` are carried out when the replay knows them (``uv venv``,
   ``uv pip install``, ``mkdir -p``, ``chown``, ``groupadd``/``useradd`` recorded,
-  the home created), and anything else fails loudly, so a new step in a
-  Dockerfile is never silently skipped.
+  the home created, ``apt-get install`` checked against this machine's Debian
+  packages, on which the replayed image runs), and anything else fails loudly, so a
+  new step in a Dockerfile is never silently skipped.
 * ``Replay.launch`` starts ENTRYPOINT + CMD (or a pod's ``command`` and ``args``)
   with the image's ENV (its paths mapped into the root), from its WORKDIR, as its
   USER (``setpriv``, since tests run as root here).
@@ -305,6 +306,21 @@ class Replay:
                 os.chown(self.host(root, path), uid, gid)
         elif program == "groupadd":
             return  # the group's id is what USER and useradd name: nothing to carry out
+        elif command[:2] == ["apt-get", "update"]:
+            return  # where packages come from: the machine's own Debian
+        elif command[:2] == ["apt-get", "install"]:
+            # the image's Debian packages are the machine's (the replay runs on its /usr):
+            # each must be installed here, as scripts/system-packages.txt has them
+            for package in (w for w in rest[1:] if not w.startswith("-")):  # apt's flags
+                if not _debian_package_installed(package):
+                    raise ReplayError(f"{where}: Debian package {package} is not installed "
+                                      f"on this machine: scripts/system-packages.txt")
+        elif program == "rm" and rest[:1] == ["-rf"]:
+            for pattern in rest[1:]:
+                if not pattern.startswith("/var/lib/apt/"):
+                    raise ReplayError(f"{where}: the replay removes only apt's lists, "
+                                      f"not {pattern}")
+                # apt's lists were never written into the root: nothing to remove
         elif program == "useradd":
             opts = _options(rest)
             name = _positional(rest)[-1]
@@ -409,6 +425,12 @@ class Replay:
         process: subprocess.Popen[bytes] = subprocess.Popen(
             [*prefix, *self.argv(root, args, command)], env=full_env, cwd=cwd, **popen)
         return process
+
+
+def _debian_package_installed(package: str) -> bool:
+    done = subprocess.run(["dpkg-query", "--show", "--showformat=${Status}", package],
+                          capture_output=True, text=True, check=False)
+    return done.returncode == 0 and done.stdout.strip().endswith(" installed")
 
 
 def _split_and(words: list[str]) -> Iterator[list[str]]:

@@ -43,8 +43,9 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = {"operator": ROOT / "Dockerfile.operator", "runtime": ROOT / "Dockerfile.runtime",
                "vllm": ROOT / "Dockerfile.vllm"}
 # Each image's extras: one for every command the chart runs on it (the operator image runs
-# `modelyard operator` and `modelyard activator`).
-EXTRAS = {"operator": "operator,activator", "runtime": "runtime", "vllm": "llm"}
+# `modelyard operator` and `modelyard activator`; the runtime image serves and runs the
+# conversion Job).
+EXTRAS = {"operator": "operator,activator", "runtime": "runtime,convert", "vllm": "llm"}
 CUDA_FLAVOUR = {"BASE_IMAGE": "nvidia/cuda:13.0.2-base-ubuntu24.04",
                 "TORCH_INDEX": "https://pypi.org/simple"}
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

@@ -152,6 +152,10 @@ def test_the_job_is_placed_like_the_models_pods_and_reports_through_its_pod() ->
     container = pod["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    # a read-only root: Inductor builds in /tmp, a volume of the Job's own
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+    assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
     args = container["args"]
     assert args[args.index("--source") + 1] == "s3://models/m/2/model.pt2"
     assert args[args.index("--max-batch") + 1] == "8"
@@ -278,6 +282,21 @@ def test_a_job_that_completes_without_a_usable_package_is_a_failure(message: str
     cluster.run_pass()
     assert why in cluster.condition("Converted").message
     assert cluster.desired == {"1": 2}
+
+
+def test_a_job_that_dies_without_a_report_is_told_by_its_last_log_line() -> None:
+    """With FallbackToLogsOnError the termination message is the log's tail, cut anywhere:
+    the condition starts with the exception, the traceback's last line."""
+    cluster = stable_at_1()
+    bump(cluster)
+    cluster.run_pass()
+    tail = ("n()\n" + "  File \"/usr/lib/python3.11/tempfile.py\", line 362\n" * 30
+            + "FileNotFoundError: [Errno 2] No usable temporary directory found\n")
+    cluster.finish(cluster.created[0], ok=False, message=tail)
+    cluster.run_pass()
+    message = cluster.condition("Converted").message
+    assert message.startswith(f"Job {cluster.created[0]}: FileNotFoundError: [Errno 2] No "
+                              "usable temporary directory found (the log before it: …"), message
 
 
 def test_a_job_past_its_deadline_says_so() -> None:
