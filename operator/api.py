@@ -242,10 +242,11 @@ class ModelSource(ApiModel):
              "with convert the pods serve the compiled package: optimize does not apply "
              "(quantise with convert.quantize)", ".optimize"),
         _cel("!has(self.convert) || !has(self.convert.quantize) || "
-             "self.convert.quantize == 'none' || "
+             "self.convert.quantize == 'none' || self.convert.quantize == 'int8-dynamic' || "
              "(has(self.format) && self.format == 'safetensors')",
-             "convert.quantize rewrites nn.Linear layers, which an exported program no longer "
-             "has: convert from format safetensors", ".convert.quantize"),
+             "an exported program is quantised as a graph (PT2E), which does int8-dynamic "
+             "only: for int8-weight-only or float8-dynamic convert from format safetensors",
+             ".convert.quantize"),
     ))
 
 
@@ -731,6 +732,15 @@ class ModelDeploymentSpec(ApiModel):
              "runtime.explain needs gradients through the model, and model.convert makes the "
              "pods serve an aoti package, which has none: explain the unconverted model",
              ".runtime.explain"),
+        _cel("!has(self.model.convert) || !has(self.model.convert.quantize) || "
+             "self.model.convert.quantize != 'int8-dynamic' || "
+             "(has(self.model.format) && self.model.format == 'safetensors') || "
+             "!has(self.resources) || !has(self.resources.gpu) || "
+             "!has(self.resources.gpu.count) || "
+             "self.resources.gpu.count == 0",
+             "an exported program is quantised as a graph (PT2E) by torchao's x86 quantizer, "
+             "for CPUs: on GPUs convert from format safetensors to quantise",
+             ".model.convert.quantize"),
         _cel("!has(self.tls) || !has(self.gateway)",
              "tls and gateway together are not supported yet: the Gateway would need a "
              "BackendTLSPolicy per version Service, which modelyard does not render",

@@ -24,6 +24,10 @@ Quantisation schemes (torchao), chosen per device:
 - ``float8-dynamic``: float8 weights and activations (CUDA, compute capability >= 8.9,
   e.g. H100): the tensor cores' fastest path with the smallest accuracy cost.
 
+These rewrite an eager module's ``nn.Linear`` layers (safetensors plus its entry point). An
+exported program has none left: it is quantised as a graph instead (PT2E, torchao's x86
+Inductor quantizer), which does ``int8-dynamic`` on CPU.
+
 Called by ``modelyard convert`` (operator CLI) and ``python -m modelyard.runtime.convert``
 (the runtime image, which has no operator).
 """
@@ -192,6 +196,35 @@ def _quantize(module: torch.nn.Module, scheme: str, device: torch.device) -> Non
     quantize_(module, config)
 
 
+def _quantize_exported(module: torch.nn.Module, scheme: str, device: torch.device,
+                       example: tuple[torch.Tensor, ...]) -> torch.nn.Module:
+    """An exported program has no ``nn.Linear`` left for ``quantize_`` to swap: it is
+    quantised as a graph (PT2E) by torchao's x86 Inductor quantizer, whose int8 patterns
+    Inductor fuses into oneDNN kernels when it freezes the weights. That quantizer is for
+    CPUs and dynamic activations only: the other schemes need the eager module."""
+    if scheme != "int8-dynamic" or device.type != "cpu":
+        raise ConfigError(
+            f"an exported program is quantised as a graph (PT2E, torchao's x86 quantizer), "
+            f"which does int8-dynamic on CPU only, not {scheme} on {device.type}: convert "
+            "from safetensors and its entry point for the other schemes")
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import (  # type: ignore[import-untyped]
+            convert_pt2e,
+            prepare_pt2e,
+        )
+        from torchao.quantization.pt2e.quantizer import (  # type: ignore[import-untyped]
+            x86_inductor_quantizer as x86,
+        )
+    except ImportError:
+        raise ConfigError("quantisation needs torchao: pip install 'modelyard[convert]'") from None
+    quantizer = x86.X86InductorQuantizer()
+    quantizer.set_global(x86.get_default_x86_inductor_quantization_config(is_dynamic=True))
+    prepared = prepare_pt2e(module, quantizer)
+    with torch.no_grad():
+        prepared(*example)  # the weights' observers; activations are scaled per call
+    return convert_pt2e(prepared)  # type: ignore[no-any-return]
+
+
 def compile_package(options: ConvertOptions) -> Candidate:
     """Load the source, quantise it if asked, export it with a dynamic batch and compile it
     into a package in a fresh temporary directory (``Candidate.discard`` removes it)."""
@@ -207,18 +240,16 @@ def compile_package(options: ConvertOptions) -> Candidate:
             "(give --metadata, or embed it: safetensors metadata 'modelyard')")
     reference = module
     candidate_module = module
-    if options.quantize:
-        if not eager:
-            raise ConfigError("quantisation rewrites the model's nn.Linear layers, which an "
-                              "exported program no longer has: convert from safetensors and "
-                              "its entry point")
-        candidate_module = copy.deepcopy(module)
-        _quantize(candidate_module, options.quantize, device)
-    candidate_module = candidate_module.to(device)
-
     generator = torch.Generator().manual_seed(options.seed)
     example_batch = 2 if options.max_batch >= 2 else 1
     example = _example(inputs, example_batch, generator, device)
+    if options.quantize and eager:
+        candidate_module = copy.deepcopy(module)
+        _quantize(candidate_module, options.quantize, device)
+    elif options.quantize:
+        candidate_module = _quantize_exported(copy.deepcopy(module), options.quantize, device,
+                                              example)
+    candidate_module = candidate_module.to(device)
     dynamic: Any = None
     if options.max_batch >= 2:
         batch = torch.export.Dim("batch", min=1, max=options.max_batch)

@@ -135,9 +135,12 @@ INVALID = [
         "convert": {}}), "an http(s) store is read only"),
     ("conversion of a TorchScript file", with_("spec.model.convert", {}),
      "convert compiles an exported program or safetensors weights"),
-    ("quantising an exported program", with_("spec.model", {
+    ("an exported program quantised weight-only", with_("spec.model", {
         "version": "1", "uri": "s3://m/1/model.pt2", "format": "export",
-        "convert": {"quantize": "int8-dynamic"}}), "which an exported program no longer has"),
+        "convert": {"quantize": "int8-weight-only"}}), "which does int8-dynamic only"),
+    ("an exported program quantised for a GPU", with_("spec.model", {
+        "version": "1", "uri": "s3://m/1/model.pt2", "format": "export",
+        "convert": {"quantize": "int8-dynamic"}}), "on GPUs convert from format safetensors"),
     ("conversion with load-time optimize", with_("spec.model", {
         "version": "1", "uri": "s3://m/1/model.safetensors", "format": "safetensors",
         "entryPoint": "m:build", "optimize": {"compile": True}, "convert": {}}),
@@ -176,6 +179,12 @@ def test_a_conversion_is_accepted_and_defaulted(kube: Kube) -> None:
         "convert": {}})))
     convert = kube.get("md", "resnet")["spec"]["model"]["convert"]
     assert convert == {"target": "aoti", "quantize": "none", "activeDeadlineSeconds": 1800}
+    # an exported program quantised as a graph, for a CPU
+    cpu = with_("spec.model", {"version": "4", "uri": "pvc://store/resnet/4/model.pt2",
+                               "format": "export", "convert": {"quantize": "int8-dynamic"}})
+    cpu["spec"]["resources"] = {"cpu": "2"}
+    kube.apply(yaml.safe_dump(cpu))
+    assert kube.get("md", "resnet")["spec"]["model"]["convert"]["quantize"] == "int8-dynamic"
 
 
 def test_a_generative_model_is_accepted_with_its_engine_settings(kube: Kube) -> None:

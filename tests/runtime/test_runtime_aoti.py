@@ -1,8 +1,9 @@
 """AOTInductor packages: `modelyard convert` (verified before written) and format aoti served.
 
 Compiling is the slow part (tens of seconds per package on 2 cores), so the module
-compiles twice in all: the TinyMLP in fp32 through the CLI, and an int8 candidate whose
-verification is then judged against an impossible and against its own tolerance.
+compiles three times in all: the TinyMLP in fp32 through the CLI, an int8 candidate whose
+verification is then judged against an impossible and against its own tolerance, and the
+exported TinyMLP quantised as a graph.
 """
 
 from __future__ import annotations
@@ -133,8 +134,27 @@ def test_what_a_package_cannot_do_is_a_clear_error(package: Path, models: dict[s
     with pytest.raises(ModelLoadError, match="not an AOTInductor package"):
         load_model(RuntimeConfig(model_name="m", model_uri="x", model_format="aoti"),
                    models["mlp"])  # a TorchScript zip
-    with pytest.raises(ConfigError, match="exported program"):
-        compile_package(ConvertOptions(source=models["export"], quantize="int8-dynamic"))
+    with pytest.raises(ConfigError, match=r"exported program .* int8-dynamic on CPU only"):
+        compile_package(ConvertOptions(source=models["export"], quantize="int8-weight-only"))
+
+
+def test_an_exported_program_is_quantised_as_a_graph(models: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    """PT2E: int8-dynamic on an exported program (no nn.Linear left to swap) changes the
+    numbers beyond fp32's compile noise and stays within the quantised tolerance."""
+    candidate = compile_package(ConvertOptions(
+        source=models["export"], max_batch=MAX_BATCH, quantize="int8-dynamic",
+        bench_seconds=0.1, threads=1))
+    try:
+        verification = verify(candidate)
+        assert verification.passed, verification.deltas
+        logits = next(iter(verification.deltas.values()))  # the float output; then the label
+        assert FP32_TOLERANCE < logits <= QUANTIZED_TOLERANCE, verification.deltas
+        manifest = write(candidate, verification, tmp_path / "mlp-int8.pt2")
+    finally:
+        candidate.discard()
+    assert (manifest["quantize"], manifest["sha256"]) == (
+        "int8-dynamic", sha256(tmp_path / "mlp-int8.pt2"))
 
 
 @pytest.fixture(scope="module")
