@@ -11,7 +11,8 @@ Method: the runtime benchmark's model (the demo ResNet-18, 3xSIZExSIZE, seed 0,
 machine drifts; see ``measure``): the best items/s (and its batch) and the batch-1
 latency (the median call of the fastest slice), each as a ratio to eager. The
 AOTInductor packages are made by ``modelyard convert`` itself (compile, verify against
-eager, write with a manifest): their conversion time and accuracy delta come from that.
+eager, write with a manifest): their conversion time and accuracy delta come from that;
+with int8-dynamic, also from the exported program, quantised as a graph (PT2E).
 The accuracy delta of the others is the largest absolute logit difference from eager
 divided by the largest absolute eager logit, on 16 random images. Nothing asserts: it
 prints a table and writes it to ``bench/results/convert-SIZE-STAMP.{md,json}``.
@@ -126,26 +127,17 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     save_file({k: v.contiguous() for k, v in eager.state_dict().items()}, str(source),
               metadata={"modelyard": json.dumps(metadata)})
     for scheme in [None, *args.quantize]:
-        name = f"aoti {scheme or 'fp32'}"
-        print(f"converting {name}", flush=True)
-        started = time.monotonic()
-        candidate = compile_package(ConvertOptions(
+        _convert(f"aoti {scheme or 'fp32'}", ConvertOptions(
             source=source, entry_point="modelyard.runtime.demo:ResNet18", max_batch=max(BATCHES),
-            quantize=scheme, bench_seconds=0.5, threads=1))
-        try:
-            verification = verify(candidate)
-            output = workdir / f"resnet-{size}-{scheme or 'fp32'}.pt2"
-            try:
-                manifest = write(candidate, verification, output)
-            except Exception as error:  # a failed verification is a result too
-                results[name] = {"failed": str(error)}
-                continue
-        finally:
-            candidate.discard()
-        variants[name] = load_package(output, "cpu").module
-        results[name] = {"conversion_s": time.monotonic() - started,
-                         "compile_s": manifest["compileSeconds"],
-                         "accuracy_delta": manifest["verification"]["accuracyDelta"]}
+            quantize=scheme, bench_seconds=0.5, threads=1), workdir, variants, results)
+    if "int8-dynamic" in args.quantize:  # the exported program, quantised as a graph (PT2E)
+        exported = workdir / f"resnet-{size}.pt2"
+        batch = torch.export.Dim("batch", min=1, max=max(BATCHES))
+        torch.export.save(torch.export.export(eager, (torch.zeros(2, 3, size, size),),
+                                              dynamic_shapes=({0: batch},)), str(exported))
+        _convert("aoti int8-dynamic (export, PT2E)", ConvertOptions(
+            source=exported, max_batch=max(BATCHES), quantize="int8-dynamic",
+            bench_seconds=0.5, threads=1), workdir, variants, results)
 
     print("measuring", ", ".join(variants), flush=True)
     for name, figures in measure(variants, size, args.seconds, args.rounds).items():
@@ -153,6 +145,28 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         if "accuracy_delta" not in results[name]:
             results[name]["accuracy_delta"] = accuracy(variants[name], eager, size)
     return results
+
+
+def _convert(name: str, options: ConvertOptions, workdir: Path,
+             variants: dict[str, Callable[..., Any]], results: dict[str, Any]) -> None:
+    """One package, as ``modelyard convert`` makes it: compiled, verified, written, loaded."""
+    print(f"converting {name}", flush=True)
+    started = time.monotonic()
+    candidate = compile_package(options)
+    try:
+        verification = verify(candidate)
+        output = workdir / f"{name.replace(' ', '-').replace('(', '').replace(')', '')}.pt2"
+        try:
+            manifest = write(candidate, verification, output)
+        except Exception as error:  # a failed verification is a result too
+            results[name] = {"failed": str(error)}
+            return
+    finally:
+        candidate.discard()
+    variants[name] = load_package(output, "cpu").module
+    results[name] = {"conversion_s": time.monotonic() - started,
+                     "compile_s": manifest["compileSeconds"],
+                     "accuracy_delta": manifest["verification"]["accuracyDelta"]}
 
 
 def render(results: dict[str, Any], args: argparse.Namespace) -> str:

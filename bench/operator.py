@@ -103,7 +103,9 @@ def plain_manifests(n: int, namespace: str, version: str) -> str:
             obj["metadata"].pop("ownerReferences", None)
             obj["metadata"].get("labels", {}).pop(render.MANAGED_BY, None)
             docs.append(obj)
-    return yaml.safe_dump_all(docs)
+    # JSON, not PyYAML: a spec-hash annotation such as 0123456789012345 or 1234e56789012345
+    # is a string to PyYAML's YAML 1.1, which leaves it unquoted, and a number to kubectl
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": docs})
 
 
 def md_fields(md: dict[str, Any]) -> tuple[str, ...]:

@@ -28,7 +28,6 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from support import Kube, fresh_namespace, install_crd, wait_for
 
@@ -67,7 +66,9 @@ def _manifests(namespace: str) -> str:
     spec = api.ModelDeploymentSpec.model_validate(_spec())
     deployment = render.render_deployment(render.Owner(NAME, namespace, "unused"), spec, 0)
     del deployment["metadata"]["ownerReferences"]  # no operator: the GC would delete it
-    return yaml.safe_dump_all([model_deployment, deployment])
+    # JSON: PyYAML leaves a spec hash like 1234e56789012345 unquoted, a number to kubectl
+    return json.dumps({"apiVersion": "v1", "kind": "List",
+                       "items": [model_deployment, deployment]})
 
 
 @dataclass

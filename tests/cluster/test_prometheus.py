@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
 from support import Kube, fresh_namespace, wait_for
 
 from modelyard.operator import analysis, api, promql, render
@@ -64,7 +63,8 @@ def _deployment(namespace: str) -> str:
     })
     deployment = render.render_deployment(render.Owner(NAME, namespace, "unused"), spec, 2)
     del deployment["metadata"]["ownerReferences"]  # no ModelDeployment: the GC would delete it
-    return yaml.safe_dump(deployment)
+    # JSON: PyYAML leaves a spec hash like 1234e56789012345 unquoted, a number to kubectl
+    return json.dumps(deployment)
 
 
 _BYSTANDER = """\

@@ -8,6 +8,7 @@ the operator image's entrypoints start as the chart runs them.
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,8 @@ def test_runtime_image_serves_in_arestricted_namespace(real_cluster: Any, real_n
         owner = render.Owner("tiny", namespace, str(uuid.uuid4()))
         deployment = render.render_deployment(owner, spec, replicas=1)
         deployment["metadata"].pop("ownerReferences")  # no ModelDeployment object here
-        created = real_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(deployment),
+        # JSON: PyYAML leaves a spec hash like 1234e56789012345 unquoted, a number to kubectl
+        created = real_cluster.kubectl("apply", "-f", "-", input=json.dumps(deployment),
                                        check=False)
         assert created.returncode == 0, created.stderr  # admitted under `restricted`
         assert "Warning" not in created.stderr, created.stderr
