@@ -15,8 +15,8 @@ Imports no Kubernetes client.
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -62,10 +62,25 @@ _META = ("name", "namespace", "uid", "generation", "resourceVersion", "labels",
 _OURS = "modelyard.dev/"  # the only annotations a pass reads of a ModelDeployment
 
 
+def _shared(value: Any) -> Any:
+    """A deep copy of a JSON value whose strings are interned. The indexes hold thousands of
+    children alike but for a few values; each was decoded from its own watch event, so every
+    key ("containers", "name", ...) and every common value (image, env, labels) would
+    otherwise exist once per object."""
+    if isinstance(value, str):
+        return sys.intern(value) if len(value) <= 256 else value
+    if isinstance(value, Mapping):
+        return {sys.intern(k) if isinstance(k, str) else k: _shared(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shared(v) for v in value]
+    return value  # numbers, booleans, None
+
+
 def _meta(meta: Mapping[str, Any], *, annotations: bool) -> dict[str, Any]:
-    out = {k: copy.deepcopy(meta[k]) for k in _META if k in meta}
+    out = {k: _shared(meta[k]) for k in _META if k in meta}
     if annotations and "annotations" in meta:
-        out["annotations"] = dict(meta["annotations"])
+        out["annotations"] = _shared(meta["annotations"])
     return out
 
 
@@ -73,10 +88,11 @@ def project_model(body: Mapping[str, Any]) -> dict[str, Any]:
     """A ModelDeployment as a pass reads it: spec and status whole; of its annotations only
     modelyard's own (``kubectl apply``'s last-applied copy of the spec is dropped)."""
     meta = body.get("metadata", {})
-    ours = {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith(_OURS)}
+    ours = {k: _shared(v) for k, v in (meta.get("annotations") or {}).items()
+            if k.startswith(_OURS)}
     return {"metadata": _meta(meta, annotations=False) | {"annotations": ours},
-            "spec": copy.deepcopy(dict(body.get("spec") or {})),
-            "status": copy.deepcopy(dict(body.get("status") or {}))}
+            "spec": _shared(body.get("spec") or {}),
+            "status": _shared(body.get("status") or {})}
 
 
 def project_child(body: Mapping[str, Any], *, fields: Iterable[str] = ("spec",)
@@ -84,8 +100,8 @@ def project_child(body: Mapping[str, Any], *, fields: Iterable[str] = ("spec",)
     """A Deployment, Service or EndpointSlice: what :mod:`.diff` compares (its metadata with
     the hash annotation, and ``fields``) and its status."""
     out = {"metadata": _meta(body.get("metadata", {}), annotations=True),
-           "status": copy.deepcopy(dict(body.get("status") or {}))}
-    return out | {k: copy.deepcopy(body[k]) for k in fields if k in body}
+           "status": _shared(body.get("status") or {})}
+    return out | {k: _shared(body[k]) for k in fields if k in body}
 
 
 def project_pod(pod: Mapping[str, Any]) -> dict[str, Any]:
@@ -93,13 +109,14 @@ def project_pod(pod: Mapping[str, Any]) -> dict[str, Any]:
     each container's readiness, restarts and state."""
     spec, status = pod.get("spec") or {}, pod.get("status") or {}
     out_spec: dict[str, Any] = {"containers": [
-        {"name": c.get("name"), "resources": copy.deepcopy(c.get("resources") or {})}
+        {"name": _shared(c.get("name")), "resources": _shared(c.get("resources") or {})}
         for c in spec.get("containers") or []]}
     if spec.get("nodeName"):
-        out_spec["nodeName"] = spec["nodeName"]
-    out_status: dict[str, Any] = {k: status[k] for k in ("phase", "podIP") if k in status}
+        out_spec["nodeName"] = _shared(spec["nodeName"])
+    out_status: dict[str, Any] = {k: _shared(status[k]) for k in ("phase", "podIP")
+                                  if k in status}
     out_status["conditions"] = [
-        {k: c[k] for k in ("type", "status", "reason", "message") if k in c}
+        {k: _shared(c[k]) for k in ("type", "status", "reason", "message") if k in c}
         for c in status.get("conditions") or []]
     out_status["containerStatuses"] = [_project_container(c)
                                        for c in status.get("containerStatuses") or []]
@@ -108,7 +125,7 @@ def project_pod(pod: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _project_container(status: Mapping[str, Any]) -> dict[str, Any]:
-    out = {k: copy.deepcopy(status[k]) for k in ("name", "ready", "restartCount", "state")
+    out = {k: _shared(status[k]) for k in ("name", "ready", "restartCount", "state")
            if k in status}
     # Why the container last stopped: its termination message is the engine's own reason.
     terminated = (status.get("lastState") or {}).get("terminated") or {}
