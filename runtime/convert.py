@@ -218,7 +218,10 @@ def _quantize_exported(module: torch.nn.Module, scheme: str, device: torch.devic
     except ImportError:
         raise ConfigError("quantisation needs torchao: pip install 'modelyard[convert]'") from None
     quantizer = x86.X86InductorQuantizer()
-    quantizer.set_global(x86.get_default_x86_inductor_quantization_config(is_dynamic=True))
+    # the linear layers only, as quantize_ does for an eager module: oneDNN fuses no
+    # dynamically quantised convolution, and set_global would leave q/dq around each one
+    quantizer.set_module_type_qconfig(
+        torch.nn.Linear, x86.get_default_x86_inductor_quantization_config(is_dynamic=True))
     prepared = prepare_pt2e(module, quantizer)
     with torch.no_grad():
         prepared(*example)  # the weights' observers; activations are scaled per call
