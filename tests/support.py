@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -138,3 +143,32 @@ def activator_service(kube: Kube, host: str, port: int, admin: int) -> None:
          "endpoints": [{"addresses": [host], "conditions": {"ready": True}}],
          "ports": [{"name": "http", "port": port}, {"name": "admin", "port": admin}]},
     ]))
+
+
+@contextlib.contextmanager
+def moto_s3(address: str, log: Path) -> Iterator[str]:
+    """moto's standalone S3-compatible server on ``address``, its output in ``log``: its
+    endpoint URL (``AWS_ENDPOINT_URL``)."""
+    moto = shutil.which("moto_server", path=os.path.dirname(sys.executable))
+    if moto is None:  # `make test` installs the dev extra: a missing server is a broken setup
+        import pytest
+
+        pytest.fail("moto[server] is not installed: run scripts/bootstrap (dev extra)")
+    with socket.socket() as probe:
+        probe.bind((address, 0))
+        port = probe.getsockname()[1]
+    with log.open("wb") as out:
+        process = subprocess.Popen([moto, "-H", address, "-p", str(port)], stdout=out,
+                                   stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(OSError), socket.create_connection((address, port), 1):
+                    break
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"moto_server did not listen: {log.read_text()}")
+                time.sleep(0.1)
+            yield f"http://{address}:{port}"
+        finally:
+            process.terminate()
+            process.wait(timeout=10)

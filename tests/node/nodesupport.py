@@ -5,13 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,29 +58,3 @@ def serve_file(path: Path, address: str) -> Iterator[str]:
         server.shutdown()
         server.server_close()
 
-
-@contextlib.contextmanager
-def s3_store(address: str, log: Path) -> Iterator[str]:
-    """moto's S3-compatible server on ``address`` (the host's end of the node's link), so
-    pods on the node read and write it: its endpoint URL."""
-    moto = shutil.which("moto_server", path=os.path.dirname(sys.executable))
-    if moto is None:  # `make test` installs the dev extra: a missing server is a broken setup
-        pytest.fail("moto[server] is not installed: run scripts/bootstrap (dev extra)")
-    with socket.socket() as probe:
-        probe.bind((address, 0))
-        port = probe.getsockname()[1]
-    with log.open("wb") as out:
-        process = subprocess.Popen([moto, "-H", address, "-p", str(port)], stdout=out,
-                                   stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                with contextlib.suppress(OSError), socket.create_connection((address, port), 1):
-                    break
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"moto_server did not listen: {log.read_text()}")
-                time.sleep(0.1)
-            yield f"http://{address}:{port}"
-        finally:
-            process.terminate()
-            process.wait(timeout=10)

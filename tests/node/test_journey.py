@@ -30,10 +30,9 @@ from nodesupport import (
     NODE_SELECTOR,
     kube_json,
     restricted_namespace,
-    s3_store,
     serve_file,
 )
-from support import ROOT, wait_for
+from support import ROOT, moto_s3, wait_for
 
 pytestmark = [pytest.mark.realnode, pytest.mark.cluster]
 
@@ -296,7 +295,7 @@ def test_8_a_model_converted_by_its_job_on_the_node_then_served(
     source = tmp_path / "model.pt2"
     model = _exported_mlp(source)
     name, ns = "converted", journey.namespace
-    with s3_store(real_node.layout.host_ip, tmp_path / "moto.log") as endpoint:
+    with moto_s3(real_node.layout.host_ip, tmp_path / "moto.log") as endpoint:
         keys = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "modelyard",
                 "AWS_SECRET_ACCESS_KEY": "modelyard", "AWS_DEFAULT_REGION": "us-east-1"}
         s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import os
-import shutil
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from runtime_support import free_port
+from support import moto_s3
 
 from modelyard.runtime.errors import ChecksumMismatch, StorageError
 from modelyard.runtime.storage import fetch, sha256_of
@@ -122,25 +120,8 @@ def test_unreachable_http_host_fails(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """moto's standalone S3-compatible server on loopback."""
-    moto = shutil.which("moto_server", path=os.path.dirname(sys.executable))
-    if moto is None:  # `make test` installs the dev extra: a missing server is a broken setup
-        pytest.fail("moto[server] is not installed: run scripts/bootstrap (dev extra)")
-    port = free_port()
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
-    process = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(url, timeout=1)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    yield url
-    process.terminate()
-    process.wait(timeout=10)
-    log.close()
+    with moto_s3("127.0.0.1", tmp_path_factory.mktemp("moto") / "moto.log") as url:
+        yield url
 
 
 @pytest.fixture
