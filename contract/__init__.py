@@ -41,6 +41,14 @@ RUNTIME_GRPC_PORT = 8081  # the runtime's OIP gRPC port when enabled (KServe's c
 LLM_HEALTH_PORT = 8081  # the generative engine's launcher: honest readiness (/ready, /live)
 SERVICE_PORT = 80  # the model's Services
 
+# ---------------------------------------------------------------------- shutdown
+# A model's pod gets TERMINATION_GRACE_SECONDS after SIGTERM. Its server drains: unready at
+# once, serving until no request has arrived for MODELYARD_DRAIN_SECONDS (the endpoint is
+# gone from every node's routing), at most DRAIN_LIMIT_SECONDS; the rest of the grace
+# period is for the requests in flight.
+TERMINATION_GRACE_SECONDS = 60
+DRAIN_LIMIT_SECONDS = 30.0
+
 # --------------------------------------------------------------- runtime metrics
 # Prometheus names without the _total/_bucket suffixes a scrape adds.
 
@@ -134,7 +142,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_body_bytes", "MODELYARD_MAX_BODY_BYTES", "int",
             help="413 above this (default 64 MiB)"),
     Setting("drain_seconds", "MODELYARD_DRAIN_SECONDS", "float",
-            help="after SIGTERM, keep serving (unready) this long"),
+            help="after SIGTERM, keep serving (unready) until no request has arrived "
+                 "for this long"),
     Setting("threads", "MODELYARD_THREADS", "int", help="torch intra-op threads"),
     Setting("warmup", "MODELYARD_WARMUP", "bool",
             help="run a warm-up inference before ready (default true)"),

@@ -232,7 +232,7 @@ def render_deployment(
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 60,
+        "terminationGracePeriodSeconds": contract.TERMINATION_GRACE_SECONDS,
         "securityContext": {
             "runAsNonRoot": True, "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_UID,
             "fsGroup": RUNTIME_UID, "seccompProfile": {"type": "RuntimeDefault"},

@@ -2,10 +2,11 @@
 
 Parses flags over ``MODELYARD_*`` variables (``config.py``), builds the app
 (``server.py``) and runs it under uvicorn in this one process. SIGTERM drains:
-readiness turns false at once, requests keep being answered for
-``drain_seconds`` (while Kubernetes removes the pod from its endpoints), then
-the listener closes, in-flight and queued requests complete, and the process
-exits 0. A model that fails to fetch or load exits 1 with the reason.
+readiness turns false at once, and requests keep being answered until none
+has arrived for ``drain_seconds`` (Kubernetes is taking the pod out of its
+endpoints; on a loaded cluster that takes longer than any fixed wait), at most
+``contract.DRAIN_LIMIT_SECONDS``; then the listener closes, in-flight and queued requests
+complete, and the process exits 0. A model that fails to fetch or load exits 1 with the reason.
 
 With ``MODELYARD_TLS_CERT_FILE`` / ``MODELYARD_TLS_KEY_FILE`` it serves HTTPS only (TLS 1.2
 and later), and a renewed certificate is served without a restart (``tls.py``).
@@ -20,11 +21,13 @@ import socket
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from types import FrameType
 
 import uvicorn
 
+from modelyard import contract
 from modelyard.runtime.config import parse_config
 from modelyard.runtime.errors import ConfigError
 from modelyard.runtime.server import Runtime, create_app
@@ -41,7 +44,7 @@ class _DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
         super().__init__(config)
         self.runtime = runtime
-        self._timer: threading.Timer | None = None
+        self._drain: threading.Thread | None = None
         self._reloading: asyncio.Task[None] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -58,21 +61,34 @@ class _DrainingServer(uvicorn.Server):
         await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig == signal.SIGTERM and self._timer is None and not self.should_exit:
+        if sig == signal.SIGTERM and self._drain is None and not self.should_exit:
             self.runtime.begin_drain()
-            delay = self.runtime.config.drain_seconds
-            self._timer = threading.Timer(delay, self._stop)
-            self._timer.daemon = True
-            self._timer.start()
+            self._drain = threading.Thread(target=self._drain_then_stop,
+                                           args=(time.monotonic(),), daemon=True,
+                                           name="drain")
+            self._drain.start()
             return
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True
         self.runtime.begin_drain()
         self.should_exit = True
 
-    def _stop(self) -> None:
-        log.info("drain period over: closing the listener, finishing in-flight requests")
-        self.should_exit = True
+    def _drain_then_stop(self, since: float) -> None:
+        """Close the listener once no request has arrived for ``drain_seconds`` (the
+        endpoint is gone everywhere that routes to it), or ``DRAIN_LIMIT_SECONDS`` after
+        SIGTERM: Knative's queue-proxy drains the same way (a quiet period, reset by each
+        request)."""
+        quiet_needed = self.runtime.config.drain_seconds
+        limit = since + max(contract.DRAIN_LIMIT_SECONDS, quiet_needed)
+        while not self.should_exit:
+            now = time.monotonic()
+            quiet = now - max(since, self.runtime.last_request)
+            if quiet >= quiet_needed or now >= limit:
+                log.info("drain over after %.1f s (%.1f s without a new request): closing "
+                         "the listener, finishing in-flight requests", now - since, quiet)
+                self.should_exit = True
+                return
+            time.sleep(min(quiet_needed - quiet, limit - now))
 
     def fatal(self, message: str) -> None:
         self.should_exit = True

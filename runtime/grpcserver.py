@@ -210,6 +210,7 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         await self._guard(context)
         runtime = self.runtime
+        runtime.last_request = time.monotonic()  # a drain waits for quiet
         metrics = runtime.metrics
         started = time.perf_counter()
         metrics.inflight.inc()

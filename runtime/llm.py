@@ -19,11 +19,13 @@ launcher, which does what vLLM does not and then gets out of the way:
    launcher writes vLLM's own error line to the termination log (Kubernetes puts it in
    the pod's status, where the operator reads it for the Degraded condition) and exits
    with vLLM's code. A fetch or verification failure is reported the same way.
-5. **Drain.** SIGTERM turns ``/ready`` false at once, keeps vLLM serving for
-   ``MODELYARD_DRAIN_SECONDS`` while Kubernetes takes the pod out of its endpoints, then
-   stops vLLM and waits for it.
+5. **Drain.** SIGTERM turns ``/ready`` false at once and keeps vLLM serving while
+   Kubernetes takes the pod out of its endpoints: until, by vLLM's own metrics, no request
+   has arrived or run for ``MODELYARD_DRAIN_SECONDS`` (at most
+   ``contract.DRAIN_LIMIT_SECONDS``); then it stops vLLM and waits for it.
 
-It imports only the standard library, httpx (through :mod:`.modeldir`) and
+It imports only the standard library, httpx (through :mod:`.modeldir`), prometheus_client
+(vLLM's own dependency) and
 :mod:`modelyard.contract`, so it runs in vLLM's own environment.
 """
 
@@ -291,10 +293,33 @@ class Launcher:
             self._stop.set()
             return
         self.state.draining = True
-        log.info("SIGTERM: unready; stopping vLLM in %.1f s", self.config.drain_seconds)
-        timer = threading.Timer(self.config.drain_seconds, self._stop.set)
-        timer.daemon = True
-        timer.start()
+        log.info("SIGTERM: unready; stopping vLLM once no request has arrived for %.1f s",
+                 self.config.drain_seconds)
+        threading.Thread(target=self._drain_then_stop, args=(time.monotonic(),),
+                         daemon=True, name="drain").start()
+
+    def _drain_then_stop(self, since: float) -> None:
+        """Stop once vLLM has been idle for ``drain_seconds``: nothing running or waiting,
+        no inference request counted since the last look (a request that came and went
+        between two looks counts), or ``DRAIN_LIMIT_SECONDS`` after SIGTERM."""
+        quiet_needed = self.config.drain_seconds
+        limit = since + max(contract.DRAIN_LIMIT_SECONDS, quiet_needed)
+        url = f"http://{_loopback(self.config.host)}:{self.config.port}/metrics"
+        last_activity, counted = since, None
+        while not self._stop.is_set():
+            now = time.monotonic()
+            seen = _engine_activity(url) if self.engine is not None else None
+            if seen is not None:
+                busy, total = seen
+                if busy or (counted is not None and total != counted):
+                    last_activity = now
+                counted = total
+            if now - last_activity >= quiet_needed or now >= limit:
+                log.info("drain over after %.1f s (%.1f s without a request): stopping vLLM",
+                         now - since, now - last_activity)
+                self._stop.set()
+                return
+            self._stop.wait(min(0.5, quiet_needed - (now - last_activity), limit - now))
 
     def ready(self) -> bool:
         if not self.state.answered or self.state.draining or self.engine is None \
@@ -377,6 +402,28 @@ def _get(url: str) -> int | None:
         return int(error.code)
     except (urllib.error.URLError, OSError):
         return None
+
+
+def _engine_activity(url: str) -> tuple[bool, float] | None:
+    """From vLLM's ``/metrics``: whether a request is running or waiting, and how many
+    inference requests it has answered; None when it does not answer."""
+    from prometheus_client.parser import text_string_to_metric_families  # vLLM's dependency
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            text = response.read().decode()
+    except (urllib.error.URLError, OSError):
+        return None
+    busy, total = False, 0.0
+    requests = f"{contract.VLLM_HTTP_REQUESTS}_total"
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in (contract.VLLM_RUNNING, contract.VLLM_WAITING):
+                busy = busy or sample.value > 0
+            elif sample.name == requests and \
+                    sample.labels.get("handler") in contract.VLLM_INFERENCE_HANDLERS:
+                total += sample.value
+    return busy, total
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -120,6 +120,7 @@ class Runtime:
         self.explainer: Explainer | None = None  # spec.runtime.explain (explain.py)
         self.failure: str | None = None
         self.draining = False
+        self.last_request = 0.0  # time.monotonic() of the last inference or explain to arrive
         self.exit_code = 0
         self._on_fatal = on_fatal
         self._loader: asyncio.Task[None] | None = None
@@ -382,10 +383,12 @@ class InferenceDoor:
             infer = _INFER.match(path)
             predict = None if infer else _PREDICT.match(path)
             if infer or predict:
+                self.runtime.last_request = time.monotonic()  # a drain waits for quiet
                 await self._inference(scope, receive, send, infer, predict)
                 return
             explain = _EXPLAIN.match(path)
             if explain:
+                self.runtime.last_request = time.monotonic()
                 await self._explain(scope, receive, send, explain)
                 return
         await self.app(scope, receive, send)
