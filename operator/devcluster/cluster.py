@@ -69,6 +69,13 @@ rules:
 """
 
 
+class KubectlError(subprocess.CalledProcessError):
+    """kubectl failed; unlike its base class, the message says why."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n{(self.stderr or '').strip()[-2000:]}"
+
+
 class ClusterStartError(RuntimeError):
     """A component did not come up; the message holds its name and log tail."""
 
@@ -239,8 +246,20 @@ class LocalCluster:
                             check=False)
         if proc.returncode != 0:
             raise ClusterStartError(f"installing the CRD failed: {proc.stderr.strip()}")
-        self.kubectl("wait", "--for=condition=Established", f"crd/{CRD_FILE[:-5]}",
-                     "--timeout=30s")
+        # Polled, not `kubectl wait`: on a loaded machine the API server's establishing
+        # controller can take longer than a single wait's budget right after its start.
+        name, deadline, conditions = CRD_FILE[:-5], time.monotonic() + 120, ""
+        while time.monotonic() < deadline:
+            got = self.kubectl("get", "crd", name, "-o",
+                               "jsonpath={.status.conditions}", check=False)
+            conditions = got.stdout.strip() or got.stderr.strip()
+            if got.returncode == 0 and any(
+                    c.get("type") == "Established" and c.get("status") == "True"
+                    for c in json.loads(got.stdout or "[]")):
+                return
+            time.sleep(0.5)
+        raise ClusterStartError(f"the CRD {name} was not Established within 120 s: "
+                                f"{conditions}\n{self.log_tail('kube-apiserver')}")
 
     @contextlib.contextmanager
     def fresh_namespace(self, prefix: str = "t") -> Iterator[str]:
@@ -270,11 +289,15 @@ class LocalCluster:
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True,
                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """Run the pinned kubectl against this cluster."""
-        return subprocess.run(
+        """Run the pinned kubectl against this cluster; with ``check``, a failure raises
+        :class:`KubectlError`, whose message ends with kubectl's own error."""
+        proc = subprocess.run(
             [str(self.binaries.path("kubectl")), f"--kubeconfig={self.kubeconfig}", *args],
-            input=input, capture_output=True, text=True, check=check, timeout=timeout,
+            input=input, capture_output=True, text=True, check=False, timeout=timeout,
         )
+        if check and proc.returncode != 0:
+            raise KubectlError(proc.returncode, proc.args, proc.stdout, proc.stderr)
+        return proc
 
     def env(self) -> dict[str, str]:
         """Environment for a child process that should talk to this cluster."""

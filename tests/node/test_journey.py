@@ -55,7 +55,7 @@ while time.time() < deadline and ok + failed < 200000 and not os.path.exists("/t
             reply.read()
         ok += 1
     except Exception as exc:
-        failed += 1; errors = (errors + [repr(exc)[:160]])[-5:]
+        failed += 1; errors = (errors + [time.strftime("%H:%M:%S ") + repr(exc)[:160]])[-5:]
     if time.time() >= shown:
         print(json.dumps({"ok": ok, "failed": failed, "errors": errors}), flush=True)
         shown = time.time() + 1
@@ -70,6 +70,7 @@ class Journey:
     namespace: str
     model_urls: dict[str, str]
     timings: dict[str, float] = field(default_factory=dict)
+    began: dict[str, str] = field(default_factory=dict)  # step -> wall clock, to place errors
 
     def kubectl(self, *args: str, check: bool = True) -> Any:
         return self.cluster.kubectl(*args, check=check, timeout=120)
@@ -153,6 +154,11 @@ def journey(real_cluster: Any, real_node: Any, tmp_path_factory: pytest.TempPath
                      kubeconfig=real_cluster.kubeconfig, home=home, check=False)
 
 
+@pytest.fixture(autouse=True)
+def _step_began(journey: Journey, request: pytest.FixtureRequest) -> None:
+    journey.began[request.node.name.split("_")[1]] = time.strftime("%H:%M:%S")
+
+
 def test_1_chart_defaults_run_the_operator_on_the_real_node(journey: Journey) -> None:
     pods = kube_json(journey.cluster, "get", "pods", "-n", RELEASE_NS)["items"]
     operators = [p for p in pods if "activator" not in p["metadata"]["name"]]
@@ -206,7 +212,7 @@ def _client_pod(journey: Journey, name: str, seconds: int) -> dict[str, Any]:
 def test_3_inferences_through_the_service_from_a_pod(journey: Journey) -> None:
     totals = wait_for(lambda: (t := journey.client_totals())["ok"] >= 20 and t, timeout=120,
                       what="20 answered requests")
-    assert totals["failed"] == 0, totals
+    assert totals["failed"] == 0, (totals, "steps began:", journey.began)
 
 
 def test_4_canary_promoted_when_its_pause_says(journey: Journey) -> None:
@@ -224,7 +230,7 @@ def test_4_canary_promoted_when_its_pause_says(journey: Journey) -> None:
     journey.timings["canary promoted after its start (s, pauses 2x10)"] = (
         time.monotonic() - canary_at)
     journey.timings["rollout 1->2 in all (s)"] = time.monotonic() - started
-    assert journey.client_totals()["failed"] == 0
+    assert (totals := journey.client_totals())["failed"] == 0, (totals, journey.began)
 
 
 def test_5_abort(journey: Journey) -> None:
@@ -243,7 +249,7 @@ def test_5_abort(journey: Journey) -> None:
              what="the canary to be gone")
     status = journey.md()["status"]
     assert status["stableVersion"] == stable
-    assert journey.client_totals()["failed"] == 0
+    assert (totals := journey.client_totals())["failed"] == 0, (totals, journey.began)
 
 
 def test_6_scale_to_zero_and_wake_through_the_activator(journey: Journey) -> None:
@@ -280,7 +286,7 @@ def test_7_delete_and_nothing_lost(journey: Journey) -> None:
                                journey.namespace, "-l",
                                f"modelyard.dev/model-deployment={MD}")["items"],
              timeout=120, what="owned objects to be garbage-collected")
-    assert totals["failed"] == 0, totals
+    assert totals["failed"] == 0, (totals, "steps began:", journey.began)
 
 
 
