@@ -72,8 +72,8 @@ class Journey:
     timings: dict[str, float] = field(default_factory=dict)
     began: dict[str, str] = field(default_factory=dict)  # step -> wall clock, to place errors
 
-    def kubectl(self, *args: str, check: bool = True) -> Any:
-        return self.cluster.kubectl(*args, check=check, timeout=120)
+    def kubectl(self, *args: str, check: bool = True, timeout: float = 120) -> Any:
+        return self.cluster.kubectl(*args, check=check, timeout=timeout)
 
     def md(self) -> dict[str, Any]:
         return dict(kube_json(self.cluster, "get", "md", MD, "-n", self.namespace))
@@ -141,8 +141,11 @@ def journey(real_cluster: Any, real_node: Any, tmp_path_factory: pytest.TempPath
         # containerd up, the images imported (once per store), kubelet Ready
         journey.timings["real node Ready after its start (s)"] = real_node.started_in_s
         try:
+            # The chart gives the operator 5 min to start (its startupProbe): on 2 cores
+            # beside two vLLM starts its imports have taken over 110 s
             rolled = journey.kubectl("rollout", "status", "deployment/modelyard",
-                                     f"--namespace={RELEASE_NS}", "--timeout=110s", check=False)
+                                     f"--namespace={RELEASE_NS}", "--timeout=300s", check=False,
+                                     timeout=320)
             assert rolled.returncode == 0, (rolled.stderr, journey.kubectl(
                 "get", "pods", "-A", "-o", "wide").stdout)
             journey.timings["operator Ready after helm install (s)"] = (
