@@ -197,7 +197,16 @@ def _ensure_project_image(context: Path, flavour: str, base: Image,
                 "-t", image.name]
         argv += [f"--build-arg={k}={v}" for k, v in sorted(args.items())]
         argv += [f"--volume={v}" for v in volumes]
-        _buildah(*argv, str(context), stream=True)
+        before = set(_containers())
+        try:
+            _buildah(*argv, str(context), stream=True)
+        finally:
+            # buildah 1.28 leaves the working container of every RUN --mount=from=IMAGE
+            # behind, mounted (41 of uv's here after a day of builds): drop those this build
+            # made.
+            leaked = set(_containers()) - before
+            if leaked:
+                _buildah("rm", *sorted(leaked), check=False)
         _save(image.name, out)
         # The new image stays tagged: removing it would also remove its untagged parents,
         # the cached layers (torch's among them) the next build reuses. Older builds of the
@@ -383,6 +392,11 @@ def buildah_storage() -> list[str]:
     """Global flags that keep our builds in a storage of their own, under the cache."""
     return [f"--root={cache_root() / 'buildah' / 'storage'}",
             "--runroot=/run/modelyard/buildah", "--storage-driver=overlay"]
+
+
+def _containers() -> list[str]:
+    """The IDs of buildah's working containers in our storage."""
+    return _buildah("containers", "--quiet", "--notruncate", check=False).split()
 
 
 def _buildah(*args: str, check: bool = True, stream: bool = False) -> str:
