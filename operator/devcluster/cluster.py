@@ -250,13 +250,15 @@ class LocalCluster:
         # controller can take longer than a single wait's budget right after its start.
         name, deadline, conditions = CRD_FILE[:-5], time.monotonic() + 120, ""
         while time.monotonic() < deadline:
-            got = self.kubectl("get", "crd", name, "-o",
-                               "jsonpath={.status.conditions}", check=False)
-            conditions = got.stdout.strip() or got.stderr.strip()
-            if got.returncode == 0 and any(
-                    c.get("type") == "Established" and c.get("status") == "True"
-                    for c in json.loads(got.stdout or "[]")):
-                return
+            got = self.kubectl("get", "crd", name, "-o", "json", check=False)
+            if got.returncode != 0:
+                conditions = got.stderr.strip()
+            else:
+                found = json.loads(got.stdout).get("status", {}).get("conditions") or []
+                conditions = json.dumps(found)
+                if any(c.get("type") == "Established" and c.get("status") == "True"
+                       for c in found):
+                    return
             time.sleep(0.5)
         raise ClusterStartError(f"the CRD {name} was not Established within 120 s: "
                                 f"{conditions}\n{self.log_tail('kube-apiserver')}")
