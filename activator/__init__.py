@@ -2,9 +2,9 @@
 
 A data-plane proxy of its own, shipped beside the operator but not part of it: it imports
 no kopf and none of the operator's reconciling code, and has its own extra
-(``modelyard[activator]``: starlette, uvicorn, httpx, the Kubernetes client, the
-Prometheus client). The operator's side of scale-to-zero (finding the activator, reading
-its wake signal) is :mod:`modelyard.operator.activation`.
+(``modelyard[activator]``: starlette, uvicorn on uvloop, aiohttp to the pods, the
+Kubernetes client, the Prometheus client). The operator's side of scale-to-zero (finding
+the activator, reading its wake signal) is :mod:`modelyard.operator.activation`.
 
 While a ModelDeployment has no ready replica the operator points its stable Service at
 the activator's pods (a selector-less Service and a managed EndpointSlice). Each request

@@ -12,16 +12,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import Awaitable, Mapping
 from typing import TypeVar
+from urllib.parse import quote
 
-import httpx
+import aiohttp
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
+from yarl import URL
 
 from .discovery import Discovery, ModelNotFound, NoReadyReplica, PodSource, ShuttingDown
 from .metrics import Metrics
@@ -49,21 +51,13 @@ class _ClientGone(Exception):
 class Activator:
     """The proxy app (``self``, ASGI) and the admin app (:attr:`admin`)."""
 
-    def __init__(self, settings: Settings, source: PodSource,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, settings: Settings, source: PodSource) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.discovery = Discovery(source, self.metrics, poll_s=settings.poll_seconds,
                                    cache_s=settings.cache_seconds,
                                    hold_s=settings.hold_seconds)
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.upstream_timeout_seconds,
-                                  connect=settings.connect_timeout_seconds),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-            trust_env=False, follow_redirects=False, transport=transport,
-            # A model serving TLS (spec.tls) is reached encrypted, by pod IP, without a CA
-            # to verify its certificate against (docs/security.md); plain HTTP is unaffected.
-            verify=False)
+        self._client: aiohttp.ClientSession | None = None
         self.admin = Starlette(routes=[
             Route("/metrics", self._metrics_endpoint, methods=["GET"]),
             Route("/healthz", self._healthz, methods=["GET"]),
@@ -71,15 +65,44 @@ class Activator:
 
     async def aclose(self) -> None:
         await self.discovery.close()
-        await self._http.aclose()
+        if self._client is not None:
+            await self._client.close()
+
+    def _http(self) -> aiohttp.ClientSession:
+        """The client to the pods (aiohttp: its HTTP parser is C, and on a streamed
+        completion parsing each chunk is most of the relay's cost), made on first use: it
+        belongs to the event loop that serves."""
+        if self._client is None:
+            settings = self.settings
+            self._client = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=0,
+                    # A model serving TLS (spec.tls) is reached encrypted, by pod IP,
+                    # without a CA to verify its certificate against (docs/security.md).
+                    ssl=False,
+                    # Below the 5 s after which the pods' servers (uvicorn: the runtime,
+                    # vLLM) close an idle connection: never reuse one they are closing.
+                    keepalive_timeout=4.0),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=settings.connect_timeout_seconds,
+                    sock_read=settings.upstream_timeout_seconds),
+                # Bytes untouched (compression included), no cookie kept from one client's
+                # answer for the next, no content type the client did not send.
+                auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=("Content-Type",))
+        return self._client
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # no lifespan work (see serve); websockets not proxied
             return
-        response = await self._handle(Request(scope, receive))
-        await response(scope, receive, send)
+        answer = await self._handle(Request(scope, receive))
+        if isinstance(answer, Response):
+            await answer(scope, receive, send)
+        else:
+            await _relay(answer, receive, send)
 
-    async def _handle(self, request: Request) -> Response:
+    async def _handle(self, request: Request) -> Response | aiohttp.ClientResponse:
+        """The activator's own answer, or the pod's (its headers read, its body not)."""
         ref = parse_host(request.headers.get("host"), self.settings.cluster_domain)
         if ref is None:
             self.metrics.rejected.labels("unknown_host").inc()
@@ -126,22 +149,18 @@ class Activator:
             except _ClientGone:
                 self._observe(ref, start, held, "abandoned")
                 return Response(status_code=499)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
                 log.info("pod %s of %s refused the connection (%s); trying another",
                          endpoint.url, ref, error)
                 tried.add(endpoint)
                 self.discovery.forget(ref, endpoint)
                 continue
-            except httpx.HTTPError as error:
+            except aiohttp.ClientError as error:
                 self._observe(ref, start, held, "error")
                 return _error(502, f"model {ref}: pod {endpoint.url} failed the request: "
                                    f"{type(error).__name__}: {error}")
             self._observe(ref, start, held, "forwarded")
-            response = StreamingResponse(_relay(upstream), status_code=upstream.status_code)
-            response.raw_headers = [  # repeated headers (set-cookie) kept
-                (key.encode("latin-1"), value.encode("latin-1"))
-                for key, value in forward_headers(upstream.headers.multi_items())]
-            return response
+            return upstream
 
     async def _endpoints(self, request: Request, ref: ModelRef,
                          start: float) -> tuple[list[Endpoint], bool]:
@@ -176,12 +195,17 @@ class Activator:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _send(self, request: Request, body: bytes, endpoint: Endpoint) -> httpx.Response:
-        url = httpx.URL(endpoint.url + request.url.path,
-                        query=request.url.query.encode("latin-1"))
+    async def _send(self, request: Request, body: bytes,
+                    endpoint: Endpoint) -> aiohttp.ClientResponse:
+        """The pod's answer, its headers read: path and query as the client sent them."""
+        scope = request.scope
+        target = scope.get("raw_path") or quote(scope["path"]).encode("ascii")
+        if query := scope.get("query_string"):
+            target += b"?" + query
         headers = forward_headers(request.headers.items(), drop=("content-length", "expect"))
-        upstream = self._http.build_request(request.method, url, headers=headers, content=body)
-        return await self._http.send(upstream, stream=True)
+        return await self._http().request(
+            request.method, URL(endpoint.url + target.decode("latin-1"), encoded=True),
+            headers=headers, data=body or None, allow_redirects=False)
 
     async def _metrics_endpoint(self, request: Request) -> Response:
         return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
@@ -204,8 +228,8 @@ async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
     if gone.done() and not gone.cancelled():  # gone, or its channel broke
         if task.done() and not task.cancelled() and task.exception() is None:
             result = task.result()
-            if isinstance(result, httpx.Response):
-                await result.aclose()
+            if isinstance(result, aiohttp.ClientResponse):
+                result.close()
         raise _ClientGone
     return task.result()  # its answer, or what it raised
 
@@ -217,15 +241,50 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _relay(upstream: httpx.Response) -> AsyncIterator[bytes]:
-    """The pod's answer as it arrives, bytes untouched (compression included): each chunk
-    is sent on as soon as it is read (one server-sent event is one chunk from vLLM).
+async def _relay(upstream: aiohttp.ClientResponse, receive: Receive, send: Send) -> None:
+    """The pod's answer as it arrives, straight onto the ASGI channel: its status, its
+    end-to-end headers (repeated ones, set-cookie, kept), then whatever each read from the
+    pod brings, sent on at once, bytes untouched (compression included; vLLM writes one
+    server-sent event at a time, so events read apart go apart). No response object and
+    no task group per answer: on a streamed completion this loop is the activator's cost
+    per token.
 
-    When the client disconnects, Starlette cancels this generator; closing the upstream
-    response then closes its connection (it was not read to the end), and the pod sees
-    its client go. httpcore shields that close from the cancellation."""
+    A client that disconnects cancels the relay: a watcher waits for the disconnect on
+    the ASGI channel, as Starlette's StreamingResponse does. The upstream connection is
+    then closed (the answer was not read to the end), and the pod sees its client go
+    (vLLM aborts the request)."""
+    relay = asyncio.current_task()
+    assert relay is not None
+    streaming, left = True, False
+
+    async def watch() -> None:
+        nonlocal left
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if streaming:  # not once the whole answer was sent (that ends the channel too)
+            left = True
+            relay.cancel()
+
+    watcher = asyncio.ensure_future(watch())
     try:
-        async for chunk in upstream.aiter_raw():
-            yield chunk
+        headers = forward_headers((key.decode("latin-1"), value.decode("latin-1"))
+                                  for key, value in upstream.raw_headers)
+        await send({"type": "http.response.start", "status": upstream.status,
+                    "headers": [(key.encode("latin-1"), value.encode("latin-1"))
+                                for key, value in headers]})
+        async for chunk in upstream.content.iter_any():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        streaming = False
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except asyncio.CancelledError:
+        if not left:
+            raise
+        relay.uncancel()  # the client left: nobody to answer, nothing went wrong
     finally:
-        await upstream.aclose()
+        streaming = False
+        watcher.cancel()
+        if upstream.content.at_eof():
+            upstream.release()  # the connection goes back to the pool
+        else:
+            upstream.close()  # cut: the pod sees its client go
+        await asyncio.gather(watcher, return_exceptions=True)

@@ -12,7 +12,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -160,9 +160,10 @@ def test_bad_settings_are_refused(argv: list[str]) -> None:
 
 
 class _Served:
-    """An ASGI app on a loopback port, served by uvicorn in a thread of its own."""
+    """An ASGI app on a loopback port, served by uvicorn in a thread of its own; ``close``
+    runs in its loop once uvicorn has stopped (the activator's client to the pods)."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, close: Callable[[], Awaitable[None]] | None = None) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -170,8 +171,15 @@ class _Served:
         self.server = uvicorn.Server(uvicorn.Config(
             app, log_level="warning", lifespan="off", access_log=False,
             timeout_graceful_shutdown=1))
-        self.thread = threading.Thread(
-            target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])), daemon=True)
+        self.close = close
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
+
+    async def _serve(self) -> None:
+        try:
+            await self.server.serve(sockets=[self.sock])
+        finally:
+            if self.close is not None:
+                await self.close()
 
     def __enter__(self) -> _Served:
         self.thread.start()
@@ -256,7 +264,7 @@ HOST = {"Host": "chat.ns.svc"}
 @contextlib.contextmanager
 def _proxy(pods: _Pods, **settings: Any) -> Iterator[tuple[Activator, str]]:
     activator = Activator(Settings(poll_seconds=0.05, cache_seconds=0.2, **settings), pods)
-    with _Served(activator) as served:
+    with _Served(activator, close=activator.aclose) as served:
         yield activator, served.url
 
 
