@@ -140,15 +140,26 @@ class ActivatorProcess:
 
 @contextlib.contextmanager
 def running_activator(cluster: Any, log_path: Path) -> Iterator[ActivatorProcess]:
-    address, port, admin = cluster.pod_network.host_address, reserve_port(), reserve_port()
     env = {**os.environ, "KUBECONFIG": str(cluster.operator_kubeconfig)}
     env.pop("KUBERNETES_SERVICE_HOST", None)
+    with activator_process([sys.executable, "-m", "modelyard.activator"],
+                           cluster.pod_network.host_address, log_path, env) as activator:
+        yield activator
+
+
+@contextlib.contextmanager
+def activator_process(command: Sequence[str], address: str, log_path: Path,
+                      env: dict[str, str], cwd: Path | None = None
+                      ) -> Iterator[ActivatorProcess]:
+    """``command`` (the activator's ``main``) with its listeners on ``address``, until its
+    ``/healthz`` answers; terminated at the end."""
+    port, admin = reserve_port(), reserve_port()
     with log_path.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "modelyard.activator", "--host", address, "--port",
-             str(port), "--admin-port", str(admin), "--timeout-seconds", f"{HOLD_S:g}",
-             "--log-level", "warning"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            [*command, "--host", address, "--port", str(port), "--admin-port", str(admin),
+             "--timeout-seconds", f"{HOLD_S:g}", "--log-level", "warning"],
+            env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL)
     activator = ActivatorProcess(address, port, admin, process)
     try:
         wait_for(lambda: _ok(f"http://{address}:{admin}/healthz"), 60, "activator /healthz")
@@ -543,7 +554,8 @@ def overhead(session: Session, *, concurrencies: Sequence[int], rounds: int,
         run_load(*paths[name], concurrency=top, warmup_s=0, duration_s=seconds,
                  max_tokens=max_tokens)
     plan = LoadPlan(tuple(concurrencies), rounds, warmup_s, duration_s, max_tokens)
-    rows, windows = compare(session, paths, plan, progress)
+    rows, windows = compare({"activator": session.activator}, session.kube.namespace,
+                            paths, plan, progress)
     out: dict[str, Any] = {
         "pod": f"{ip}:{port}", "activator": f"{session.activator.address}:"
         f"{session.activator.port}", "prompt": PROMPT, **dataclasses.asdict(plan),
@@ -557,34 +569,46 @@ def overhead(session: Session, *, concurrencies: Sequence[int], rounds: int,
         # Its limits are exact and its cost small: shorter windows suffice.
         short = dataclasses.replace(plan, warmup_s=min(plan.warmup_s, 1.0),
                                     duration_s=min(plan.duration_s, 5.0))
-        rows, windows = compare(session, paths, short, progress)
-    step_s = (SYNTHETIC_FIRST_MS + (max_tokens - 1) * SYNTHETIC_INTERVAL_MS) / 1000
+        rows, windows = compare({"activator": session.activator}, session.kube.namespace,
+                                paths, short, progress)
     for row in rows:
-        row["limit_tokens_per_s"] = row["concurrency"] * max_tokens / step_s
+        row["limit_tokens_per_s"] = synthetic_limit(row["concurrency"], max_tokens)
     out["synthetic"] = {"first_ms": SYNTHETIC_FIRST_MS, "interval_ms": SYNTHETIC_INTERVAL_MS,
                         **dataclasses.asdict(short), "rows": rows, "windows": windows}
     return out
 
 
-def compare(session: Session, paths: dict[str, tuple[str, str | None]], plan: LoadPlan,
+def synthetic_limit(concurrency: int, max_tokens: int) -> float:
+    """The synthetic server's exact tokens/s: ``concurrency`` streams of ``max_tokens``."""
+    step_s = (SYNTHETIC_FIRST_MS + (max_tokens - 1) * SYNTHETIC_INTERVAL_MS) / 1000
+    return concurrency * max_tokens / step_s
+
+
+def compare(activators: dict[str, ActivatorProcess], namespace: str,
+            paths: dict[str, tuple[str, str | None]], plan: LoadPlan,
             progress: Callable[[str], None]
             ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-    """Both paths at each concurrency, ``rounds`` times, alternating which goes first;
-    pooled per path and concurrency, and the activator's against direct."""
+    """Every path (``direct`` first in ``paths``) at each concurrency, ``rounds`` times,
+    rotating which goes first; pooled per path and concurrency, and each path through an
+    activator (``activators``, by path) against ``direct``. A window through an activator
+    reads its CPU time and wait histogram; a direct one the CPU time of all (idle)."""
     windows: dict[str, list[dict[str, Any]]] = {}
+    names = list(paths)
     for index in range(plan.rounds):
         for turn, concurrency in enumerate(plan.concurrencies):
-            order = list(paths) if (index + turn) % 2 == 0 else list(reversed(paths))
-            for name in order:
+            first = (index + turn) % len(names)
+            for name in names[first:] + names[:first]:
                 host = paths[name][1]
                 model = host.split(".")[0] if host else ""
-                waits = session.activator.wait_totals(session.kube.namespace, model)
-                cpu, began = session.activator.cpu_seconds(), time.monotonic()
+                own = activators.get(name)
+                watched = [own] if own else list(activators.values())
+                waits = own.wait_totals(namespace, model) if own else (0.0, 0.0)
+                cpu, began = sum(a.cpu_seconds() for a in watched), time.monotonic()
                 window = run_load(*paths[name], concurrency=concurrency,
                                   warmup_s=plan.warmup_s, duration_s=plan.duration_s,
                                   max_tokens=plan.max_tokens)
-                window["activator_cpu_s"] = session.activator.cpu_seconds() - cpu
-                after = session.activator.wait_totals(session.kube.namespace, model)
+                window["activator_cpu_s"] = sum(a.cpu_seconds() for a in watched) - cpu
+                after = own.wait_totals(namespace, model) if own else (0.0, 0.0)
                 window["activator_wait_s"] = after[0] - waits[0]
                 window["activator_forwarded"] = after[1] - waits[1]
                 window["wall_s"] = time.monotonic() - began  # the CPU's time: warm-up too
@@ -596,19 +620,22 @@ def compare(session: Session, paths: dict[str, tuple[str, str | None]], plan: Lo
                 time.sleep(0.5)  # cut requests: let the server abort them
     rows = []
     for concurrency in plan.concurrencies:
-        direct = pooled(windows[f"direct/{concurrency}"])
-        through = pooled(windows[f"activator/{concurrency}"])
-        per_round = [a["tokens_per_s"] / d["tokens_per_s"] for d, a in zip(
-            windows[f"direct/{concurrency}"], windows[f"activator/{concurrency}"], strict=True)
-            if d["tokens_per_s"]]
-        rows.append({
-            "concurrency": concurrency, "direct": direct, "activator": through,
-            "tokens_ratio": through["tokens_per_s"] / direct["tokens_per_s"],
-            "tokens_ratio_rounds": per_round,
-            "ttft_p50_added_ms": through["ttft_p50_ms"] - direct["ttft_p50_ms"],
-            "ttft_p99_added_ms": through["ttft_p99_ms"] - direct["ttft_p99_ms"],
-            "tpot_p50_added_ms": through["tpot_p50_ms"] - direct["tpot_p50_ms"],
-        })
+        direct_windows = windows[f"direct/{concurrency}"]
+        direct = pooled(direct_windows)
+        for name in activators:
+            through_windows = windows[f"{name}/{concurrency}"]
+            through = pooled(through_windows)
+            per_round = [a["tokens_per_s"] / d["tokens_per_s"] for d, a in zip(
+                direct_windows, through_windows, strict=True) if d["tokens_per_s"]]
+            rows.append({
+                "concurrency": concurrency, "path": name, "direct": direct,
+                "activator": through,
+                "tokens_ratio": through["tokens_per_s"] / direct["tokens_per_s"],
+                "tokens_ratio_rounds": per_round,
+                "ttft_p50_added_ms": through["ttft_p50_ms"] - direct["ttft_p50_ms"],
+                "ttft_p99_added_ms": through["ttft_p99_ms"] - direct["ttft_p99_ms"],
+                "tpot_p50_added_ms": through["tpot_p50_ms"] - direct["tpot_p50_ms"],
+            })
     return rows, windows
 
 
