@@ -190,7 +190,7 @@ class Batcher:
 
     def check_room(self) -> None:
         """Raise :class:`Overloaded` when the queue has no room even for one item: the
-        server calls it before decoding a request, so refusing costs no decoding."""
+        server calls it before reading a request's body, so refusing costs neither."""
         self._admit(1)
 
     def retry_after(self) -> int:

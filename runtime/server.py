@@ -462,6 +462,13 @@ class InferenceDoor:
     ) -> Reply:
         runtime = self.runtime
         deadline = None if request_timeout is None else from_header(request_timeout)
+        # A request that will be refused (no such model, not loaded, the queue full) is
+        # refused before its body is read: under overload the refusals share the serving
+        # core, and uvicorn drops an unread body once the answer is sent.
+        match = infer or predict
+        assert match is not None
+        runtime.check_model(match["name"], infer["version"] if infer else None)
+        runtime.loaded()[1].check_room()
         body = await self._body(receive, declared)
         task = asyncio.current_task()
         assert task is not None
