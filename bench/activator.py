@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import llm_cluster
+from bench import llm_cluster, write_results
 from bench.cluster import wait_for
 from modelyard.operator.devcluster.ports import reserve_port
 
@@ -195,11 +194,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     results["plan"]["out"] = str(args.out)
     text = render_markdown(results)
     print("\n" + text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M")
-    (args.out / f"activator-{stamp}.json").write_text(json.dumps(results, indent=1))
-    (args.out / f"activator-{stamp}.md").write_text(text)
-    print(f"written: {args.out}/activator-{stamp}.json and .md")
+    write_results(args.out, "activator", results, text)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ import httpx
 import yaml
 
 from bench import model as bench_model
+from bench import write_results
 from bench.cluster import (
     Kube,
     PacedLoad,
@@ -752,11 +753,7 @@ def main() -> None:
         results["trace"] = trace_part(delay, source)
     text = render_markdown(results)
     print("\n" + text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M")
-    (args.out / f"autoscale-{stamp}.json").write_text(json.dumps(results, indent=1))
-    (args.out / f"autoscale-{stamp}.md").write_text(text)
-    print(f"written: {args.out}/autoscale-{stamp}.json and .md")
+    write_results(args.out, "autoscale", results, text)
 
 
 def _gpu_note(device: str) -> str:

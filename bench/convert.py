@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from bench import write_results
 from modelyard.runtime.aoti import load_package
 from modelyard.runtime.convert import ConvertOptions, compile_package, verify, write
 from modelyard.runtime.demo import build, demo_model
@@ -219,12 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         results = run(args, Path(tmp))
     text = render(results, args)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M")
-    (args.out / f"convert-{args.size}-{stamp}.md").write_text(text)
-    (args.out / f"convert-{args.size}-{stamp}.json").write_text(
-        json.dumps({"results": results, "torch": torch.__version__, "size": args.size,
-                    "seconds": args.seconds}, indent=2, default=str) + "\n")
+    write_results(args.out, f"convert-{args.size}",
+                  {"results": results, "torch": torch.__version__, "size": args.size,
+                   "seconds": args.seconds}, text)
     return 0
 
 

@@ -18,7 +18,6 @@ go to ``bench/results/interleaved-SIZE-STAMP.{txt,json}``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from typing import Any
 import orjson
 
 from bench import model as bench_model
+from bench import write_results
 from bench.runtime import (
     CACHE,
     ROOT,
@@ -137,12 +137,9 @@ def main() -> None:  # noqa: PLR0915
         for entry in rounds for r in entry["raw"]))
     text = "\n".join(lines) + "\n"
     print("\n" + text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M")
-    (args.out / f"interleaved-{args.size}-{stamp}.txt").write_text(text)
-    (args.out / f"interleaved-{args.size}-{stamp}.json").write_text(
-        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rounds": rounds},
-                   indent=1, default=str))
+    write_results(args.out, f"interleaved-{args.size}",
+                  {"args": {k: str(v) for k, v in vars(args).items()}, "rounds": rounds},
+                  text, suffix="txt")
 
 
 if __name__ == "__main__":

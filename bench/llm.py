@@ -54,7 +54,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import llm_cluster, llm_weights
+from bench import llm_cluster, llm_weights, write_results
 from modelyard.runtime import modeldir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -496,11 +496,8 @@ def main() -> None:
     results["duration_s"] = time.monotonic() - began
     text = render_markdown(results)
     print("\n" + text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M")
-    (args.out / f"llm-{stamp}.json").write_text(json.dumps(results, indent=1, default=str))
-    (args.out / f"llm-{stamp}.md").write_text(text)
-    print(f"written: {args.out}/llm-{stamp}.json and .md (logs in {workdir})")
+    write_results(args.out, "llm", results, text)
+    print(f"logs in {workdir}")
 
 
 def run_parts(args: argparse.Namespace, parts: list[str], workdir: Path,

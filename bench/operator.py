@@ -53,6 +53,7 @@ from typing import Any
 import httpx
 import yaml
 
+from bench import write_results
 from bench.cluster import Watch, install_crd, wait_for
 from modelyard.operator import api, api_status, render
 from modelyard.operator.devcluster.pki import OPERATOR_USER
@@ -567,12 +568,8 @@ def main() -> None:
     text = render_markdown(results)
     print("\n" + text)
     print(f"operator logs: {workdir}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M")
     sizes = "-".join(str(r["n"]) for r in results["runs"])
-    (args.out / f"operator-{sizes}-{stamp}.json").write_text(json.dumps(results, indent=1))
-    (args.out / f"operator-{sizes}-{stamp}.md").write_text(text)
-    print(f"written: {args.out}/operator-{sizes}-{stamp}.json and .md")
+    write_results(args.out, f"operator-{sizes}", results, text)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from typing import Any
 import orjson
 
 from bench import model as bench_model
+from bench import write_results
 from bench.loadgen import _Connection
 from bench.runtime import (
     CACHE,
@@ -233,7 +234,7 @@ def _overload(url: str, body: Path, headers: dict[str, str], rate: float, *, dur
     return result
 
 
-def main() -> None:  # noqa: PLR0915
+def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--openloop":
         _open_loop_main(sys.argv[2:])
         return
@@ -294,10 +295,7 @@ def main() -> None:  # noqa: PLR0915
             stop(running)
     text = render(rows, args) + render_protocols(protocols)
     print("\n" + text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M")
-    (args.out / f"overload-{stamp}.md").write_text(text)
-    (args.out / f"overload-{stamp}.json").write_text(json.dumps(rows, indent=1))
+    write_results(args.out, "overload", rows, text)
     shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -51,6 +51,7 @@ import orjson
 import torch
 
 from bench import model as bench_model
+from bench import write_results
 from bench.peers import PEERS, ensure_venv, version_of
 from modelyard.operator.devcluster.ports import reserve_port
 
@@ -821,23 +822,10 @@ def main() -> None:
     }
     text = render(results, raws, args, versions, skipped)
     print("\n" + text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M")
-    (args.out / f"runtime-{args.size}-{stamp}.txt").write_text(text)
-    (args.out / f"runtime-{args.size}-{stamp}.json").write_text(
-        json.dumps(
-            {
-                "raw": raws,
-                "results": results,
-                "versions": versions,
-                "skipped": skipped,
-                "formats": args.formats,
-                "models": {f: str(p) for f, p in models.items()},
-            },
-            indent=1,
-            default=str,
-        )
-    )
+    write_results(args.out, f"runtime-{args.size}", {
+        "raw": raws, "results": results, "versions": versions, "skipped": skipped,
+        "formats": args.formats, "models": {f: str(p) for f, p in models.items()},
+    }, text, suffix="txt")
     shutil.rmtree(workdir, ignore_errors=True)
 
 
