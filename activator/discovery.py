@@ -134,6 +134,8 @@ class Discovery:
 
     MAX_MODELS = 1024
 
+    STALE_FACTOR = 3.0
+
     def __init__(self, source: PodSource, metrics: Metrics, *, poll_s: float = 0.5,
                  cache_s: float = 1.0,
                  hold_s: Callable[[str | None], float] | None = None) -> None:
@@ -141,17 +143,28 @@ class Discovery:
         self._metrics = metrics
         self._poll_s = poll_s
         self._cache_s = cache_s
+        # A list older than cache_s still serves while a lookup refreshes it behind the
+        # request, up to this age; older, the request waits for the lookup.
+        self._stale_s = cache_s * self.STALE_FACTOR
         self._hold_s = hold_s or Settings().hold_seconds
         self._models: dict[ModelRef, _Model] = {}
         self.closing = False
 
     def fresh(self, ref: ModelRef) -> list[Endpoint] | None:
-        """The ready endpoints of ``ref`` when a lookup within ``cache_s`` found some:
-        the answer :meth:`endpoints` would give at once, without waiting."""
+        """The ready endpoints of ``ref`` when a recent lookup found some: the answer
+        :meth:`endpoints` would give at once, without waiting.
+
+        Past ``cache_s`` the list is refreshed in the background (one lookup, shared), and
+        this request goes on with it: a busy model's requests never wait on the API. Past
+        ``3 x cache_s`` (nobody asked meanwhile) it is not trusted, and None is returned."""
         model = self._models.get(ref)
-        if model is None or not model.ready or \
-                time.monotonic() - model.fetched > self._cache_s:
+        if model is None or not model.ready:
             return None
+        age = time.monotonic() - model.fetched
+        if age > self._stale_s:
+            return None
+        if age > self._cache_s:
+            self._poll(ref, model)
         return model.ready
 
     async def endpoints(self, ref: ModelRef, since: float) -> tuple[list[Endpoint], bool]:

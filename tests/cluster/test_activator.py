@@ -31,6 +31,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from support import Kube, fresh_namespace, install_crd, wait_for
 
+from modelyard.activator.discovery import Discovery
 from modelyard.operator import api, render
 from modelyard.operator.devcluster import ClusterConfig, LocalCluster, NodePool
 from modelyard.operator.devcluster.pods import PodProcesses
@@ -171,9 +172,10 @@ def at_zero(setup: Setup) -> Setup:
     """The model holds no pod at all (as after the idle delay)."""
     setup.scale(0)
     wait_for(lambda: not setup.pods(), timeout=120, what="no runtime pod left")
-    # The activator trusts its list of ready pods for a second (--cache-seconds): let the
-    # list from before the scale-down expire, as a model idle for minutes would have.
-    time.sleep(1.5)
+    # The activator goes on with its list of ready pods, refreshing it behind the requests,
+    # for 3 x --cache-seconds (1 s): let the list from before the scale-down expire, as a
+    # model idle for minutes would have.
+    time.sleep(Discovery.STALE_FACTOR * 1.0 + 0.5)
     return setup
 
 

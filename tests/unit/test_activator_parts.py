@@ -12,6 +12,7 @@ import json
 import socket
 import threading
 import time
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -24,7 +25,9 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from support import wait_for
 
-from modelyard.activator.discovery import Lookup, engine_of
+from modelyard.activator import discovery
+from modelyard.activator.discovery import Discovery, Lookup, engine_of
+from modelyard.activator.metrics import Metrics
 from modelyard.activator.proxy import Activator
 from modelyard.activator.routing import (
     Endpoint,
@@ -154,6 +157,64 @@ def test_the_engine_is_read_from_the_model_deployment() -> None:
 def test_bad_settings_are_refused(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         parse_settings(argv, {})
+
+
+class _GatedPods:
+    """Lookups that finish only when the test lets them: one ready pod each time."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.release = asyncio.Event()
+
+    async def lookup(self, ref: ModelRef) -> Lookup:
+        self.calls += 1
+        await self.release.wait()
+        self.release.clear()
+        return Lookup([Endpoint("10.0.0.1", 8080)])
+
+
+def test_a_busy_model_s_requests_never_wait_on_a_lookup(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past --cache-seconds the list serves while one lookup refreshes it behind the
+    requests; past 3 x that (nobody asked), requests wait for a lookup again."""
+    now = [1000.0]
+    # Discovery's clock only (the event loop keeps its own).
+    monkeypatch.setattr(discovery, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    ref = ModelRef("ns", "chat")
+
+    async def play() -> None:
+        pods = _GatedPods()
+        found = Discovery(pods, Metrics(), poll_s=0.0, cache_s=1.0)
+        first = asyncio.create_task(found.endpoints(ref, since=now[0]))
+        await asyncio.sleep(0)
+        assert found.fresh(ref) is None  # nothing known: the request waits
+        assert not first.done()
+        pods.release.set()
+        assert (await first)[0] == [Endpoint("10.0.0.1", 8080)]
+        assert pods.calls == 1
+
+        now[0] += 0.5  # trusted: no lookup at all
+        assert found.fresh(ref) == [Endpoint("10.0.0.1", 8080)]
+        await asyncio.sleep(0)
+        assert pods.calls == 1
+
+        now[0] += 1.5  # stale: answered at once while a single lookup runs behind it
+        for _ in range(5):
+            assert found.fresh(ref) == [Endpoint("10.0.0.1", 8080)]
+            await asyncio.sleep(0)
+        assert pods.calls == 2
+        pods.release.set()
+        await asyncio.sleep(0.01)  # the lookup stamps the list again
+        now[0] += 0.5
+        assert found.fresh(ref) is not None
+        await asyncio.sleep(0)
+        assert pods.calls == 2  # the refreshed list is trusted again
+
+        now[0] += 3.5  # idle past 3 x cache_s: not trusted, the request looks up first
+        assert found.fresh(ref) is None
+        await found.close()
+
+    asyncio.run(play())
 
 
 # ------------------------------------------------------------------ the proxy, on loopback
