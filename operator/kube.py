@@ -116,6 +116,26 @@ class Writer:
             raise
         return cast(dict[str, Any], json.loads(response.data))
 
+    def claim_node_cache(self, volume: Mapping[str, Any], claim: Mapping[str, Any]) -> None:
+        """Server-side apply the node cache's PersistentVolume and its claim (see
+        :meth:`.render.NodeCache.claim`). A volume left Released by a claim that is gone (its
+        namespace was deleted and made again) forgets that claim's uid, so the new claim
+        with the same name binds it."""
+        name = volume["metadata"]["name"]
+        response: Any = self._core.patch_persistent_volume(  # raw: urllib3's response
+            name=name, body=dict(volume), field_manager=FIELD_MANAGER, force=True,
+            _content_type=APPLY_PATCH, _preload_content=False)
+        stored = json.loads(response.data)
+        if (stored.get("status") or {}).get("phase") == "Released":
+            self._core.patch_persistent_volume(
+                name=name, body={"spec": {"claimRef": {"uid": None, "resourceVersion": None}}},
+                _content_type="application/merge-patch+json", _preload_content=False)
+        meta = claim["metadata"]
+        self._core.patch_namespaced_persistent_volume_claim(
+            name=meta["name"], namespace=meta["namespace"], body=dict(claim),
+            field_manager=FIELD_MANAGER, force=True, _content_type=APPLY_PATCH,
+            _preload_content=False)
+
     def has_httproute(self) -> bool:
         """Does the cluster serve the Gateway API's HTTPRoute (its CRDs are installed)?
         One discovery request for that group version, asked afresh each time."""

@@ -69,6 +69,11 @@ class Reconciler:
         self._scale_requests: dict[Key, api_status.AutoscalerStatus] = {}  # the autoscaler's say
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._woken: set[asyncio.Task[None]] = set()
+        # Namespaces whose node cache claim this operator has applied (render.NodeCache):
+        # once per namespace while it has models, so a model pass writes it only the first
+        # time; a namespace whose last model is gone is forgotten, and applied again if a
+        # model comes back (a namespace made again needs a new claim).
+        self._cache_claimed: set[str] = set()
         # At most gate.PASSES passes at once, handed out by priority: a thousand models
         # changed at once wait here holding nothing, instead of a thousand passes each
         # holding its rendered plan while they wait for the API (gate.py).
@@ -115,6 +120,8 @@ class Reconciler:
         timer = self._timers.pop(key, None)
         if timer is not None:
             timer.cancel()
+        if not any(known[0] == key[0] for known in self._known):
+            self._cache_claimed.discard(key[0])
         self._judge.forget(key)
         self._executor.forget(key)
 
@@ -224,9 +231,29 @@ class Reconciler:
         request = rollout.analysis_request(seen) if not seen.deleting else None
         verdict = await self._judge.verdict(seen, request) if request else None
         todo = plan.plan(seen, verdict, self._scale_requests.get(key), self._clock())
+        if todo.apply and self.node_cache is not None:
+            await self._claim_node_cache(key[0])
         await self._executor.execute(seen, todo)
         await self._executor.report(seen, todo)
         return todo.recheck_after
+
+    async def _claim_node_cache(self, namespace: str) -> None:
+        """The node cache's claim in ``namespace``, applied the first time (see
+        ``_cache_claimed``). A failure (say, the operator may not create PersistentVolumes)
+        is logged and tried again next pass; the pods meanwhile wait, Pending, with the
+        scheduler's event naming the missing claim."""
+        if namespace in self._cache_claimed or self.node_cache is None:
+            return
+        volume, claim = self.node_cache.claim(namespace)
+        try:
+            await asyncio.to_thread(self._writer.claim_node_cache, volume, claim)
+        except Exception as exc:
+            log.warning("could not claim the node cache in %s (PersistentVolume %s): %s",
+                        namespace, volume["metadata"]["name"], exc)
+            return
+        log.info("the node cache %s is claimed in %s (PersistentVolume %s)",
+                 self.node_cache.path, namespace, volume["metadata"]["name"])
+        self._cache_claimed.add(namespace)
 
     def _schedule(self, key: Key, after: float | None) -> None:
         """Run the next pass for ``key`` in ``after`` seconds (None: only on events)."""

@@ -50,12 +50,63 @@ TLS_DIR = "/etc/modelyard/tls"  # spec.tls's kubernetes.io/tls Secret, mounted
 
 @dataclass(frozen=True)
 class NodeCache:
-    """The node-local model cache: a directory on every node (a hostPath the chart's
-    DaemonSet prepares), shared by the node's model pods. A model version is fetched into
-    it once per node, verified, and found there by the next pod, restart or rollback."""
+    """The node-local model cache: a directory on every node (the chart's DaemonSet
+    prepares it), shared by the node's model pods. A model version is fetched into it once
+    per node, verified, and found there by the next pod, restart or rollback.
+
+    Pods reach it through a PersistentVolumeClaim, never a hostPath volume of their own,
+    so Pod Security's ``baseline`` and ``restricted`` levels admit them: in each namespace
+    with models the operator keeps one claim, pre-bound to a cluster-scoped hostPath
+    PersistentVolume of that directory (:meth:`claim`). Only the operator, allowed by the
+    chart, creates such volumes, and only of this path."""
 
     path: str
     max_bytes: int | None = None
+
+    @property
+    def claim_name(self) -> str:
+        """The claim's name in every namespace; it names the path, which a volume cannot
+        change, so a new path gets new volumes."""
+        return f"modelyard-node-cache-{hashlib.sha256(self.path.encode()).hexdigest()[:8]}"
+
+    def volume_name(self, namespace: str) -> str:
+        return f"{self.claim_name}-{namespace}"
+
+    def claim(self, namespace: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The PersistentVolume (cluster-scoped) and the claim in ``namespace`` bound to it.
+
+        The volume is a hostPath of the directory (DirectoryOrCreate, as the pods had
+        before: on a node the DaemonSet has not prepared, the runtime finds it unwritable
+        and keeps its own cache, with a warning). Its capacity is the cache's bound
+        (nominal: the runtime enforces it); Retain keeps the files when the claim goes."""
+        size = str(self.max_bytes) if self.max_bytes else "1Ti"
+        labels = {MANAGED_BY: MANAGER, "app.kubernetes.io/component": "node-cache"}
+        volume = {
+            "apiVersion": "v1", "kind": "PersistentVolume",
+            "metadata": {"name": self.volume_name(namespace), "labels": labels},
+            "spec": {
+                "capacity": {"storage": size},
+                "accessModes": ["ReadWriteMany"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": "",
+                "volumeMode": "Filesystem",
+                "hostPath": {"path": self.path, "type": "DirectoryOrCreate"},
+                "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                             "namespace": namespace, "name": self.claim_name},
+            },
+        }
+        claim = {
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": self.claim_name, "namespace": namespace, "labels": labels},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "volumeMode": "Filesystem",
+                "volumeName": self.volume_name(namespace),
+                "resources": {"requests": {"storage": size}},
+            },
+        }
+        return volume, claim
 
 
 MODEL_CACHE_DIR = f"{CACHE_DIR}/models"
@@ -213,8 +264,8 @@ def render_deployment(
         {"name": "tmp", "mountPath": "/tmp"},
     ]
     if node_cache is not None:
-        volumes.append({"name": "node-cache", "hostPath": {"path": node_cache.path,
-                                                          "type": "DirectoryOrCreate"}})
+        volumes.append({"name": "node-cache",
+                        "persistentVolumeClaim": {"claimName": node_cache.claim_name}})
         container["volumeMounts"].append({"name": "node-cache", "mountPath": MODEL_CACHE_DIR})
     if spec.runtime.engine == api.Engine.VLLM:
         # vLLM's workers share tensors through /dev/shm; a container's default is 64 MiB.

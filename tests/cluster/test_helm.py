@@ -246,11 +246,20 @@ def test_the_operator_may_run_conversion_jobs_and_read_them_back(chart: Chart) -
 
 
 def test_the_node_cache_is_opt_in_and_prepared_on_every_node(chart: Chart) -> None:
-    """Off by default (hostPath needs Pod Security's privileged level); on, the operator is
-    told where and how big, and a DaemonSet hands the host directory to the pods' uid."""
+    """Off by default (it takes node disk, and the right to create PersistentVolumes); on,
+    the operator is told where and how big and may create the volumes and claims that
+    bring the cache to pods, and a DaemonSet hands the host directory to the pods' uid."""
     off = chart.template("r", "ops")
     assert "MODELYARD_NODE_CACHE_PATH" not in _operator_env(off, "r-modelyard")
     assert not [o for o in off if o["kind"] == "DaemonSet"]
+    assert "/persistentvolumes" not in _rules(off, "ClusterRole", "r-modelyard")
+    assert "/persistentvolumeclaims" not in _rules(off, "ClusterRole", "r-modelyard")
+    for values, kind in (({}, "ClusterRole"), ({"watchNamespaces": ["team-a"]}, "Role")):
+        with_cache = chart.template("r", "ops", {"nodeCache": {"enabled": True}, **values})
+        assert _rules(with_cache, "ClusterRole", "r-modelyard")["/persistentvolumes"] == \
+            {"create", "patch"}
+        assert _rules(with_cache, kind, "r-modelyard")["/persistentvolumeclaims"] == \
+            {"create", "patch"}
     on = chart.template("r", "ops", {"nodeCache": {"enabled": True, "maxBytes": "50Gi"}})
     env = _operator_env(on, "r-modelyard")
     assert env["MODELYARD_NODE_CACHE_PATH"] == "/var/lib/modelyard/models"

@@ -163,8 +163,11 @@ def test_the_node_cache_is_mounted_where_the_engines_cache_models() -> None:
         dep = render.render_deployment(OWNER, body, 1, cache)
         pod = dep["spec"]["template"]["spec"]
         [container] = pod["containers"]
-        assert {"name": "node-cache", "hostPath": {"path": "/var/lib/modelyard/models",
-                                                   "type": "DirectoryOrCreate"}} in pod["volumes"]
+        # Through the namespace's claim: no hostPath in the pod, which Pod Security's
+        # baseline and restricted levels would refuse.
+        assert {"name": "node-cache", "persistentVolumeClaim": {
+            "claimName": cache.claim_name}} in pod["volumes"]
+        assert not [v for v in pod["volumes"] if "hostPath" in v]
         assert {"name": "node-cache", "mountPath": render.MODEL_CACHE_DIR} in \
             container["volumeMounts"]
         env = {e["name"]: e["value"] for e in container["env"]}
@@ -174,6 +177,29 @@ def test_the_node_cache_is_mounted_where_the_engines_cache_models() -> None:
     # Without one, nothing changes: the pod's own emptyDir.
     plain = render.render_deployment(OWNER, spec(), 1)["spec"]["template"]["spec"]
     assert not [v for v in plain["volumes"] if "hostPath" in v]
+
+
+def test_the_node_cache_claim_is_pre_bound_to_a_volume_of_the_cache_directory() -> None:
+    cache = render.NodeCache("/var/lib/modelyard/models", 200 * 2**30)
+    volume, claim = cache.claim("team-a")
+    assert claim["metadata"] == {"name": cache.claim_name, "namespace": "team-a",
+                                 "labels": volume["metadata"]["labels"]}
+    # Each binds only the other: the claim names the volume, the volume the claim, and
+    # neither takes a storage class's dynamic provisioning.
+    assert claim["spec"]["volumeName"] == volume["metadata"]["name"] == \
+        cache.volume_name("team-a")
+    assert volume["spec"]["claimRef"]["namespace"] == "team-a"
+    assert volume["spec"]["claimRef"]["name"] == cache.claim_name
+    assert claim["spec"]["storageClassName"] == volume["spec"]["storageClassName"] == ""
+    assert volume["spec"]["hostPath"] == {"path": "/var/lib/modelyard/models",
+                                          "type": "DirectoryOrCreate"}
+    assert volume["spec"]["persistentVolumeReclaimPolicy"] == "Retain"
+    assert volume["spec"]["capacity"] == claim["spec"]["resources"]["requests"] == \
+        {"storage": str(200 * 2**30)}
+    # One volume per namespace; another path is another claim (a volume's path is fixed).
+    assert cache.volume_name("team-b") != cache.volume_name("team-a")
+    assert render.NodeCache("/srv/cache").claim_name != cache.claim_name
+    assert len(cache.volume_name("n" * 63)) <= 253
 
 
 def test_the_operator_reads_the_node_cache_from_the_chart_s_variables() -> None:

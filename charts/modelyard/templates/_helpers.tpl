@@ -117,6 +117,12 @@ the model) */}}
 - apiGroups: [discovery.k8s.io]
   resources: [endpointslices]
   verbs: [list, watch{{ if .Values.activator.enabled }}, create, patch, delete{{ end }}]
+{{- if .Values.nodeCache.enabled }}
+{{- /* the node cache: one claim per namespace with models, applied (never deleted) */}}
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [create, patch]
+{{- end }}
 {{- end }}
 
 {{/*
