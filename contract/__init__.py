@@ -131,6 +131,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("host", "MODELYARD_HOST", help="bind address, default 0.0.0.0"),
     Setting("cache_dir", "MODELYARD_CACHE_DIR", "path",
             help="download cache (default ~/.cache/modelyard/models)"),
+    Setting("cache_max_bytes", "MODELYARD_CACHE_MAX_BYTES", "int",
+            help="bound of the model cache; least recently used models go first"),
     Setting("device", "MODELYARD_DEVICE", help="cpu | cuda | auto (default auto)"),
     Setting("dtype", "MODELYARD_DTYPE", help="float32 | float16 | bfloat16 (default: as saved)"),
     Setting("quantize", "MODELYARD_QUANTIZE", help="dynamic-int8 (CPU only)"),
@@ -176,12 +178,10 @@ _BY_ENV = {s.env: s for s in SETTINGS}
 # the same, and has two of its own; the engine's flags are the container's arguments.
 LLM_SETTINGS: tuple[Setting, ...] = (
     *(_BY_FIELD[name] for name in ("model_name", "model_version", "model_uri", "sha256",
-                                   "port", "host", "cache_dir", "device", "drain_seconds",
-                                   "log_level")),
+                                   "port", "host", "cache_dir", "cache_max_bytes", "device",
+                                   "drain_seconds", "log_level")),
     Setting("health_port", "MODELYARD_HEALTH_PORT", "int",
             help=f"the launcher's /ready and /live (default {LLM_HEALTH_PORT})"),
-    Setting("cache_max_bytes", "MODELYARD_CACHE_MAX_BYTES", "int",
-            help="bound of the model cache; least recently used models go first"),
     Setting("termination_log", "MODELYARD_TERMINATION_LOG", "path",
             help="where the reason the engine stopped is written (default "
                  "/dev/termination-log, which Kubernetes reports in the pod's status)"),

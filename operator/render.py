@@ -203,6 +203,8 @@ def runtime_env(owner: Owner, spec: api.ModelDeploymentSpec,
         "port": str(spec.runtime.port),
         "grpc_port": None if spec.runtime.grpc_port is None else str(spec.runtime.grpc_port),
         "cache_dir": MODEL_CACHE_DIR if node_cache is not None else CACHE_DIR,
+        "cache_max_bytes": str(node_cache.max_bytes) if node_cache and node_cache.max_bytes
+        else None,
         "device": "cuda" if _gpu_count(spec) else "cpu",
     }
     explain = spec.runtime.explain

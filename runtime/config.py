@@ -55,6 +55,7 @@ class RuntimeConfig:
     port: int = contract.RUNTIME_PORT
     grpc_port: int = 0  # OIP over gRPC; 0: off
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache/modelyard/models")
+    cache_max_bytes: int | None = None
     device: str = "auto"
     dtype: str | None = None
     quantize: str | None = None

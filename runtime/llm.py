@@ -175,7 +175,7 @@ class Launcher:
         from modelyard.runtime import modeldir
 
         began = time.monotonic()
-        self._cache_root = _writable(self.config.cache_dir)
+        self._cache_root = modeldir.writable_cache(self.config.cache_dir)
         cache = modeldir.NodeCache(self._cache_root, self.config.cache_max_bytes)
         # Kept for the launcher's life: a cached copy stays locked against eviction while
         # the engine reads it.
@@ -375,19 +375,6 @@ class _ProbeServer(http.server.ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         host, port = self.server_address[:2]
         self.server_name, self.server_port = str(host), int(port)
-
-
-def _writable(cache_dir: Path) -> Path:
-    """The node's cache, or, when this pod cannot write there (the node's directory not
-    prepared yet), a cache of the pod's own: slower to start, never a failure."""
-    with contextlib.suppress(OSError):
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    if os.access(cache_dir, os.W_OK | os.X_OK):
-        return cache_dir
-    own = Path(os.environ.get("HOME") or "/tmp") / "models"
-    log.warning("cannot write the node's model cache %s: using the pod's own %s (the model "
-                "is fetched for this pod alone)", cache_dir, own)
-    return own
 
 
 def _loopback(host: str) -> str:

@@ -23,7 +23,7 @@ regular file, recursively, but ``SHA256SUMS`` and any path with a part that star
 
 **Serving.** ``file://`` is verified in place (every listed file hashed, no file left
 unlisted) and served there. Remote directories are copied into a :class:`NodeCache`, a
-node-local directory shared by every pod on the node (a hostPath), content-addressed:
+node-local directory shared by every pod on the node (the chart's nodeCache), content-addressed:
 the verified copy of digest D is ``<root>/D/``, holding exactly the manifest's files plus
 its canonical ``SHA256SUMS``. A download lands in a temporary sibling, every file verified
 as it lands, and is renamed into place, so a half-written entry is never visible. A hit
@@ -69,7 +69,7 @@ from types import TracebackType
 from typing import Literal, TypeVar
 
 from modelyard.runtime.errors import ChecksumMismatch, StorageError
-from modelyard.runtime.storage import FETCHERS, FetchOptions, sha256_of
+from modelyard.runtime.storage import FETCHERS, FetchOptions, sha256_of, verify_file
 
 __all__ = [
     "MANIFEST",
@@ -681,6 +681,75 @@ def fetch_dir(uri: str, cache: NodeCache | Path, sha256: str | None = None, *,
     return fetched
 
 
+def fetch_file(uri: str, cache: NodeCache, sha256: str | None = None, *,
+               options: FetchOptions = _DEFAULT_OPTIONS) -> Fetched:
+    """A single-file model (the tensor runtime's) at a remote ``uri``, through the node
+    cache like a directory: one process per node downloads it while the others wait on its
+    lock and then find it; it is verified against ``sha256`` (when given) on every use, a
+    copy that fails is fetched again and never served; it is held in use while the server
+    runs and evicted least recently used with the directories.
+
+    Its entry is keyed by the sha256 of the URI (the file's own digest may not be known):
+    ``<root>/<sha256(uri)>/<file name>``. ``Fetched.digest`` is ``sha256`` (or "")."""
+    started = time.monotonic()
+    expected = _expected(sha256)
+    scheme = urllib.parse.urlparse(uri).scheme.lower()
+    download = FETCHERS.get(scheme)
+    if download is None:
+        raise StorageError(f"unsupported URI scheme {scheme!r} in {uri} "
+                           f"({', '.join(['file', *FETCHERS])})")
+    key = hashlib.sha256(uri.encode()).hexdigest()
+    entry = cache.entry(key)
+    name = Path(urllib.parse.urlparse(uri).path).name or "model"
+    in_use = cache.in_use(key)
+    try:
+        source: Source = "download"
+        with cache.fetching(key):
+            if (entry / name).is_file():
+                try:
+                    verify_file(entry / name, uri, expected)
+                    source = "cache-hit"
+                except ChecksumMismatch as error:
+                    log.warning("the cached copy of %s is damaged (%s); fetching it again",
+                                uri, error)
+                    cache.discard(entry)
+            elif entry.exists():
+                cache.discard(entry)  # not an entry of this kind: never served
+            if source == "download":
+                with cache.temp_dir() as scratch:
+                    download(uri, scratch / name, options)
+                    verify_file(scratch / name, uri, expected)
+                    os.chmod(scratch, 0o755)  # mkdtemp's 0o700 would hide it from others
+                    os.rename(scratch, entry)
+        os.utime(entry)  # its last use, for the LRU
+        size = (entry / name).stat().st_size
+    except BaseException:
+        in_use.release()
+        raise
+    try:
+        cache.evict(keep=key)
+    except OSError as error:  # the model is fine; the cache may grow past its bound
+        log.warning("cannot evict from the node cache %s: %s", cache.root, error)
+    fetched = Fetched(entry / name, expected or "", source,
+                      size, size if source == "download" else 0,
+                      time.monotonic() - started, in_use)
+    _log_fetch(uri, fetched)
+    return fetched
+
+
+def writable_cache(root: Path) -> Path:
+    """The node's cache, or, when this pod cannot write there (the node's directory not
+    prepared yet), a cache of the pod's own: slower to start, never a failure."""
+    with contextlib.suppress(OSError):
+        root.mkdir(parents=True, exist_ok=True)
+    if os.access(root, os.W_OK | os.X_OK):
+        return root
+    own = Path(os.environ.get("HOME") or tempfile.gettempdir()) / "models"
+    log.warning("cannot write the node's model cache %s: using the pod's own %s (the model "
+                "is fetched for this pod alone)", root, own)
+    return own
+
+
 def _expected(sha256: str | None) -> str | None:
     if sha256 is None or not sha256.strip():
         return None
@@ -835,8 +904,9 @@ def _log_fetch(uri: str, fetched: Fetched) -> None:
     hit = "hit" if fetched.source == "cache-hit" else "miss"
     if fetched.source == "in-place":
         hit = "not cached"
-    log.info("model directory %s: %s (cache %s), digest %s, %d bytes (%d downloaded) "
-             "in %.2fs, %.1f MB/s, at %s", uri, fetched.source, hit, fetched.digest,
+    kind = "model file" if fetched.path.is_file() else "model directory"
+    log.info("%s %s: %s (cache %s), digest %s, %d bytes (%d downloaded) "
+             "in %.2fs, %.1f MB/s, at %s", kind, uri, fetched.source, hit, fetched.digest,
              fetched.bytes, fetched.downloaded, fetched.seconds, rate, fetched.path)
 
 

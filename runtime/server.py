@@ -13,10 +13,12 @@ import asyncio
 import logging
 import re
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +30,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from modelyard.runtime import __version__
+from modelyard.runtime import __version__, modeldir
 from modelyard.runtime.auth import ApiKeys
 from modelyard.runtime.batching import Batcher
 from modelyard.runtime.concurrency import run_blocking
@@ -65,6 +67,18 @@ JSON = "application/json"
 
 
 BINARY = "application/octet-stream"
+
+
+def fetch_model(config: RuntimeConfig) -> Path:
+    """The model file, verified: a local one (a path, ``file://``, a PVC's mount) where it
+    is; a remote one through the model cache (the node's when the pod mounts it, else the
+    pod's own), where it stays in use, kept from eviction, while this process runs."""
+    uri = config.model_uri
+    if urllib.parse.urlparse(uri).scheme.lower() in ("", "file"):
+        return fetch(uri, config.cache_dir, config.sha256)
+    cache = modeldir.NodeCache(modeldir.writable_cache(config.cache_dir),
+                               config.cache_max_bytes)
+    return modeldir.fetch_file(uri, cache, config.sha256).path  # in use until exit
 
 
 @dataclass(frozen=True)
@@ -142,7 +156,7 @@ class Runtime:
         started = time.monotonic()
         config = self.config
         try:
-            path = await run_blocking(fetch, config.model_uri, config.cache_dir, config.sha256)
+            path = await run_blocking(fetch_model, config)
             model = await run_blocking(load_model, config, path)
             handler: Handler | None = None
             if config.handler:

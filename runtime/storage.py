@@ -44,7 +44,8 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _verify(path: Path, uri: str, expected: str | None) -> None:
+def verify_file(path: Path, uri: str, expected: str | None) -> None:
+    """Raise :class:`ChecksumMismatch` unless ``path``'s sha256 is ``expected`` (None: any)."""
     if expected is None:
         return
     actual = sha256_of(path)
@@ -81,7 +82,7 @@ def fetch(
         path = Path(urllib.parse.unquote(parsed.path) if scheme == "file" else uri)
         if not path.is_file():
             raise StorageError(f"model file not found: {path}")
-        _verify(path, uri, sha256)
+        verify_file(path, uri, sha256)
         return path
     download = FETCHERS.get(scheme)
     if download is None:
@@ -93,7 +94,7 @@ def fetch(
     target = cache_dir / key / name
     if target.is_file():
         try:
-            _verify(target, uri, sha256)
+            verify_file(target, uri, sha256)
         except ChecksumMismatch:
             log.warning("cached copy of %s does not match its sha256; fetching again", uri)
         else:
@@ -107,7 +108,7 @@ def fetch(
     try:
         started = time.monotonic()
         download(uri, tmp, FetchOptions(attempts, backoff_s, timeout_s))
-        _verify(tmp, uri, sha256)
+        verify_file(tmp, uri, sha256)
         os.replace(tmp, target)
         log.info("fetched %s (%d bytes) in %.2fs", uri, target.stat().st_size,
                  time.monotonic() - started)

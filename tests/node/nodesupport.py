@@ -38,13 +38,19 @@ def restricted_namespace(cluster: Any) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def serve_file(path: Path, address: str) -> Iterator[str]:
-    """``path`` over HTTP on ``address`` (the host's end of the node's link): the URL."""
+def serve_file(path: Path, address: str, gets: list[str] | None = None) -> Iterator[str]:
+    """``path`` over HTTP on ``address`` (the host's end of the node's link): the URL.
+    Each GET's path is appended to ``gets``, if given (the store's request log)."""
     directory = str(path.parent)
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, directory=directory, **kwargs)
+
+        def do_GET(self) -> None:
+            if gets is not None:
+                gets.append(self.path)
+            super().do_GET()
 
         def log_message(self, *args: Any) -> None:
             pass

@@ -25,6 +25,7 @@ from modelyard.runtime.modeldir import (
     canonical,
     digest,
     fetch_dir,
+    fetch_file,
     manifest_of,
     parse_manifest,
     write_manifest,
@@ -399,6 +400,81 @@ def test_two_processes_fetching_one_model_download_it_once(origin: Origin,
     asked = sorted(at for at, path in origin.log if path.endswith(MANIFEST))
     first_file = min(at for at, path in origin.log if not path.endswith(MANIFEST))
     assert asked[1] < first_file + origin.delay  # they overlapped: the second one waited
+
+
+# --- a single-file model (the tensor runtime's) in the same cache -------------------------
+
+
+def test_a_model_file_is_fetched_once_and_verified_on_every_use(
+        origin: Origin, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data = b"torchscript bytes" * 1000
+    (origin.root / "m.pt").write_bytes(data)
+    good = hashlib.sha256(data).hexdigest()
+    uri, cache = f"{origin.url}/m.pt", NodeCache(tmp_path / "cache")
+    with pytest.raises(ChecksumMismatch):
+        fetch_file(uri, cache, "0" * 64, options=FAST)
+    assert cache.entries() == []  # nothing unverified is kept
+    first = fetch_file(uri, cache, good, options=FAST)
+    assert (first.source, first.downloaded, first.path.read_bytes()) == ("download",
+                                                                         len(data), data)
+    second = fetch_file(uri, cache, good, options=FAST)
+    assert (second.source, second.path, second.downloaded) == ("cache-hit", first.path, 0)
+    assert origin.model_gets() == ["m.pt", "m.pt"]  # the refused one, then one download
+
+    first.path.write_bytes(b"damaged on the node")  # a bad disk, a stray writer
+    caplog.set_level(logging.WARNING, logger="modelyard.runtime.modeldir")
+    third = fetch_file(uri, cache, good, options=FAST)
+    assert (third.source, third.path.read_bytes()) == ("download", data)  # never served
+    assert "is damaged" in caplog.text
+    for fetched in (first, second, third):
+        fetched.release()
+
+
+_FETCH_FILE_SCRIPT = """
+import sys, time
+from pathlib import Path
+from modelyard.runtime.modeldir import NodeCache, fetch_file
+uri, root, start_at = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
+time.sleep(max(0.0, start_at - time.time()))
+print(fetch_file(uri, NodeCache(root)).source)
+"""
+
+
+def test_two_pods_starting_together_download_a_model_file_once(origin: Origin,
+                                                               tmp_path: Path) -> None:
+    (origin.root / "m.pt").write_bytes(b"x" * 4096)
+    origin.delay = 0.4  # the second process must wait on the first's lock
+    start_at = str(time.time() + 1.5)
+    processes = [subprocess.Popen([sys.executable, "-c", _FETCH_FILE_SCRIPT,
+                                   f"{origin.url}/m.pt", str(tmp_path / "cache"), start_at],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    sources = []
+    for process in processes:
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err
+        sources.append(out.strip())
+    assert sorted(sources) == ["cache-hit", "download"]
+    assert origin.model_gets() == ["m.pt"]
+
+
+def test_model_files_and_directories_are_evicted_together_least_recently_used(
+        origin: Origin, tmp_path: Path) -> None:
+    directory = make_model(origin.root / "llm", "dir")
+    size = sum(len(data) for data in files_of(origin.root / "llm").values())
+    for name in ("a.pt", "b.pt"):
+        (origin.root / name).write_bytes(name.encode() * (size // 4))
+    cache = NodeCache(tmp_path / "cache", max_bytes=int(size * 1.6))
+    with fetch_dir(f"{origin.url}/llm/", cache, directory, options=FAST):
+        pass
+    held = fetch_file(f"{origin.url}/a.pt", cache, options=FAST)  # a server runs on it
+    with fetch_file(f"{origin.url}/b.pt", cache, options=FAST):
+        pass  # over the bound: the directory is the oldest and idle, so it goes
+    kept = [path.name for path in cache.entries()]
+    assert directory not in kept
+    assert held.path.parent.name in kept
+    held.release()
+    assert leftovers(cache.root) == sorted(kept)
 
 
 # --- S3 (moto's S3-compatible server) ----------------------------------------------------
