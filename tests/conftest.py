@@ -75,6 +75,18 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.section("the journey on the real node, at the chart's defaults")
         for what, value in timings.items():
             terminalreporter.write_line(f"{what}: {json.dumps(value)}")
+    # Any test's ("summary", (title, {figure: value})) property: what a note quotes (once,
+    # though the test's setup, call and teardown reports all carry it).
+    sections: dict[str, dict[str, Any]] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            for name, value in getattr(report, "user_properties", ()):
+                if name == "summary":
+                    sections[value[0]] = value[1]
+    for title, figures in sections.items():
+        terminalreporter.section(title)
+        for what, figure in figures.items():
+            terminalreporter.write_line(f"{what}: {json.dumps(figure)}")
 
 
 @pytest.fixture(scope="session")

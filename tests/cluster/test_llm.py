@@ -36,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -289,7 +289,8 @@ def test_2_a_version_that_does_not_match_its_digest_is_rolled_back_with_the_reas
 
 @pytest.mark.timeout(ENGINE_START_S + 480)  # an engine start, then its judging
 def test_3_a_canary_slow_to_its_first_token_is_rolled_back_on_its_figures(
-        setup: Setup, slow_llm: tuple[Path, str]) -> None:
+        setup: Setup, slow_llm: tuple[Path, str],
+        record_property: Callable[[str, object], None]) -> None:
     kube = setup.kube
     wait_for(setup.ready, timeout=ENGINE_START_S, what="v1 Ready")
     started = time.monotonic()
@@ -319,6 +320,12 @@ def test_3_a_canary_slow_to_its_first_token_is_rolled_back_on_its_figures(
     assert degraded["reason"] == "RolledBack"
     assert traffic.ok.get("1", 0) > 0
     assert traffic.failed.get("1", []) == [], traffic.failed["1"][:5]
+    # In the run's summary (tests/conftest.py), so CI's log shows what the canary cost.
+    record_property("summary", ("the generative canary and its rollback", {
+        "rolled back after (s)": round(time.monotonic() - started),
+        "reason": entry["reason"],
+        **{f"v{v} answered, failed": [traffic.ok.get(v, 0), len(traffic.failed.get(v, []))]
+           for v in sorted({*traffic.ok, *traffic.failed})}}))
     print(f"\nrolled back after {time.monotonic() - started:.0f} s: {entry['reason']}\n"
           f"ledger figures: {figures}\n" + "".join(
               f"v{v}: {len(s)} answered, time to first token (client) median "
