@@ -93,10 +93,20 @@ def synthetic_server(port: int) -> Iterator[str]:
         server.wait(10)
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of process ``pid`` onto ``cpus``."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task.name), cpus)
+
+
 def measure(args: argparse.Namespace, workdir: Path,
             progress: Any = print) -> dict[str, Any]:
     sources = dict(item.split("=", 1) for item in args.activator or [])
     port = reserve_port()
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin:  # the activators on the last core; this process, server and client not
+        os.sched_setaffinity(0, set(cpus[:-1]))
     with contextlib.ExitStack() as stack:
         direct = stack.enter_context(synthetic_server(port))
         activators: dict[str, llm_cluster.ActivatorProcess] = {}
@@ -109,6 +119,9 @@ def measure(args: argparse.Namespace, workdir: Path,
             activators[name] = stack.enter_context(llm_cluster.activator_process(
                 [sys.executable, "-m", "bench.activator", "_serve", str(port)], "127.0.0.1",
                 workdir / f"{name}.log", env, cwd=ROOT))
+        if args.pin:
+            for process in activators.values():
+                pin(process.process.pid, {cpus[-1]})
         paths: dict[str, tuple[str, str | None]] = {"direct": (direct, None)}
         paths |= {name: (process.url, HOST) for name, process in activators.items()}
         top = max(args.concurrency)
@@ -137,7 +150,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"{plan['warmup']:g} s warm-up + {plan['duration']:g} s per path and concurrency, "
         "interleaved. x limit: against the server's exact tokens/s; TTFT: request written "
         "→ first token read; CPU: the activator's process over its windows (warm-up "
-        "included), as a share of one core and per relayed token.", "",
+        "included), as a share of one core and per relayed token."
+        + (" **Pinned:** the activator alone on one core, the server and the client on "
+           "the other(s)." if plan.get("pin") else ""), "",
         "| conc. | path | tokens/s | x limit | x direct (rounds) | TTFT p50 ms | added | "
         "TTFT p99 ms | CPU share | µs/token | requests (errors) |",
         "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -180,9 +195,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--activator", action="append", metavar="NAME=SOURCE",
                         help="another activator to measure beside the tree's: a git "
                              "revision or a folder holding activator/ (repeatable)")
+    parser.add_argument("--pin", action="store_true",
+                        help="the activator alone on the last core, the server and the "
+                             "client on the others, as on a cluster where it runs on its "
+                             "own CPU (needs 2 or more)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.concurrency = args.concurrency or [1, 8, 32]
+    if args.pin and len(os.sched_getaffinity(0)) < 2:
+        parser.error("--pin needs at least 2 CPUs")
     started = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="modelyard-bench-activator-") as workdir:
         results = measure(args, Path(workdir), lambda line: print(line, flush=True))
