@@ -4,7 +4,7 @@ Generative models are directories (``config.json``, ``*.safetensors`` shards, to
 files) at ``s3://bucket/prefix/``, ``http(s)://host/path/`` or ``file:///path/`` (a PVC
 mount, also as a plain path). The LLM runtime calls :func:`fetch_dir` once at startup and
 hands :attr:`Fetched.path` to the engine. It runs in the engine's own virtualenv, so this
-module imports only the standard library, httpx (through :mod:`.storage`) and, lazily,
+module imports only the standard library, urllib3 and certifi (through :mod:`.storage`) and, lazily,
 boto3 for ``s3://``.
 
 **One digest for a directory.** The directory's root holds ``SHA256SUMS`` in the format
@@ -530,8 +530,9 @@ class _Origin:
         # storage's s3 fetcher takes the key as it stands; http needs it quoted.
         return self.uri + (path if self.scheme == "s3" else urllib.parse.quote(path))
 
-    def download(self, path: str, dest: Path) -> None:
-        FETCHERS[self.scheme](self.file_uri(path), dest, self.options)
+    def download(self, path: str, dest: Path) -> str | None:
+        """The file ``path`` to ``dest``; its sha256 if hashed as it streamed."""
+        return FETCHERS[self.scheme](self.file_uri(path), dest, self.options)
 
     def manifest(self) -> dict[str, str] | None:
         """The parsed ``SHA256SUMS``, or None where there is none but a listing."""
@@ -614,9 +615,9 @@ def _download(origin: _Origin, entries: Mapping[str, str] | None, directory: Pat
     def one(path: str) -> int:
         target = directory / path
         target.parent.mkdir(parents=True, exist_ok=True)
-        origin.download(path, target)
+        written = origin.download(path, target)
         if entries is not None:
-            actual = sha256_of(target)
+            actual = written or sha256_of(target)
             if actual != entries[path]:
                 raise ChecksumMismatch(
                     f"refusing to serve {origin.uri}: its file {path} has sha256 {actual}, "
@@ -717,8 +718,8 @@ def fetch_file(uri: str, cache: NodeCache, sha256: str | None = None, *,
                 cache.discard(entry)  # not an entry of this kind: never served
             if source == "download":
                 with cache.temp_dir() as scratch:
-                    download(uri, scratch / name, options)
-                    verify_file(scratch / name, uri, expected)
+                    written = download(uri, scratch / name, options)
+                    verify_file(scratch / name, uri, expected, written)
                     os.chmod(scratch, 0o755)  # mkdtemp's 0o700 would hide it from others
                     os.rename(scratch, entry)
         os.utime(entry)  # its last use, for the LRU

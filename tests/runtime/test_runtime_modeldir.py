@@ -135,7 +135,7 @@ def test_the_digest_command(tmp_path: Path) -> None:
     assert "not a directory" in missing.stderr
 
 
-def test_importing_it_needs_only_httpx_and_the_stdlib() -> None:
+def test_importing_it_needs_only_urllib3_and_the_stdlib() -> None:
     code = ("import sys, modelyard.runtime.modeldir; "
             "print(sorted({'torch', 'numpy', 'pydantic', 'boto3', 'fastapi'} & set(sys.modules)))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

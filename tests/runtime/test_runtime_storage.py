@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import ssl
 import subprocess
 import sys
 import threading
@@ -108,6 +109,39 @@ def test_http_checksum_mismatch_leaves_no_cached_file(http_origin: str, tmp_path
     with pytest.raises(ChecksumMismatch):
         fetch(f"{http_origin}/m.pt", tmp_path, "f" * 64, backoff_s=0.01)
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_https_trusts_the_ca_bundle_it_is_given(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """An https origin is verified: against certifi's CAs by default (the images have no
+    system store), against SSL_CERT_FILE when set (a private CA)."""
+    from runtime_support import CertificateAuthority
+
+    from modelyard.runtime import storage
+
+    ca = CertificateAuthority()
+    secret, _ = ca.issue()
+    (tmp_path / "tls.crt").write_text(secret["tls.crt"])
+    (tmp_path / "tls.key").write_text(secret["tls.key"])
+    (tmp_path / "ca.crt").write_text(secret["ca.crt"])
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "tls.crt", tmp_path / "tls.key")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"https://127.0.0.1:{server.server_address[1]}/m.pt"
+    try:
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+        storage._pool.cache_clear()
+        with pytest.raises(StorageError, match="CERTIFICATE_VERIFY_FAILED"):
+            fetch(uri, tmp_path / "a", DIGEST, attempts=1)
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.crt"))
+        storage._pool.cache_clear()
+        assert fetch(uri, tmp_path / "b", DIGEST, attempts=1).read_bytes() == PAYLOAD
+    finally:
+        storage._pool.cache_clear()
+        server.shutdown()
+        server.server_close()
 
 
 def test_unreachable_http_host_fails(tmp_path: Path) -> None:
