@@ -380,20 +380,27 @@ print(fetched.source, fetched.digest)
 """
 
 
+def _two_at_once(script: str, uri: str, cache: Path) -> list[str]:
+    """``script`` (uri, cache root, start time) in two processes that start fetching at the
+    same moment, both past their imports; their outputs."""
+    start_at = str(time.time() + 1.5)
+    processes = [subprocess.Popen([sys.executable, "-c", script, uri, str(cache), start_at],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    outputs = []
+    for process in processes:
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err
+        outputs.append(out)
+    return outputs
+
+
 def test_two_processes_fetching_one_model_download_it_once(origin: Origin,
                                                            tmp_path: Path) -> None:
     expected = make_model(origin.root / "m", "shared")
     origin.delay = 0.4  # each model file takes this long: the second process must wait
-    start_at = str(time.time() + 1.5)  # both past their imports, then at once
-    processes = [subprocess.Popen([sys.executable, "-c", _FETCH_SCRIPT, f"{origin.url}/m/",
-                                   str(tmp_path / "cache"), start_at],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for _ in range(2)]
-    results = []
-    for process in processes:
-        out, err = process.communicate(timeout=60)
-        assert process.returncode == 0, err
-        results.append(out.split())
+    results = [out.split() for out in _two_at_once(_FETCH_SCRIPT, f"{origin.url}/m/",
+                                                   tmp_path / "cache")]
     assert sorted(results) == [["cache-hit", expected], ["download", expected]]
     assert sorted(origin.model_gets()) == sorted(set(origin.model_gets()))  # each file once
     assert len(origin.model_gets()) == 5
@@ -444,16 +451,8 @@ def test_two_pods_starting_together_download_a_model_file_once(origin: Origin,
                                                                tmp_path: Path) -> None:
     (origin.root / "m.pt").write_bytes(b"x" * 4096)
     origin.delay = 0.4  # the second process must wait on the first's lock
-    start_at = str(time.time() + 1.5)
-    processes = [subprocess.Popen([sys.executable, "-c", _FETCH_FILE_SCRIPT,
-                                   f"{origin.url}/m.pt", str(tmp_path / "cache"), start_at],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for _ in range(2)]
-    sources = []
-    for process in processes:
-        out, err = process.communicate(timeout=60)
-        assert process.returncode == 0, err
-        sources.append(out.strip())
+    sources = [out.strip() for out in _two_at_once(_FETCH_FILE_SCRIPT, f"{origin.url}/m.pt",
+                                                   tmp_path / "cache")]
     assert sorted(sources) == ["cache-hit", "download"]
     assert origin.model_gets() == ["m.pt"]
 
