@@ -231,29 +231,33 @@ class Reconciler:
         request = rollout.analysis_request(seen) if not seen.deleting else None
         verdict = await self._judge.verdict(seen, request) if request else None
         todo = plan.plan(seen, verdict, self._scale_requests.get(key), self._clock())
-        if todo.apply and self.node_cache is not None:
-            await self._claim_node_cache(key[0])
+        recheck_after = todo.recheck_after
+        if todo.apply and self.node_cache is not None \
+                and not await self._claim_node_cache(key[0]):
+            # Not at rest: the resync would skip it. Try again soon.
+            recheck_after = RETRY_S if recheck_after is None else min(recheck_after, RETRY_S)
         await self._executor.execute(seen, todo)
         await self._executor.report(seen, todo)
-        return todo.recheck_after
+        return recheck_after
 
-    async def _claim_node_cache(self, namespace: str) -> None:
+    async def _claim_node_cache(self, namespace: str) -> bool:
         """The node cache's claim in ``namespace``, applied the first time (see
-        ``_cache_claimed``). A failure (say, the operator may not create PersistentVolumes)
-        is logged and tried again next pass; the pods meanwhile wait, Pending, with the
-        scheduler's event naming the missing claim."""
+        ``_cache_claimed``); whether it is there. A failure (say, the operator may not
+        create PersistentVolumes) is logged and tried again in RETRY_S; the pods meanwhile
+        wait, Pending, with the scheduler's event naming the missing claim."""
         if namespace in self._cache_claimed or self.node_cache is None:
-            return
+            return True
         volume, claim = self.node_cache.claim(namespace)
         try:
             await asyncio.to_thread(self._writer.claim_node_cache, volume, claim)
         except Exception as exc:
             log.warning("could not claim the node cache in %s (PersistentVolume %s): %s",
                         namespace, volume["metadata"]["name"], exc)
-            return
+            return False
         log.info("the node cache %s is claimed in %s (PersistentVolume %s)",
                  self.node_cache.path, namespace, volume["metadata"]["name"])
         self._cache_claimed.add(namespace)
+        return True
 
     def _schedule(self, key: Key, after: float | None) -> None:
         """Run the next pass for ``key`` in ``after`` seconds (None: only on events)."""

@@ -145,3 +145,52 @@ def test_triggers_for_a_model_whose_pass_is_queued_are_one_pass() -> None:
 
     asyncio.run(scenario())
     assert seen == ["10", "30"]
+
+
+def test_a_node_cache_claim_that_failed_is_tried_again_and_then_once_per_namespace() -> None:
+    """The claim is applied by a namespace's first pass; one the API refused (say, RBAC
+    without the cache's rules) sets a retry, so the resync does not take the pass as at
+    rest; once applied it is not written again while the namespace has models."""
+    from modelyard.operator import reconcile
+    from modelyard.operator.render import NodeCache
+
+    class Writer(Cluster):
+        refuse = True
+        claims: list[str] = []
+
+        def snapshot(self) -> Observed:
+            observed = super().snapshot()
+            observed.resource["metadata"]["uid"] = "u"
+            return observed
+
+        def claim_node_cache(self, volume: dict[str, object], claim: dict[str, object]) -> None:
+            self.claims.append(str(claim["metadata"]["namespace"]))  # type: ignore[index]
+            if self.refuse:
+                raise RuntimeError("persistentvolumes is forbidden")
+
+    writer = Writer()
+    reconciler = Reconciler(writer, node_cache=NodeCache("/c"))  # type: ignore[arg-type]
+
+    class Todo:
+        apply = ({"kind": "Deployment"},)
+        recheck_after = None
+
+    async def nothing(*_: object) -> None:
+        return None
+
+    reconciler._executor.execute = nothing  # type: ignore[method-assign,assignment]
+    reconciler._executor.report = nothing  # type: ignore[method-assign,assignment]
+    original_plan = reconcile.plan.plan
+    reconcile.plan.plan = lambda *_: Todo()  # type: ignore[assignment,misc,return-value]
+    try:
+        async def scenario() -> list[float | None]:
+            first = await reconciler._pass(writer.snapshot())
+            writer.refuse = False
+            second = await reconciler._pass(writer.snapshot())
+            third = await reconciler._pass(writer.snapshot())
+            return [first, second, third]
+
+        assert asyncio.run(scenario()) == [reconcile.RETRY_S, None, None]
+        assert writer.claims == ["ns", "ns"]  # refused, applied, then not again
+    finally:
+        reconcile.plan.plan = original_plan  # type: ignore[assignment]
